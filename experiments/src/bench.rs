@@ -1,0 +1,89 @@
+//! `strata bench-train CONFIG`: forward + backward + AdamW step on random tokens, timed after
+//! warm-up steps, printed as one JSON line for `benches/train_cpu.py` to compare with PyTorch.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use strata::config::ExperimentConfig;
+use strata::data::Batch;
+use strata::train::batch_tensors;
+use strata::train::optim::{AdamW, AdamWConfig};
+
+use crate::backend::BackendArgs;
+use crate::dispatch;
+
+#[derive(clap::Args)]
+pub struct Args {
+    config: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let config = ExperimentConfig::load(&args.config, &args.overrides)?;
+    dispatch!(autodiff, args.backend, |B, device| run_with::<B>(&config, &args, &device))
+}
+
+fn run_with<B: AutodiffBackend>(config: &ExperimentConfig, args: &Args, device: &B::Device) -> Result<()> {
+    let tc = &config.train;
+    B::seed(device, tc.seed);
+    let mut model = config.model.init::<B>(device);
+    let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig {
+        beta1: tc.beta1,
+        beta2: tc.beta2,
+        eps: tc.eps,
+        weight_decay: tc.weight_decay,
+        decay_embeddings: false,
+        decay_vectors: false,
+    });
+    let mut rng = StdRng::seed_from_u64(tc.seed);
+    let n = tc.batch_size * tc.seq_len;
+    let mut step_secs = Vec::new();
+    for step in 0..args.warmup + args.steps {
+        let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..config.model.vocab_size as u32)).collect();
+        let batch = Batch { inputs: ids.clone(), targets: ids, batch: tc.batch_size, seq: tc.seq_len };
+        let start = Instant::now();
+        let (inputs, targets) = batch_tensors::<B>(&batch, device);
+        let loss = model.loss(inputs, targets);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-4, model, grads, 1.0);
+        // Reading one parameter back waits for the step to finish on asynchronous backends.
+        let _ = model.norm.gamma.val().into_data();
+        if step >= args.warmup {
+            step_secs.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let total: f64 = step_secs.iter().sum();
+    let tokens_per_sec = (n * args.steps) as f64 / total;
+    let flops = config.model.train_flops_per_token(tc.seq_len) * tokens_per_sec;
+    println!(
+        "{}",
+        serde_json::json!({
+            "framework": "strata",
+            "backend": args.backend.label(),
+            "params": config.model.num_params(),
+            "batch_size": tc.batch_size,
+            "seq_len": tc.seq_len,
+            "steps": args.steps,
+            "tokens_per_sec": tokens_per_sec,
+            "model_flops_per_sec": flops,
+            "median_step_secs": median(&mut step_secs),
+        })
+    );
+    Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}

@@ -1,0 +1,89 @@
+//! `strata eval RUN_DIR|CHECKPOINT|HF_DIR [--data FILE]`
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use burn::prelude::Backend;
+use strata::data::{DataConfig, Split, load_split, sequential_batches};
+use strata::eval::evaluate;
+use strata::io::{atomic_write, load_model};
+
+use crate::backend::BackendArgs;
+use crate::dispatch;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A run directory, a checkpoint folder, or a Hugging Face checkpoint folder.
+    model: PathBuf,
+    /// Evaluate on this text file, folder or JSONL file instead of the run's validation split.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Tokens to score at most.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Window length; default: the run's training seq_len (or 512 for HF models).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Output prefix for <out>.json and <out>.csv; default: eval in the model folder.
+    #[arg(short, long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    dispatch!(plain, args.backend, |B, device| run_with::<B>(&args, &device))
+}
+
+fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
+    let loaded = load_model::<B>(&args.model, device)?;
+    let (data, split) = match (&args.data, &loaded.experiment) {
+        (Some(path), _) => (DataConfig { path: path.clone(), ..DataConfig::default() }, Split::All),
+        (None, Some(exp)) => (exp.data.clone(), Split::Validation),
+        (None, None) => bail!("{} is a Hugging Face checkpoint: give --data FILE", args.model.display()),
+    };
+    let seq_len = args
+        .seq_len
+        .or(loaded.experiment.as_ref().map(|e| e.train.seq_len))
+        .unwrap_or(512)
+        .min(loaded.model.max_seq_len());
+    let tokens = load_split(&data, loaded.tokenizer.as_ref(), split)?;
+    let batches = sequential_batches(&tokens, args.max_tokens, args.batch_size, seq_len);
+    if batches.is_empty() {
+        bail!("{}: fewer than {} tokens to evaluate", data.path.display(), seq_len + 1);
+    }
+    let report = evaluate(&loaded.model, &batches, tokens.bytes_per_token());
+    println!(
+        "{}: loss {:.4} nats/token | perplexity {:.3} | bits/byte {:.4} | {} tokens",
+        args.model.display(),
+        report.loss,
+        report.perplexity,
+        report.bits_per_byte,
+        report.tokens
+    );
+    let out = args.out.clone().unwrap_or_else(|| model_dir(&args.model).join("eval"));
+    let json = serde_json::to_string_pretty(&report)?;
+    atomic_write(&out.with_extension("json"), |f| f.write_all(json.as_bytes()))?;
+    atomic_write(&out.with_extension("csv"), |f| {
+        writeln!(f, "model,data,loss,perplexity,bits_per_byte,tokens")?;
+        writeln!(
+            f,
+            "{},{},{:.6},{:.6},{:.6},{}",
+            args.model.display(),
+            data.path.display(),
+            report.loss,
+            report.perplexity,
+            report.bits_per_byte,
+            report.tokens
+        )
+    })?;
+    println!("wrote {} and .csv", out.with_extension("json").display());
+    Ok(())
+}
+
+fn model_dir(path: &Path) -> PathBuf {
+    if path.is_dir() { path.to_owned() } else { path.parent().unwrap_or(Path::new(".")).to_owned() }
+}

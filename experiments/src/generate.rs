@@ -1,0 +1,76 @@
+//! `strata generate RUN_DIR|CHECKPOINT|HF_DIR --prompt TEXT`
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use burn::prelude::Backend;
+use strata::infer::{Sampler, SamplerConfig, generate};
+use strata::io::load_model;
+
+use crate::backend::BackendArgs;
+use crate::dispatch;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A run directory, a checkpoint folder, or a Hugging Face checkpoint folder.
+    model: PathBuf,
+    #[arg(long, default_value = "")]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Recompute the whole sequence at every step instead of using the KV cache.
+    #[arg(long)]
+    no_cache: bool,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    dispatch!(plain, args.backend, |B, device| run_with::<B>(&args, &device))
+}
+
+fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
+    let loaded = load_model::<B>(&args.model, device)?;
+    let tokenizer = loaded.tokenizer.as_ref();
+    let mut prompt: Vec<u32> = tokenizer.bos_id().into_iter().collect();
+    prompt.extend(tokenizer.encode(&args.prompt)?);
+    let mut sampler = Sampler::new(SamplerConfig {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    });
+    let mut out = std::io::stdout();
+    write!(out, "{}", args.prompt)?;
+    // Stream text as it becomes valid UTF-8: decode everything so far, print what is new.
+    let mut ids = Vec::new();
+    let mut printed = 0;
+    generate(&loaded.model, &prompt, args.max_tokens, &mut sampler, tokenizer.eos_id(), !args.no_cache, |id| {
+        ids.push(id);
+        if let Ok(text) = tokenizer.decode(&ids)
+            && !text.ends_with('\u{FFFD}')
+            && text.len() > printed
+            && text.is_char_boundary(printed)
+        {
+            let _ = write!(out, "{}", &text[printed..]);
+            let _ = out.flush();
+            printed = text.len();
+        }
+    });
+    writeln!(out)?;
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Language models. One file per model family; variants are enums chosen at construction.
+
+pub mod llama;
+
+pub use llama::{AttentionKind, KvCache, Llama, ModelConfig, ResidualMode};

@@ -1,0 +1,120 @@
+//! Causal grouped-query self-attention with rotary positions and an optional KV cache.
+
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use super::rope::Rope;
+
+/// Keys and values of one layer for the tokens seen so far, `[batch, kv_heads, seq, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct LayerKvCache<B: Backend> {
+    pub k: Tensor<B, 4>,
+    pub v: Tensor<B, 4>,
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub wq: Linear<B>,
+    pub wk: Linear<B>,
+    pub wv: Linear<B>,
+    pub wo: Linear<B>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    pub fn new(
+        d_model: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        init: Initializer,
+        out_init: Initializer,
+        device: &B::Device,
+    ) -> Self {
+        let head_dim = d_model / n_heads;
+        let linear = |d_in, d_out, init: &Initializer| {
+            LinearConfig::new(d_in, d_out).with_bias(false).with_initializer(init.clone()).init(device)
+        };
+        Self {
+            wq: linear(d_model, n_heads * head_dim, &init),
+            wk: linear(d_model, n_kv_heads * head_dim, &init),
+            wv: linear(d_model, n_kv_heads * head_dim, &init),
+            wo: linear(n_heads * head_dim, d_model, &out_init),
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        }
+    }
+
+    /// `x: [batch, seq, d_model]`, its first token at position `offset`. With a cache, the new
+    /// keys/values are appended to it and attention runs over everything cached.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        offset: usize,
+        cache: Option<&mut Option<LayerKvCache<B>>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
+        let q = rope.apply(heads(self.wq.forward(x.clone()), self.n_heads), offset);
+        let k = rope.apply(heads(self.wk.forward(x.clone()), self.n_kv_heads), offset);
+        let v = heads(self.wv.forward(x), self.n_kv_heads);
+
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some(past) => (Tensor::cat(vec![past.k, k], 2), Tensor::cat(vec![past.v, v], 2)),
+                    None => (k, v),
+                };
+                *slot = Some(LayerKvCache { k: k.clone(), v: v.clone() });
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let k = self.repeat_kv(k);
+        let v = self.repeat_kv(v);
+
+        let kv_len = k.dims()[2];
+        // Burn's causal flag masks col > row, which is right only when queries and keys start
+        // at the same position; with cached keys the queries sit at the end, so build the mask.
+        let (mask, is_causal) = if seq == kv_len {
+            (None, true)
+        } else if seq == 1 {
+            (None, false)
+        } else {
+            (Some(causal_mask::<B>(seq, kv_len, &q.device())), false)
+        };
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal };
+        let out = attention(q, k, v, mask, None, options);
+        let out = out.swap_dims(1, 2).reshape([batch, seq, self.n_heads * self.head_dim]);
+        self.wo.forward(out)
+    }
+
+    /// Grouped-query attention: each KV head serves `n_heads / n_kv_heads` query heads.
+    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let groups = self.n_heads / self.n_kv_heads;
+        if groups == 1 {
+            return x;
+        }
+        let [batch, kv_heads, seq, head_dim] = x.dims();
+        x.unsqueeze_dim::<5>(2)
+            .expand([batch, kv_heads, groups, seq, head_dim])
+            .reshape([batch, kv_heads * groups, seq, head_dim])
+    }
+}
+
+/// `true` where query i (the last `q_len` of `kv_len` positions) must not see key j.
+fn causal_mask<B: Backend>(q_len: usize, kv_len: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+    let start = kv_len - q_len;
+    let mut masked = Vec::with_capacity(q_len * kv_len);
+    for i in 0..q_len {
+        for j in 0..kv_len {
+            masked.push(j > start + i);
+        }
+    }
+    Tensor::<B, 2, Bool>::from_data(TensorData::new(masked, [q_len, kv_len]), device).unsqueeze::<4>()
+}

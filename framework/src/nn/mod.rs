@@ -1,0 +1,4 @@
+//! Small reusable modules the models are built from.
+
+pub mod attention;
+pub mod rope;

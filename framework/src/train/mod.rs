@@ -1,0 +1,361 @@
+//! The training loop: seeded random windows → forward/backward with gradient accumulation →
+//! global-norm clipping → AdamW with warm-up and cosine decay; periodic validation, metrics.csv
+//! and atomic checkpoints. A resumed run replays exactly the steps the uninterrupted run takes.
+
+pub mod optim;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ExperimentConfig;
+use crate::data::{self, Batch, Split};
+use crate::error::{Error, Result};
+use crate::eval::{self, EvalReport};
+use crate::io::{atomic_write, checkpoint};
+use crate::model::Llama;
+use crate::tokenizer::Tokenizer;
+use optim::{AdamW, AdamWConfig, global_grad_norm, learning_rate};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub seed: u64,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// Micro-batches whose gradients are summed before each optimizer step.
+    pub grad_accum: usize,
+    pub max_steps: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this value; 0 turns clipping off.
+    pub grad_clip: f64,
+    pub decay_embeddings: bool,
+    pub decay_norms_and_biases: bool,
+    pub log_interval: usize,
+    pub eval_interval: usize,
+    /// Validation batches per evaluation (evenly spaced windows, the same every time).
+    pub eval_batches: usize,
+    pub checkpoint_interval: usize,
+    pub keep_checkpoints: usize,
+    /// Prompt and length of the samples printed when training ends.
+    pub sample_prompt: String,
+    pub sample_tokens: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seed: 1337,
+            batch_size: 16,
+            seq_len: 128,
+            grad_accum: 1,
+            max_steps: 1000,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            decay_embeddings: false,
+            decay_norms_and_biases: false,
+            log_interval: 10,
+            eval_interval: 200,
+            eval_batches: 20,
+            checkpoint_interval: 200,
+            keep_checkpoints: 2,
+            sample_prompt: "\n".into(),
+            sample_tokens: 200,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let key = |k: &str| format!("{prefix}{k}");
+        for (name, value) in [
+            ("batch_size", self.batch_size),
+            ("seq_len", self.seq_len),
+            ("grad_accum", self.grad_accum),
+            ("max_steps", self.max_steps),
+            ("log_interval", self.log_interval),
+            ("eval_interval", self.eval_interval),
+            ("eval_batches", self.eval_batches),
+            ("checkpoint_interval", self.checkpoint_interval),
+            ("keep_checkpoints", self.keep_checkpoints),
+        ] {
+            if value == 0 {
+                return Err(Error::config(key(name), 0, "must be at least 1"));
+            }
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::config(key("lr"), self.lr, "must be a positive number"));
+        }
+        if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return Err(Error::config(key("min_lr"), self.min_lr, format!("must be in [0, lr = {}]", self.lr)));
+        }
+        for (name, value) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&value) {
+                return Err(Error::config(key(name), value, "must be in [0, 1)"));
+            }
+        }
+        for (name, value) in [("eps", self.eps), ("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip)] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(Error::config(key(name), value, "must be a non-negative number"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn tokens_per_step(&self) -> usize {
+        self.batch_size * self.seq_len * self.grad_accum
+    }
+}
+
+/// What the loop reports as it goes; the CLI turns these into a progress bar or log lines.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Started { start_step: usize, max_steps: usize, params: usize, train_tokens: usize, val_tokens: usize },
+    Step(StepMetrics),
+    Validated { step: usize, report: EvalReport },
+    Checkpointed { step: usize, dir: PathBuf },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub tokens: u64,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub grad_norm: f64,
+    pub tokens_per_sec: f64,
+    pub elapsed_sec: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub name: String,
+    pub steps: usize,
+    pub tokens: u64,
+    pub params: usize,
+    pub final_train_loss: f64,
+    pub val_loss: f64,
+    pub val_perplexity: f64,
+    pub val_bits_per_byte: f64,
+    pub tokens_per_sec: f64,
+    pub wall_secs: f64,
+    pub backend: String,
+}
+
+const METRICS_HEADER: &str = "step,tokens,lr,train_loss,val_loss,grad_norm,tokens_per_sec,elapsed_sec";
+
+/// Trains `config` in `run_dir`, continuing from its latest checkpoint when `resume` is set.
+/// Returns the trained model (on the inner backend) and the summary written to `summary.json`.
+pub fn train<B: AutodiffBackend>(
+    config: &ExperimentConfig,
+    tokenizer: &dyn Tokenizer,
+    run_dir: &Path,
+    resume: bool,
+    backend_name: &str,
+    device: &B::Device,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<(Llama<B::InnerBackend>, TrainSummary)> {
+    let tc = &config.train;
+    if tokenizer.vocab_size() > config.model.vocab_size {
+        return Err(Error::config(
+            "model.vocab_size",
+            config.model.vocab_size,
+            format!("must be at least the tokenizer's vocabulary size {}", tokenizer.vocab_size()),
+        ));
+    }
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let train_split = data::load_split(&config.data, tokenizer, Split::Train)?;
+    let val_split = data::load_split(&config.data, tokenizer, Split::Validation)?;
+    let val_batches = data::validation_batches(&val_split, tc.eval_batches, tc.batch_size, tc.seq_len)?;
+
+    B::seed(device, tc.seed);
+    let mut model: Llama<B> = config.model.init(device);
+    let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig {
+        beta1: tc.beta1,
+        beta2: tc.beta2,
+        eps: tc.eps,
+        weight_decay: tc.weight_decay,
+        decay_embeddings: tc.decay_embeddings,
+        decay_vectors: tc.decay_norms_and_biases,
+    });
+    let mut state = checkpoint::TrainState {
+        step: 0,
+        tokens_seen: 0,
+        seed: tc.seed,
+        elapsed_secs: 0.0,
+        tokenizer: tokenizer.fingerprint(),
+    };
+    let metrics_path = run_dir.join("metrics.csv");
+    if resume && let Some(dir) = checkpoint::latest(run_dir)? {
+        let ckpt = checkpoint::read(&dir)?;
+        if ckpt.state.tokenizer != state.tokenizer {
+            return Err(Error::Checkpoint {
+                path: dir,
+                message: format!("was trained with tokenizer {}, this config uses {}", ckpt.state.tokenizer, state.tokenizer),
+            });
+        }
+        model = ckpt.load_model::<B>(device)?;
+        optimizer.load_state(&ckpt.optimizer_tensors()?, ckpt.state.step, device);
+        state = ckpt.state;
+        truncate_metrics(&metrics_path, state.step)?;
+    } else {
+        atomic_write(&metrics_path, |f| writeln!(f, "{METRICS_HEADER}"))?;
+    }
+    let config_path = run_dir.join("config.toml");
+    atomic_write(&config_path, |f| f.write_all(config.to_toml().as_bytes()))?;
+
+    on_event(Event::Started {
+        start_step: state.step,
+        max_steps: tc.max_steps,
+        params: config.model.num_params(),
+        train_tokens: train_split.len(),
+        val_tokens: val_split.len(),
+    });
+
+    let session_start = Instant::now();
+    let elapsed_before = state.elapsed_secs;
+    let mut window_start = Instant::now();
+    let mut window_tokens = 0u64;
+    let mut last_train_loss = f64::NAN;
+    let mut last_val: Option<EvalReport> = None;
+    let tokens_per_step = tc.tokens_per_step() as u64;
+
+    while state.step < tc.max_steps {
+        let lr = learning_rate(state.step, tc.warmup_steps, tc.max_steps, tc.lr, tc.min_lr);
+        let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
+        let mut loss_sum = 0.0;
+        for micro in 0..tc.grad_accum {
+            let batch = data::train_batch(&train_split, tc.seed, state.step, micro, tc.batch_size, tc.seq_len)?;
+            let (inputs, targets) = batch_tensors::<B>(&batch, device);
+            let loss = model.loss(inputs, targets).div_scalar(tc.grad_accum as f64);
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+        }
+        let grads = accumulator.grads();
+        if !loss_sum.is_finite() {
+            return Err(Error::NonFinite { step: state.step + 1, what: "the training loss", value: loss_sum });
+        }
+        let grad_norm = global_grad_norm::<B, _>(&model, &grads);
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite { step: state.step + 1, what: "the gradient norm", value: grad_norm });
+        }
+        let scale = if tc.grad_clip > 0.0 && grad_norm > tc.grad_clip { tc.grad_clip / grad_norm } else { 1.0 };
+        model = optimizer.step(lr, model, grads, scale);
+
+        state.step += 1;
+        state.tokens_seen += tokens_per_step;
+        state.elapsed_secs = elapsed_before + session_start.elapsed().as_secs_f64();
+        window_tokens += tokens_per_step;
+        last_train_loss = loss_sum;
+
+        let validate_now = state.step % tc.eval_interval == 0 || state.step == tc.max_steps;
+        let val_report = if validate_now {
+            let report = eval::evaluate(&model.valid(), &val_batches, val_split.bytes_per_token());
+            on_event(Event::Validated { step: state.step, report: report.clone() });
+            last_val = Some(report.clone());
+            Some(report)
+        } else {
+            None
+        };
+        if state.step % tc.log_interval == 0 || validate_now || state.step == 1 {
+            let secs = window_start.elapsed().as_secs_f64();
+            let metrics = StepMetrics {
+                step: state.step,
+                tokens: state.tokens_seen,
+                lr,
+                train_loss: loss_sum,
+                grad_norm,
+                tokens_per_sec: window_tokens as f64 / secs.max(1e-9),
+                elapsed_sec: state.elapsed_secs,
+            };
+            append_metrics(&metrics_path, &metrics, val_report.as_ref())?;
+            on_event(Event::Step(metrics));
+            window_start = Instant::now();
+            window_tokens = 0;
+        }
+        if state.step % tc.checkpoint_interval == 0 || state.step == tc.max_steps {
+            let dir = checkpoint::save(
+                run_dir,
+                &checkpoint::model_tensors(&model),
+                &optimizer.state_tensors(),
+                &state,
+                config,
+                tc.keep_checkpoints,
+            )?;
+            on_event(Event::Checkpointed { step: state.step, dir });
+        }
+    }
+
+    let model = model.valid();
+    let val = match last_val {
+        Some(v) => v,
+        None => eval::evaluate(&model, &val_batches, val_split.bytes_per_token()),
+    };
+    let summary = TrainSummary {
+        name: config.name.clone(),
+        steps: state.step,
+        tokens: state.tokens_seen,
+        params: config.model.num_params(),
+        final_train_loss: last_train_loss,
+        val_loss: val.loss,
+        val_perplexity: val.perplexity,
+        val_bits_per_byte: val.bits_per_byte,
+        tokens_per_sec: state.tokens_seen as f64 / state.elapsed_secs.max(1e-9),
+        wall_secs: state.elapsed_secs,
+        backend: backend_name.to_owned(),
+    };
+    let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(run_dir, e))?;
+    atomic_write(&run_dir.join("summary.json"), |f| f.write_all(json.as_bytes()))?;
+    Ok((model, summary))
+}
+
+/// Turns a batch of ids into `[batch, seq]` input and target tensors.
+pub fn batch_tensors<B: Backend>(batch: &Batch, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    let to = |ids: &[u32]| {
+        let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.batch, batch.seq]), device)
+    };
+    (to(&batch.inputs), to(&batch.targets))
+}
+
+fn append_metrics(path: &Path, m: &StepMetrics, val: Option<&EvalReport>) -> Result<()> {
+    let mut file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::io(path, e))?;
+    let val = val.map(|v| format!("{:.6}", v.loss)).unwrap_or_default();
+    writeln!(
+        file,
+        "{},{},{:.6e},{:.6},{},{:.6},{:.1},{:.3}",
+        m.step, m.tokens, m.lr, m.train_loss, val, m.grad_norm, m.tokens_per_sec, m.elapsed_sec
+    )
+    .map_err(|e| Error::io(path, e))
+}
+
+/// Drops metric rows after `step`, so a resumed run's file reads like an uninterrupted one.
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|_| format!("{METRICS_HEADER}\n"));
+    let kept: Vec<&str> = text
+        .lines()
+        .enumerate()
+        .filter(|(i, line)| *i == 0 || line.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| s <= step))
+        .map(|(_, l)| l)
+        .collect();
+    atomic_write(path, |f| writeln!(f, "{}", kept.join("\n")))
+}

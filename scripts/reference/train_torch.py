@@ -1,0 +1,229 @@
+"""PyTorch reference for Strata's default run: the same Llama-style model, byte tokens, data
+split, optimizer, schedule and validation windows, trained for a given wall time.
+
+    pip install torch
+    python scripts/reference/train_torch.py configs/shakespeare.toml --seconds 600 --threads 2
+    python scripts/reference/train_torch.py configs/shakespeare.toml --bench --steps 10   # throughput only
+
+Prints one JSON line. With --seconds, the step count is fixed up front from the measured speed
+of the first steps, so that the cosine schedule ends when the time is up.
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import platform
+import time
+import tomllib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BOS, EOS = 256, 257
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_tables(head_dim, max_len, theta):
+    inv = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(max_len).float(), inv)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Block(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        d, self.h, self.kv = m["d_model"], m["n_heads"], m["n_kv_heads"]
+        self.hd = d // self.h
+        self.attn_norm, self.mlp_norm = RMSNorm(d, m["norm_eps"]), RMSNorm(d, m["norm_eps"])
+        self.wq = nn.Linear(d, self.h * self.hd, bias=False)
+        self.wk = nn.Linear(d, self.kv * self.hd, bias=False)
+        self.wv = nn.Linear(d, self.kv * self.hd, bias=False)
+        self.wo = nn.Linear(self.h * self.hd, d, bias=False)
+        self.gate = nn.Linear(d, m["ffn_hidden"], bias=False)
+        self.up = nn.Linear(d, m["ffn_hidden"], bias=False)
+        self.down = nn.Linear(m["ffn_hidden"], d, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, t, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.wq(h).view(b, t, self.h, self.hd).transpose(1, 2)
+        k = self.wk(h).view(b, t, self.kv, self.hd).transpose(1, 2)
+        v = self.wv(h).view(b, t, self.kv, self.hd).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        rep = self.h // self.kv
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.wo(a.transpose(1, 2).reshape(b, t, -1))
+        h = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.embed = nn.Embedding(m["vocab_size"], m["d_model"])
+        self.blocks = nn.ModuleList(Block(m) for _ in range(m["n_layers"]))
+        self.norm = RMSNorm(m["d_model"], m["norm_eps"])
+        cos, sin = rope_tables(m["d_model"] // m["n_heads"], m["max_seq_len"], m["rope_theta"])
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        std = m.get("init_std", 0.02)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                scaled = name.endswith(("wo.weight", "down.weight"))
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * m["n_layers"]) if scaled else std)
+
+    def forward(self, idx):
+        t = idx.shape[1]
+        x = self.embed(idx)
+        cos, sin = self.cos[:t], self.sin[:t]
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.norm(x) @ self.embed.weight.T
+
+
+def wildcard(pattern, name):
+    import fnmatch
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def load_tokens(data, split):
+    root = pathlib.Path(data["path"])
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    include = data.get("include", [])
+    if include:
+        files = [f for f in files if any(wildcard(p, f.name) for p in include)]
+    held = set(data.get("validation", []))
+    ids, text_bytes = [], 0
+    for f in files:
+        if (f.name in held) == (split == "val"):
+            raw = f.read_bytes()
+            ids += [BOS] + list(raw) + [EOS]
+            text_bytes += len(raw)
+    return torch.tensor(ids, dtype=torch.long), text_bytes
+
+
+def lr_at(step, warmup, total, peak, floor):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if step >= total:
+        return floor
+    p = (step - warmup) / max(1, total - warmup)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * p))
+
+
+def make_optimizer(model, t):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed")]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("embed"))]
+    groups = [{"params": decay, "weight_decay": t.get("weight_decay", 0.1)}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t["lr"], betas=(t.get("beta1", 0.9), t.get("beta2", 0.95)), eps=t.get("eps", 1e-8))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--seconds", type=float, default=600)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bench", action="store_true", help="time steps on random tokens, no data")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], help="key.path=value (numbers only)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = tomllib.loads(pathlib.Path(args.config).read_text())
+    for kv in args.set:
+        key, value = kv.split("=", 1)
+        section, name = key.split(".", 1)
+        cfg.setdefault(section, {})[name] = type(cfg.get(section, {}).get(name, 0.0))(float(value)) if value.replace(".", "").replace("e-", "").isdigit() else value
+    m, t = cfg["model"], cfg["train"]
+    assert m.get("tie_embeddings", True), "the reference ties embeddings like the default config"
+    torch.manual_seed(t.get("seed", 1337))
+    model = Llama(m)
+    opt = make_optimizer(model, t)
+    bsz, seq = t["batch_size"], t["seq_len"]
+    info = {"framework": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "params": sum(p.numel() for p in model.parameters()), "batch_size": bsz, "seq_len": seq,
+            "machine": platform.processor() or platform.machine()}
+
+    def step(x, y, lr):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = F.cross_entropy(model(x).view(-1, m["vocab_size"]), y.view(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.get("grad_clip", 1.0))
+        opt.step()
+        return loss.item()
+
+    if args.bench:
+        times = []
+        for i in range(args.warmup + args.steps):
+            x = torch.randint(0, m["vocab_size"], (bsz, seq))
+            start = time.perf_counter()
+            step(x, x, 1e-4)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+        info.update(tokens_per_sec=bsz * seq * args.steps / sum(times), steps=args.steps,
+                    median_step_secs=sorted(times)[len(times) // 2])
+        print(json.dumps(info))
+        return
+
+    train, _ = load_tokens(cfg["data"], "train")
+    val, val_bytes = load_tokens(cfg["data"], "val")
+    gen = torch.Generator().manual_seed(t.get("seed", 1337))
+
+    def batch():
+        starts = torch.randint(0, len(train) - seq - 1, (bsz,), generator=gen)
+        w = torch.stack([train[s:s + seq + 1] for s in starts.tolist()])
+        return w[:, :-1], w[:, 1:]
+
+    start = time.perf_counter()
+    probe = 10
+    for i in range(probe):
+        x, y = batch()
+        step(x, y, lr_at(i, t.get("warmup_steps", 100), 10**9, t["lr"], t.get("min_lr", 0.0)))
+    per_step = (time.perf_counter() - start) / probe
+    total = probe + int((args.seconds - (time.perf_counter() - start)) / per_step)
+    for i in range(probe, total):
+        x, y = batch()
+        loss = step(x, y, lr_at(i, t.get("warmup_steps", 100), total, t["lr"], t.get("min_lr", 0.0)))
+    wall = time.perf_counter() - start
+
+    # The same evenly spaced validation windows Strata uses.
+    model.eval()
+    windows = t.get("eval_batches", 20) * bsz
+    span = len(val) - seq - 1
+    starts = [i * span // windows for i in range(windows)]
+    with torch.no_grad():
+        losses = []
+        for c in range(0, windows, bsz):
+            w = torch.stack([val[s:s + seq + 1] for s in starts[c:c + bsz]])
+            losses.append(F.cross_entropy(model(w[:, :-1]).reshape(-1, m["vocab_size"]), w[:, 1:].reshape(-1)).item())
+    val_loss = sum(losses) / len(losses)
+    bytes_per_token = val_bytes / len(val)
+    info.update(steps=total, wall_secs=wall, final_train_loss=loss, val_loss=val_loss,
+                val_bits_per_byte=val_loss / math.log(2) / bytes_per_token,
+                tokens_per_sec=total * bsz * seq / wall)
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()
