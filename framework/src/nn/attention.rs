@@ -59,10 +59,12 @@ impl<B: Backend> Attention<B> {
         cache: Option<&mut Option<LayerKvCache<B>>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
-        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = rope.apply(heads(self.wq.forward(x.clone()), self.n_heads), offset);
-        let k = rope.apply(heads(self.wk.forward(x.clone()), self.n_kv_heads), offset);
-        let v = heads(self.wv.forward(x), self.n_kv_heads);
+        // Rotary positions are applied in [batch, seq, heads, head_dim], where the projections
+        // are still contiguous, then heads move to dim 1 for attention.
+        let split = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]);
+        let q = rope.apply(split(self.wq.forward(x.clone()), self.n_heads), offset).swap_dims(1, 2);
+        let k = rope.apply(split(self.wk.forward(x.clone()), self.n_kv_heads), offset).swap_dims(1, 2);
+        let v = split(self.wv.forward(x), self.n_kv_heads).swap_dims(1, 2);
 
         let (k, v) = match cache {
             Some(slot) => {
