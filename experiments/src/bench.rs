@@ -31,10 +31,16 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let config = ExperimentConfig::load(&args.config, &args.overrides)?;
-    dispatch!(autodiff, args.backend, |B, device| run_with::<B>(&config, &args, &device))
+    dispatch!(autodiff, args.backend, |B, device| run_with::<B>(
+        &config, &args, &device
+    ))
 }
 
-fn run_with<B: AutodiffBackend>(config: &ExperimentConfig, args: &Args, device: &B::Device) -> Result<()> {
+fn run_with<B: AutodiffBackend>(
+    config: &ExperimentConfig,
+    args: &Args,
+    device: &B::Device,
+) -> Result<()> {
     let tc = &config.train;
     B::seed(device, tc.seed);
     let mut model = config.model.init::<B>(device);
@@ -49,9 +55,17 @@ fn run_with<B: AutodiffBackend>(config: &ExperimentConfig, args: &Args, device: 
     let mut rng = StdRng::seed_from_u64(tc.seed);
     let n = tc.batch_size * tc.seq_len;
     let mut step_secs = Vec::new();
+    let mut first_step_secs = 0.0;
     for step in 0..args.warmup + args.steps {
-        let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..config.model.vocab_size as u32)).collect();
-        let batch = Batch { inputs: ids.clone(), targets: ids, batch: tc.batch_size, seq: tc.seq_len };
+        let ids: Vec<u32> = (0..n)
+            .map(|_| rng.random_range(0..config.model.vocab_size as u32))
+            .collect();
+        let batch = Batch {
+            inputs: ids.clone(),
+            targets: ids,
+            batch: tc.batch_size,
+            seq: tc.seq_len,
+        };
         let start = Instant::now();
         let (inputs, targets) = batch_tensors::<B>(&batch, device);
         let loss = model.loss(inputs, targets);
@@ -59,8 +73,14 @@ fn run_with<B: AutodiffBackend>(config: &ExperimentConfig, args: &Args, device: 
         model = optim.step(1e-4, model, grads, 1.0);
         // Reading one parameter back waits for the step to finish on asynchronous backends.
         let _ = model.norm.gamma.val().into_data();
+        let secs = start.elapsed().as_secs_f64();
+        if step == 0 {
+            // Includes kernel compilation and autotuning on GPU backends: the cold start.
+            first_step_secs = secs;
+            eprintln!("first step: {secs:.1}s");
+        }
         if step >= args.warmup {
-            step_secs.push(start.elapsed().as_secs_f64());
+            step_secs.push(secs);
         }
     }
     let total: f64 = step_secs.iter().sum();
@@ -78,6 +98,7 @@ fn run_with<B: AutodiffBackend>(config: &ExperimentConfig, args: &Args, device: 
             "tokens_per_sec": tokens_per_sec,
             "model_flops_per_sec": flops,
             "median_step_secs": median(&mut step_secs),
+            "first_step_secs": first_step_secs,
         })
     );
     Ok(())

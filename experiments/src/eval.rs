@@ -35,15 +35,26 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    dispatch!(plain, args.backend, |B, device| run_with::<B>(&args, &device))
+    dispatch!(plain, args.backend, |B, device| run_with::<B>(
+        &args, &device
+    ))
 }
 
 fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let loaded = load_model::<B>(&args.model, device)?;
     let (data, split) = match (&args.data, &loaded.experiment) {
-        (Some(path), _) => (DataConfig { path: path.clone(), ..DataConfig::default() }, Split::All),
+        (Some(path), _) => (
+            DataConfig {
+                path: path.clone(),
+                ..DataConfig::default()
+            },
+            Split::All,
+        ),
         (None, Some(exp)) => (exp.data.clone(), Split::Validation),
-        (None, None) => bail!("{} is a Hugging Face checkpoint: give --data FILE", args.model.display()),
+        (None, None) => bail!(
+            "{} is a Hugging Face checkpoint: give --data FILE",
+            args.model.display()
+        ),
     };
     let seq_len = args
         .seq_len
@@ -53,7 +64,11 @@ fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let tokens = load_split(&data, loaded.tokenizer.as_ref(), split)?;
     let batches = sequential_batches(&tokens, args.max_tokens, args.batch_size, seq_len);
     if batches.is_empty() {
-        bail!("{}: fewer than {} tokens to evaluate", data.path.display(), seq_len + 1);
+        bail!(
+            "{}: fewer than {} tokens to evaluate",
+            data.path.display(),
+            seq_len + 1
+        );
     }
     let report = evaluate(&loaded.model, &batches, tokens.bytes_per_token());
     println!(
@@ -64,9 +79,14 @@ fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         report.bits_per_byte,
         report.tokens
     );
-    let out = args.out.clone().unwrap_or_else(|| model_dir(&args.model).join("eval"));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| model_dir(&args.model).join("eval"));
     let json = serde_json::to_string_pretty(&report)?;
-    atomic_write(&out.with_extension("json"), |f| f.write_all(json.as_bytes()))?;
+    atomic_write(&out.with_extension("json"), |f| {
+        f.write_all(json.as_bytes())
+    })?;
     atomic_write(&out.with_extension("csv"), |f| {
         writeln!(f, "model,data,loss,perplexity,bits_per_byte,tokens")?;
         writeln!(
@@ -85,5 +105,9 @@ fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
 }
 
 fn model_dir(path: &Path) -> PathBuf {
-    if path.is_dir() { path.to_owned() } else { path.parent().unwrap_or(Path::new(".")).to_owned() }
+    if path.is_dir() {
+        path.to_owned()
+    } else {
+        path.parent().unwrap_or(Path::new(".")).to_owned()
+    }
 }

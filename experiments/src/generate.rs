@@ -39,7 +39,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    dispatch!(plain, args.backend, |B, device| run_with::<B>(&args, &device))
+    dispatch!(plain, args.backend, |B, device| run_with::<B>(
+        &args, &device
+    ))
 }
 
 fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
@@ -59,18 +61,26 @@ fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     // Stream text as it becomes valid UTF-8: decode everything so far, print what is new.
     let mut ids = Vec::new();
     let mut printed = 0;
-    generate(&loaded.model, &prompt, args.max_tokens, &mut sampler, tokenizer.eos_id(), !args.no_cache, |id| {
-        ids.push(id);
-        if let Ok(text) = tokenizer.decode(&ids)
-            && !text.ends_with('\u{FFFD}')
-            && text.len() > printed
-            && text.is_char_boundary(printed)
-        {
-            let _ = write!(out, "{}", &text[printed..]);
-            let _ = out.flush();
-            printed = text.len();
-        }
-    });
+    generate(
+        &loaded.model,
+        &prompt,
+        args.max_tokens,
+        &mut sampler,
+        tokenizer.eos_id(),
+        !args.no_cache,
+        |id| {
+            ids.push(id);
+            if let Ok(text) = tokenizer.decode(&ids)
+                && !text.ends_with('\u{FFFD}')
+                && text.len() > printed
+                && text.is_char_boundary(printed)
+            {
+                let _ = write!(out, "{}", &text[printed..]);
+                let _ = out.flush();
+                printed = text.len();
+            }
+        },
+    );
     writeln!(out)?;
     Ok(())
 }

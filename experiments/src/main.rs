@@ -9,7 +9,11 @@ mod train;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "strata", version, about = "Train, evaluate and sample language models")]
+#[command(
+    name = "strata",
+    version,
+    about = "Train, evaluate and sample language models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -36,7 +36,9 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let config = match (&args.config, &args.resume) {
         (Some(path), _) => ExperimentConfig::load(path, &args.overrides)?,
-        (None, Some(run_dir)) => ExperimentConfig::load(&run_dir.join("config.toml"), &args.overrides)?,
+        (None, Some(run_dir)) => {
+            ExperimentConfig::load(&run_dir.join("config.toml"), &args.overrides)?
+        }
         (None, None) => bail!("give a config file, or --resume RUN_DIR"),
     };
     let run_dir = match (&args.resume, &args.run_dir) {
@@ -44,15 +46,33 @@ pub fn run(args: Args) -> Result<()> {
         (None, Some(dir)) => dir.clone(),
         (None, None) => args.runs.join(format!("{}-{}", config.name, timestamp())),
     };
-    dispatch!(autodiff, args.backend, |B, device| run_with::<B>(&config, &run_dir, args.resume.is_some(), &args.backend.label(), &device))
+    dispatch!(autodiff, args.backend, |B, device| run_with::<B>(
+        &config,
+        &run_dir,
+        args.resume.is_some(),
+        &args.backend.label(),
+        &device
+    ))
 }
 
-fn run_with<B: AutodiffBackend>(config: &ExperimentConfig, run_dir: &Path, resume: bool, backend: &str, device: &B::Device) -> Result<()> {
+fn run_with<B: AutodiffBackend>(
+    config: &ExperimentConfig,
+    run_dir: &Path,
+    resume: bool,
+    backend: &str,
+    device: &B::Device,
+) -> Result<()> {
     let tokenizer = config.tokenizer.load()?;
     let interactive = std::io::stdout().is_terminal();
     let mut bar: Option<ProgressBar> = None;
     let mut on_event = |event: Event| match event {
-        Event::Started { start_step, max_steps, params, train_tokens, val_tokens } => {
+        Event::Started {
+            start_step,
+            max_steps,
+            params,
+            train_tokens,
+            val_tokens,
+        } => {
             println!(
                 "run {} | {params} parameters | {train_tokens} train / {val_tokens} validation tokens | backend {backend}",
                 run_dir.display()
@@ -63,8 +83,10 @@ fn run_with<B: AutodiffBackend>(config: &ExperimentConfig, run_dir: &Path, resum
             if interactive {
                 let b = ProgressBar::new(max_steps as u64).with_position(start_step as u64);
                 b.set_style(
-                    ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    ProgressStyle::with_template(
+                        "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
                 );
                 bar = Some(b);
             }
@@ -72,7 +94,10 @@ fn run_with<B: AutodiffBackend>(config: &ExperimentConfig, run_dir: &Path, resum
         Event::Step(m) => match &bar {
             Some(b) => {
                 b.set_position(m.step as u64);
-                b.set_message(format!("loss {:.4} | {:.0} tok/s", m.train_loss, m.tokens_per_sec));
+                b.set_message(format!(
+                    "loss {:.4} | {:.0} tok/s",
+                    m.train_loss, m.tokens_per_sec
+                ));
             }
             None => println!(
                 "step {} loss {:.4} lr {:.2e} grad_norm {:.3} tok/s {:.0} elapsed {:.1}s",
@@ -91,8 +116,16 @@ fn run_with<B: AutodiffBackend>(config: &ExperimentConfig, run_dir: &Path, resum
         }
         Event::Checkpointed { .. } => {}
     };
-    let (model, summary) = train::<B>(config, tokenizer.as_ref(), run_dir, resume, backend, device, &mut on_event)
-        .with_context(|| format!("training in {}", run_dir.display()))?;
+    let (model, summary) = train::<B>(
+        config,
+        tokenizer.as_ref(),
+        run_dir,
+        resume,
+        backend,
+        device,
+        &mut on_event,
+    )
+    .with_context(|| format!("training in {}", run_dir.display()))?;
     if let Some(b) = bar {
         b.finish();
     }
@@ -111,16 +144,35 @@ fn run_with<B: AutodiffBackend>(config: &ExperimentConfig, run_dir: &Path, resum
     let mut prompt = tokenizer.bos_id().into_iter().collect::<Vec<_>>();
     prompt.extend(tokenizer.encode(&tc.sample_prompt)?);
     for seed in 0..3 {
-        let mut sampler = Sampler::new(SamplerConfig { seed, ..SamplerConfig::default() });
-        let ids = generate(&model, &prompt, tc.sample_tokens, &mut sampler, tokenizer.eos_id(), true, |_| {});
-        println!("--- sample {} ---\n{}{}", seed + 1, tc.sample_prompt, tokenizer.decode(&ids)?);
+        let mut sampler = Sampler::new(SamplerConfig {
+            seed,
+            ..SamplerConfig::default()
+        });
+        let ids = generate(
+            &model,
+            &prompt,
+            tc.sample_tokens,
+            &mut sampler,
+            tokenizer.eos_id(),
+            true,
+            |_| {},
+        );
+        println!(
+            "--- sample {} ---\n{}{}",
+            seed + 1,
+            tc.sample_prompt,
+            tokenizer.decode(&ids)?
+        );
     }
     Ok(())
 }
 
 /// UTC time as YYYYMMDD-HHMMSS (civil-from-days, H. Hinnant's algorithm).
 fn timestamp() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -131,5 +183,10 @@ fn timestamp() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }

@@ -46,20 +46,26 @@ impl ExperimentConfig {
     }
 
     pub fn from_toml(text: &str, overrides: &[String]) -> Result<Self> {
-        let mut value: toml::Table = toml::from_str(text).map_err(|e| Error::Data(format!("not valid TOML: {e}")))?;
+        let mut value: toml::Table =
+            toml::from_str(text).map_err(|e| Error::Data(format!("not valid TOML: {e}")))?;
         for assignment in overrides {
             apply_override(&mut value, assignment)?;
         }
         // Re-parse the merged text so that errors point at the offending line and key.
         let merged = toml::to_string(&value).map_err(|e| Error::Data(e.to_string()))?;
-        let config: ExperimentConfig = toml::from_str(&merged).map_err(|e| Error::Data(e.to_string()))?;
+        let config: ExperimentConfig =
+            toml::from_str(&merged).map_err(|e| Error::Data(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn validate(&self) -> Result<()> {
         if self.name.is_empty() || self.name.contains(['/', '\\']) {
-            return Err(Error::config("name", format!("{:?}", self.name), "a non-empty name without path separators"));
+            return Err(Error::config(
+                "name",
+                format!("{:?}", self.name),
+                "a non-empty name without path separators",
+            ));
         }
         self.model.validate("model.")?;
         self.data.validate("data.")?;
@@ -68,7 +74,10 @@ impl ExperimentConfig {
             return Err(Error::config(
                 "train.seq_len",
                 self.train.seq_len,
-                format!("must be at most model.max_seq_len = {}", self.model.max_seq_len),
+                format!(
+                    "must be at most model.max_seq_len = {}",
+                    self.model.max_seq_len
+                ),
             ));
         }
         Ok(())
@@ -86,14 +95,19 @@ fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<()> {
         .split_once('=')
         .ok_or_else(|| Error::config("--set", assignment, "key.path=value"))?;
     let key = key.trim();
-    let parsed: Option<toml::Value> =
-        toml::from_str::<toml::Table>(&format!("v = {raw}")).ok().and_then(|mut t| t.remove("v"));
+    let parsed: Option<toml::Value> = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"));
     let value = parsed.unwrap_or_else(|| toml::Value::String(raw.to_owned()));
     let parts: Vec<&str> = key.split('.').collect();
     let mut table = root;
     for part in &parts[..parts.len() - 1] {
-        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry.as_table_mut().ok_or_else(|| Error::config(key, raw, format!("`{part}` is not a table")))?;
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| Error::config(key, raw, format!("`{part}` is not a table")))?;
     }
     table.insert(parts[parts.len() - 1].to_owned(), value);
     Ok(())
@@ -105,10 +119,10 @@ mod tests {
 
     #[test]
     fn overrides_are_applied_and_validated() {
-        let config = ExperimentConfig::from_toml("name = \"x\"\n[model]\nd_model = 64\nn_heads = 4\nn_kv_heads = 2\n", &[
-            "train.lr=0.01".into(),
-            "data.path=some/dir".into(),
-        ])
+        let config = ExperimentConfig::from_toml(
+            "name = \"x\"\n[model]\nd_model = 64\nn_heads = 4\nn_kv_heads = 2\n",
+            &["train.lr=0.01".into(), "data.path=some/dir".into()],
+        )
         .unwrap();
         assert_eq!(config.train.lr, 0.01);
         assert_eq!(config.data.path, Path::new("some/dir"));
@@ -117,26 +131,49 @@ mod tests {
 
     #[test]
     fn errors_name_the_key_and_constraint() {
-        let err = |toml: &str| ExperimentConfig::from_toml(toml, &[]).err().unwrap().to_string();
+        let err = |toml: &str| {
+            ExperimentConfig::from_toml(toml, &[])
+                .err()
+                .unwrap()
+                .to_string()
+        };
         let e = err("[model]\nd_model = 60\nn_heads = 8\n");
-        assert!(e.contains("model.n_heads") && e.contains("must divide model.d_model"), "{e}");
+        assert!(
+            e.contains("model.n_heads") && e.contains("must divide model.d_model"),
+            "{e}"
+        );
         let e = err("[model]\nn_heads = 4\nn_kv_heads = 3\n");
-        assert!(e.contains("model.n_kv_heads") && e.contains("must divide model.n_heads"), "{e}");
+        assert!(
+            e.contains("model.n_kv_heads") && e.contains("must divide model.n_heads"),
+            "{e}"
+        );
         let e = err("[model]\nn_layers = 0\n");
-        assert!(e.contains("model.n_layers") && e.contains("at least 1"), "{e}");
+        assert!(
+            e.contains("model.n_layers") && e.contains("at least 1"),
+            "{e}"
+        );
         let e = err("[model]\nresidual = \"fancy\"\n");
         assert!(e.contains("fancy") && e.contains("standard"), "{e}");
         let e = err("[model]\nattention = \"sparse\"\n");
         assert!(e.contains("sparse") && e.contains("dense"), "{e}");
         let e = err("[train]\nlearning_rate = 1.0\n");
         assert!(e.contains("learning_rate"), "{e}");
-        let e = ExperimentConfig::from_toml("", &["train.seq_len=100000".into()]).err().unwrap().to_string();
-        assert!(e.contains("train.seq_len") && e.contains("model.max_seq_len"), "{e}");
+        let e = ExperimentConfig::from_toml("", &["train.seq_len=100000".into()])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("train.seq_len") && e.contains("model.max_seq_len"),
+            "{e}"
+        );
     }
 
     #[test]
     fn saved_config_reads_back_identical() {
         let config = ExperimentConfig::default();
-        assert_eq!(ExperimentConfig::from_toml(&config.to_toml(), &[]).unwrap(), config);
+        assert_eq!(
+            ExperimentConfig::from_toml(&config.to_toml(), &[]).unwrap(),
+            config
+        );
     }
 }

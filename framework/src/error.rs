@@ -5,13 +5,20 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid config: {key} = {value}: {expected}")]
-    Config { key: String, value: String, expected: String },
+    Config {
+        key: String,
+        value: String,
+        expected: String,
+    },
 
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
 
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
@@ -25,7 +32,11 @@ pub enum Error {
     #[error(
         "training stopped at step {step}: {what} is not finite ({value}); the last good checkpoint is kept"
     )]
-    NonFinite { step: usize, what: &'static str, value: f64 },
+    NonFinite {
+        step: usize,
+        what: &'static str,
+        value: f64,
+    },
 
     #[error("backend: {0}")]
     Backend(String),
@@ -34,15 +45,29 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn config(key: impl Into<String>, value: impl ToString, expected: impl Into<String>) -> Self {
-        Error::Config { key: key.into(), value: value.to_string(), expected: expected.into() }
+    pub fn config(
+        key: impl Into<String>,
+        value: impl ToString,
+        expected: impl Into<String>,
+    ) -> Self {
+        Error::Config {
+            key: key.into(),
+            value: value.to_string(),
+            expected: expected.into(),
+        }
     }
 
     pub fn file(path: impl Into<PathBuf>, message: impl ToString) -> Self {
-        Error::File { path: path.into(), message: message.to_string() }
+        Error::File {
+            path: path.into(),
+            message: message.to_string(),
+        }
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

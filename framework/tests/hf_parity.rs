@@ -6,14 +6,16 @@
 
 use std::path::{Path, PathBuf};
 
-use strata::backend::Cpu;
 use burn::prelude::*;
+use strata::backend::Cpu;
 use strata::infer::{Sampler, SamplerConfig, generate};
 use strata::io::hf::load_llama;
 use strata::io::params::load_safetensors;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn check_logits(name: &str) {
@@ -21,16 +23,27 @@ fn check_logits(name: &str) {
     let dir = fixture(name);
     let (_, model) = load_llama::<Cpu>(&dir, &device).unwrap();
     let (expected, _) = load_safetensors(&dir.join("expected.safetensors")).unwrap();
-    let ids: Vec<i64> = expected["input_ids"].values.iter().map(|&v| v as i64).collect();
+    let ids: Vec<i64> = expected["input_ids"]
+        .values
+        .iter()
+        .map(|&v| v as i64)
+        .collect();
     let want = &expected["logits"];
     let n = ids.len();
     let logits = model.forward(Tensor::from_data(TensorData::new(ids, [1, n]), &device));
     assert_eq!(logits.dims().to_vec(), want.shape);
     let got: Vec<f32> = logits.into_data().to_vec().unwrap();
     let scale = want.values.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = got.iter().zip(&want.values).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let worst = got
+        .iter()
+        .zip(&want.values)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(scale > 0.1, "fixture logits are degenerate");
-    assert!(worst <= 1e-4 * scale, "{name}: max |Δ| = {worst}, scale {scale}");
+    assert!(
+        worst <= 1e-4 * scale,
+        "{name}: max |Δ| = {worst}, scale {scale}"
+    );
 }
 
 #[test]
@@ -56,27 +69,69 @@ fn kv_cache_decoding_equals_full_recompute() {
     assert_eq!(cached, full);
 
     // Also sampled decoding (same seed) and the logits themselves, position by position.
-    let config = SamplerConfig { temperature: 1.0, top_k: 50, top_p: 0.9, repetition_penalty: 1.2, seed: 5 };
-    let cached = generate(&model, &prompt, 30, &mut Sampler::new(config.clone()), None, true, |_| {});
-    let full = generate(&model, &prompt, 30, &mut Sampler::new(config), None, false, |_| {});
+    let config = SamplerConfig {
+        temperature: 1.0,
+        top_k: 50,
+        top_p: 0.9,
+        repetition_penalty: 1.2,
+        seed: 5,
+    };
+    let cached = generate(
+        &model,
+        &prompt,
+        30,
+        &mut Sampler::new(config.clone()),
+        None,
+        true,
+        |_| {},
+    );
+    let full = generate(
+        &model,
+        &prompt,
+        30,
+        &mut Sampler::new(config),
+        None,
+        false,
+        |_| {},
+    );
     assert_eq!(cached, full);
 
     let all: Vec<i64> = prompt.iter().chain(&cached).map(|&i| i as i64).collect();
     let n = all.len();
-    let reference: Vec<f32> = model.forward(Tensor::from_data(TensorData::new(all.clone(), [1, n]), &device)).into_data().to_vec().unwrap();
+    let reference: Vec<f32> = model
+        .forward(Tensor::from_data(
+            TensorData::new(all.clone(), [1, n]),
+            &device,
+        ))
+        .into_data()
+        .to_vec()
+        .unwrap();
     let mut cache = model.new_cache();
     let mut step_logits = Vec::new();
-    let first: Tensor<Cpu, 3> = model.forward_cached(Tensor::from_data(TensorData::new(all[..prompt.len()].to_vec(), [1, prompt.len()]), &device), &mut cache);
+    let first: Tensor<Cpu, 3> = model.forward_cached(
+        Tensor::from_data(
+            TensorData::new(all[..prompt.len()].to_vec(), [1, prompt.len()]),
+            &device,
+        ),
+        &mut cache,
+    );
     step_logits.extend(first.into_data().to_vec::<f32>().unwrap());
     // The rest in uneven chunks, exercising the offset causal mask.
     let mut at = prompt.len();
     for chunk in [1usize, 3, 1, 7, 2] {
         let ids = all[at..at + chunk].to_vec();
-        let out: Tensor<Cpu, 3> = model.forward_cached(Tensor::from_data(TensorData::new(ids, [1, chunk]), &device), &mut cache);
+        let out: Tensor<Cpu, 3> = model.forward_cached(
+            Tensor::from_data(TensorData::new(ids, [1, chunk]), &device),
+            &mut cache,
+        );
         step_logits.extend(out.into_data().to_vec::<f32>().unwrap());
         at += chunk;
     }
-    let worst = step_logits.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let worst = step_logits
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(worst < 1e-4, "cached vs full logits differ by {worst}");
 }
 
@@ -91,8 +146,19 @@ fn importer_names_what_is_wrong() {
 
     // A checkpoint of another shape: the error names the tensor and both shapes.
     let text = std::fs::read_to_string(fixture("tiny_llama/config.json")).unwrap();
-    std::fs::write(dir.join("config.json"), text.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96")).unwrap();
-    std::fs::copy(fixture("tiny_llama/model.safetensors"), dir.join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        text.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture("tiny_llama/model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
     let err = load_llama::<Cpu>(&dir, &device).err().unwrap().to_string();
-    assert!(err.contains("mlp.w_gate.weight") && err.contains("[64, 128]") && err.contains("[64, 96]"), "{err}");
+    assert!(
+        err.contains("mlp.w_gate.weight") && err.contains("[64, 128]") && err.contains("[64, 96]"),
+        "{err}"
+    );
 }

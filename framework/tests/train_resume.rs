@@ -24,7 +24,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn corpus(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("strata-train-corpus-{test}-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("strata-train-corpus-{test}-{}", std::process::id()));
     {
         std::fs::create_dir_all(&dir).unwrap();
         let lines = [
@@ -95,55 +96,118 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
     let config = config("resume", &[]);
     let device = Default::default();
     let straight = run_dir("straight");
-    let (model_a, summary_a) = train::<B>(&config, &ByteTokenizer, &straight, false, "flex", &device, &mut |_| {}).unwrap();
+    let (model_a, summary_a) = train::<B>(
+        &config,
+        &ByteTokenizer,
+        &straight,
+        false,
+        "flex",
+        &device,
+        &mut |_| {},
+    )
+    .unwrap();
 
     // Die abruptly right after the step-8 checkpoint is written (no cleanup runs).
     let killed = run_dir("killed");
     let died = catch_unwind(AssertUnwindSafe(|| {
-        let _ = train::<B>(&config, &ByteTokenizer, &killed, false, "flex", &device, &mut |event| {
-            if let Event::Checkpointed { step: 8, .. } = event {
-                panic!("simulated kill");
-            }
-        });
+        let _ = train::<B>(
+            &config,
+            &ByteTokenizer,
+            &killed,
+            false,
+            "flex",
+            &device,
+            &mut |event| {
+                if let Event::Checkpointed { step: 8, .. } = event {
+                    panic!("simulated kill");
+                }
+            },
+        );
     }));
     assert!(died.is_err());
     let mut resumed_from = None;
-    let (model_b, summary_b) = train::<B>(&config, &ByteTokenizer, &killed, true, "flex", &device, &mut |event| {
-        if let Event::Started { start_step, .. } = event {
-            resumed_from = Some(start_step);
-        }
-    })
+    let (model_b, summary_b) = train::<B>(
+        &config,
+        &ByteTokenizer,
+        &killed,
+        true,
+        "flex",
+        &device,
+        &mut |event| {
+            if let Event::Started { start_step, .. } = event {
+                resumed_from = Some(start_step);
+            }
+        },
+    )
     .unwrap();
     assert_eq!(resumed_from, Some(8));
     assert_eq!(curve(&straight), curve(&killed));
     assert_eq!(curve(&straight).len(), 1 + 12);
     assert_eq!(summary_a.val_loss, summary_b.val_loss);
-    assert_eq!(named_params::<Cpu, _>(&model_a), named_params::<Cpu, _>(&model_b));
+    assert_eq!(
+        named_params::<Cpu, _>(&model_a),
+        named_params::<Cpu, _>(&model_b)
+    );
     // keep_checkpoints = 2
-    let kept: Vec<_> = std::fs::read_dir(killed.join("checkpoints")).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).collect();
+    let kept: Vec<_> = std::fs::read_dir(killed.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .collect();
     assert_eq!(kept.len(), 2);
 }
 
 #[test]
 fn training_lowers_validation_loss_and_is_reproducible() {
     let _guard = serial();
-    let config = config("learn", &["train.max_steps=40", "train.eval_interval=40", "train.checkpoint_interval=40"]);
+    let config = config(
+        "learn",
+        &[
+            "train.max_steps=40",
+            "train.eval_interval=40",
+            "train.checkpoint_interval=40",
+        ],
+    );
     let device = Default::default();
     let mut first_val = None;
     let dir = run_dir("learn");
-    let (_, summary) = train::<B>(&config, &ByteTokenizer, &dir, false, "flex", &device, &mut |event| {
-        if let Event::Step(m) = &event
-            && m.step == 1
-        {
-            first_val = Some(m.train_loss);
-        }
-    })
+    let (_, summary) = train::<B>(
+        &config,
+        &ByteTokenizer,
+        &dir,
+        false,
+        "flex",
+        &device,
+        &mut |event| {
+            if let Event::Step(m) = &event
+                && m.step == 1
+            {
+                first_val = Some(m.train_loss);
+            }
+        },
+    )
     .unwrap();
     let initial = first_val.unwrap();
-    assert!((initial - 259f64.ln()).abs() < 0.3, "initial loss {initial} should be near ln(259)");
-    assert!(summary.val_loss < initial - 1.5, "validation loss {} did not fall from {initial}", summary.val_loss);
+    assert!(
+        (initial - 259f64.ln()).abs() < 0.3,
+        "initial loss {initial} should be near ln(259)"
+    );
+    assert!(
+        summary.val_loss < initial - 1.5,
+        "validation loss {} did not fall from {initial}",
+        summary.val_loss
+    );
     let again = run_dir("learn-again");
-    let (_, summary2) = train::<B>(&config, &ByteTokenizer, &again, false, "flex", &device, &mut |_| {}).unwrap();
+    let (_, summary2) = train::<B>(
+        &config,
+        &ByteTokenizer,
+        &again,
+        false,
+        "flex",
+        &device,
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(curve(&dir), curve(&again));
     assert_eq!(summary.val_loss, summary2.val_loss);
 }
@@ -152,13 +216,36 @@ fn training_lowers_validation_loss_and_is_reproducible() {
 fn non_finite_loss_stops_and_keeps_last_good_checkpoint() {
     let _guard = serial();
     // An absurd learning rate without clipping blows the weights up within a few steps.
-    let config = config("nan", &["train.lr=1e12", "train.min_lr=0", "train.warmup_steps=1", "train.grad_clip=0", "train.checkpoint_interval=1"]);
+    let config = config(
+        "nan",
+        &[
+            "train.lr=1e12",
+            "train.min_lr=0",
+            "train.warmup_steps=1",
+            "train.grad_clip=0",
+            "train.checkpoint_interval=1",
+        ],
+    );
     let device = Default::default();
     let dir = run_dir("nan");
-    let err = train::<B>(&config, &ByteTokenizer, &dir, false, "flex", &device, &mut |_| {}).err().unwrap();
-    let Error::NonFinite { step, .. } = err else { panic!("expected NonFinite, got {err}") };
+    let err = train::<B>(
+        &config,
+        &ByteTokenizer,
+        &dir,
+        false,
+        "flex",
+        &device,
+        &mut |_| {},
+    )
+    .err()
+    .unwrap();
+    let Error::NonFinite { step, .. } = err else {
+        panic!("expected NonFinite, got {err}")
+    };
     assert!(err.to_string().contains("last good checkpoint"));
-    let last = checkpoint::latest(&dir).unwrap().expect("a checkpoint before the failure");
+    let last = checkpoint::latest(&dir)
+        .unwrap()
+        .expect("a checkpoint before the failure");
     let ckpt = checkpoint::read(&last).unwrap();
     assert!(ckpt.state.step < step);
     ckpt.load_model::<Cpu>(&device).unwrap();

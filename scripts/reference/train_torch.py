@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BOS, EOS = 256, 257
+NAIVE_ATTENTION = False
 
 
 class RMSNorm(nn.Module):
@@ -70,7 +71,12 @@ class Block(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         rep = self.h // self.kv
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if NAIVE_ATTENTION:
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.hd)
+            scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+            a = scores.softmax(-1) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.wo(a.transpose(1, 2).reshape(b, t, -1))
         h = self.mlp_norm(x)
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
@@ -146,6 +152,10 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--set", action="append", default=[], help="key.path=value (numbers only)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="bf16: autocast, f32 master weights")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--naive-attention", action="store_true", help="materialise the n×n scores (no SDPA)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = tomllib.loads(pathlib.Path(args.config).read_text())
@@ -153,20 +163,34 @@ def main():
         key, value = kv.split("=", 1)
         section, name = key.split(".", 1)
         cfg.setdefault(section, {})[name] = type(cfg.get(section, {}).get(name, 0.0))(float(value)) if value.replace(".", "").replace("e-", "").isdigit() else value
-    m, t = cfg["model"], cfg["train"]
+    # Strata's defaults for keys a config leaves out (framework/src/model/llama.rs, train/mod.rs).
+    m = {"vocab_size": 259, "d_model": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "ffn_hidden": 688,
+         "max_seq_len": 256, "rope_theta": 10000.0, "norm_eps": 1e-5, "tie_embeddings": True, "init_std": 0.02,
+         **cfg.get("model", {})}
+    t = {"seed": 1337, "batch_size": 16, "seq_len": 128, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100,
+         "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "grad_clip": 1.0, "eval_batches": 20,
+         **cfg.get("train", {})}
     assert m.get("tie_embeddings", True), "the reference ties embeddings like the default config"
     torch.manual_seed(t.get("seed", 1337))
-    model = Llama(m)
+    global NAIVE_ATTENTION
+    NAIVE_ATTENTION = args.naive_attention
+    device = torch.device(args.device)
+    model = Llama(m).to(device)
     opt = make_optimizer(model, t)
     bsz, seq = t["batch_size"], t["seq_len"]
+    fwd = torch.compile(model) if args.compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     info = {"framework": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "dtype": args.dtype, "compile": args.compile, "attention": "naive" if args.naive_attention else "sdpa",
             "params": sum(p.numel() for p in model.parameters()), "batch_size": bsz, "seq_len": seq,
             "machine": platform.processor() or platform.machine()}
 
     def step(x, y, lr):
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = F.cross_entropy(model(x).view(-1, m["vocab_size"]), y.view(-1))
+        with autocast:
+            loss = F.cross_entropy(fwd(x).reshape(-1, m["vocab_size"]).float(), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.get("grad_clip", 1.0))
@@ -176,13 +200,18 @@ def main():
     if args.bench:
         times = []
         for i in range(args.warmup + args.steps):
-            x = torch.randint(0, m["vocab_size"], (bsz, seq))
+            x = torch.randint(0, m["vocab_size"], (bsz, seq), device=device)
             start = time.perf_counter()
-            step(x, x, 1e-4)
+            step(x, x, 1e-4)  # .item() waits for the device
+            elapsed = time.perf_counter() - start
+            if i == 0:
+                info["first_step_secs"] = elapsed
             if i >= args.warmup:
-                times.append(time.perf_counter() - start)
+                times.append(elapsed)
         info.update(tokens_per_sec=bsz * seq * args.steps / sum(times), steps=args.steps,
                     median_step_secs=sorted(times)[len(times) // 2])
+        if device.type == "cuda":
+            info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(json.dumps(info))
         return
 

@@ -50,17 +50,29 @@ impl Default for DataConfig {
 impl DataConfig {
     pub fn validate(&self, prefix: &str) -> Result<()> {
         if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
-            return Err(Error::config(format!("{prefix}val_fraction"), self.val_fraction, "must be in (0, 1)"));
+            return Err(Error::config(
+                format!("{prefix}val_fraction"),
+                self.val_fraction,
+                "must be in (0, 1)",
+            ));
         }
         if self.path.as_os_str().is_empty() {
-            return Err(Error::config(format!("{prefix}path"), "\"\"", "a text file, folder or .jsonl file"));
+            return Err(Error::config(
+                format!("{prefix}path"),
+                "\"\"",
+                "a text file, folder or .jsonl file",
+            ));
         }
         Ok(())
     }
 
     fn cache_dir(&self) -> PathBuf {
         self.cache_dir.clone().unwrap_or_else(|| {
-            let mut name = self.path.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "data".into());
+            let mut name = self
+                .path
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_else(|| "data".into());
             name.push(".strata-cache");
             self.path.with_file_name(name)
         })
@@ -103,11 +115,22 @@ fn read_split(config: &DataConfig, split: Split) -> Result<Vec<Document>> {
         if files.is_empty() {
             return Err(Error::file(path, "folder holds no files"));
         }
-        let names: Vec<String> =
-            files.iter().map(|f| f.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| {
+                f.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
         for wanted in &config.validation {
             if !names.contains(wanted) {
-                return Err(Error::config("data.validation", wanted, format!("a file name under {}", path.display())));
+                return Err(Error::config(
+                    "data.validation",
+                    wanted,
+                    format!("a file name under {}", path.display()),
+                ));
             }
         }
         let held_out = |i: usize| {
@@ -121,23 +144,41 @@ fn read_split(config: &DataConfig, split: Split) -> Result<Vec<Document>> {
         for (i, file) in files.iter().enumerate() {
             if split == Split::All || held_out(i) == (split == Split::Validation) {
                 let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
-                let text = String::from_utf8(bytes).map_err(|_| Error::file(file, "is not valid UTF-8 text"))?;
-                docs.push(Document { source: file.display().to_string(), text });
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| Error::file(file, "is not valid UTF-8 text"))?;
+                docs.push(Document {
+                    source: file.display().to_string(),
+                    text,
+                });
             }
         }
         return Ok(docs);
     }
 
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read as UTF-8 text: {e}")))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::file(path, format!("cannot read as UTF-8 text: {e}")))?;
     if path.extension().is_some_and(|e| e == "jsonl") {
         let mut all = Vec::new();
-        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             let value: serde_json::Value = serde_json::from_str(line)
                 .map_err(|e| Error::file(path, format!("line {}: not valid JSON: {e}", n + 1)))?;
-            let field = value.get(&config.text_field).and_then(|v| v.as_str()).ok_or_else(|| {
-                Error::file(path, format!("line {}: no string field \"{}\"", n + 1, config.text_field))
-            })?;
-            all.push(Document { source: format!("{}:{}", path.display(), n + 1), text: field.to_owned() });
+            let field = value
+                .get(&config.text_field)
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| {
+                    Error::file(
+                        path,
+                        format!("line {}: no string field \"{}\"", n + 1, config.text_field),
+                    )
+                })?;
+            all.push(Document {
+                source: format!("{}:{}", path.display(), n + 1),
+                text: field.to_owned(),
+            });
         }
         if all.is_empty() {
             return Err(Error::file(path, "holds no JSON lines"));
@@ -146,7 +187,9 @@ fn read_split(config: &DataConfig, split: Split) -> Result<Vec<Document>> {
         return Ok(all
             .into_iter()
             .enumerate()
-            .filter(|(i, _)| split == Split::All || held.contains(i) == (split == Split::Validation))
+            .filter(|(i, _)| {
+                split == Split::All || held.contains(i) == (split == Split::Validation)
+            })
             .map(|(_, d)| d)
             .collect());
     }
@@ -161,13 +204,18 @@ fn read_split(config: &DataConfig, split: Split) -> Result<Vec<Document>> {
         Split::Train => &text[..cut],
         Split::Validation => &text[cut..],
     };
-    Ok(vec![Document { source: path.display().to_string(), text: part.to_owned() }])
+    Ok(vec![Document {
+        source: path.display().to_string(),
+        text: part.to_owned(),
+    }])
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        let hidden = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
         if hidden {
             continue;
         }
@@ -182,7 +230,11 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 
 fn included(config: &DataConfig, file: &Path) -> bool {
     let name = file.file_name().unwrap_or_default().to_string_lossy();
-    config.include.is_empty() || config.include.iter().any(|pattern| wildcard_match(pattern, &name))
+    config.include.is_empty()
+        || config
+            .include
+            .iter()
+            .any(|pattern| wildcard_match(pattern, &name))
 }
 
 /// Matches `name` against a pattern in which `*` stands for any run of characters.
@@ -192,7 +244,10 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
         return pattern == name;
     }
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || !name[first.len()..].ends_with(last) || name.len() < first.len() + last.len() {
+    if !name.starts_with(first)
+        || !name[first.len()..].ends_with(last)
+        || name.len() < first.len() + last.len()
+    {
         return false;
     }
     let mut rest = &name[first.len()..name.len() - last.len()];
@@ -235,7 +290,11 @@ impl TokenSplit {
     pub fn get(&self, i: usize) -> u32 {
         let at = self.data_start + i * self.width;
         let b = &self.map[at..at + self.width];
-        if self.width == 2 { u16::from_le_bytes([b[0], b[1]]) as u32 } else { u32::from_le_bytes([b[0], b[1], b[2], b[3]]) }
+        if self.width == 2 {
+            u16::from_le_bytes([b[0], b[1]]) as u32
+        } else {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }
     }
 
     pub fn window(&self, start: usize, len: usize) -> Vec<u32> {
@@ -250,7 +309,11 @@ impl TokenSplit {
 
 /// Opens the cached tokens of `split`, building the cache first if it is missing or was made
 /// from other data or another tokenizer.
-pub fn load_split(config: &DataConfig, tokenizer: &dyn Tokenizer, split: Split) -> Result<TokenSplit> {
+pub fn load_split(
+    config: &DataConfig,
+    tokenizer: &dyn Tokenizer,
+    split: Split,
+) -> Result<TokenSplit> {
     let dir = config.cache_dir();
     let path = dir.join(format!("{}.tokens", split.name()));
     let key = cache_key(config, tokenizer, split)?;
@@ -263,14 +326,25 @@ pub fn load_split(config: &DataConfig, tokenizer: &dyn Tokenizer, split: Split) 
     let mut text_bytes = 0u64;
     for doc in &docs {
         ids.extend(bos);
-        ids.extend(tokenizer.encode(&doc.text).map_err(|e| Error::Data(format!("{}: {e}", doc.source)))?);
+        ids.extend(
+            tokenizer
+                .encode(&doc.text)
+                .map_err(|e| Error::Data(format!("{}: {e}", doc.source)))?,
+        );
         ids.extend(eos);
         text_bytes += doc.text.len() as u64;
     }
     if ids.len() < 2 {
-        return Err(Error::file(&config.path, format!("the {} split holds no text", split.name())));
+        return Err(Error::file(
+            &config.path,
+            format!("the {} split holds no text", split.name()),
+        ));
     }
-    let width = if tokenizer.vocab_size() <= 1 << 16 { 2 } else { 4 };
+    let width = if tokenizer.vocab_size() <= 1 << 16 {
+        2
+    } else {
+        4
+    };
     let mut bytes = Vec::with_capacity(64 + key.len() + ids.len() * width);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&(width as u32).to_le_bytes());
@@ -287,7 +361,8 @@ pub fn load_split(config: &DataConfig, tokenizer: &dyn Tokenizer, split: Split) 
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     atomic_write(&path, |f| f.write_all(&bytes))?;
-    open_cache(&path, &key)?.ok_or_else(|| Error::file(&path, "token cache unreadable right after writing it"))
+    open_cache(&path, &key)?
+        .ok_or_else(|| Error::file(&path, "token cache unreadable right after writing it"))
 }
 
 /// The identity of a cache: tokenizer, split rule and every source file's size and mtime.
@@ -303,7 +378,10 @@ fn cache_key(config: &DataConfig, tokenizer: &dyn Tokenizer, split: Split) -> Re
     let mut sources = String::new();
     for f in &files {
         let meta = std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
-        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
         sources.push_str(&format!("{}:{}:{:?};", f.display(), meta.len(), mtime));
     }
     Ok(format!(
@@ -319,20 +397,33 @@ fn cache_key(config: &DataConfig, tokenizer: &dyn Tokenizer, split: Split) -> Re
 }
 
 fn open_cache(path: &Path, key: &str) -> Result<Option<TokenSplit>> {
-    let Ok(file) = std::fs::File::open(path) else { return Ok(None) };
+    let Ok(file) = std::fs::File::open(path) else {
+        return Ok(None);
+    };
     // Safety: the cache is only ever replaced by rename, never modified in place.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     if map.len() < 32 || &map[..8] != MAGIC {
         return Ok(None);
     }
-    let u32_at = |at: usize| u32::from_le_bytes(map[at..at + 4].try_into().unwrap_or_default()) as usize;
+    let u32_at =
+        |at: usize| u32::from_le_bytes(map[at..at + 4].try_into().unwrap_or_default()) as usize;
     let u64_at = |at: usize| u64::from_le_bytes(map[at..at + 8].try_into().unwrap_or_default());
-    let (width, key_len, len, text_bytes) = (u32_at(8), u32_at(12), u64_at(16) as usize, u64_at(24));
+    let (width, key_len, len, text_bytes) =
+        (u32_at(8), u32_at(12), u64_at(16) as usize, u64_at(24));
     let data_start = 32 + key_len;
-    if !(width == 2 || width == 4) || map.len() != data_start + len * width || &map[32..data_start] != key.as_bytes() {
+    if !(width == 2 || width == 4)
+        || map.len() != data_start + len * width
+        || &map[32..data_start] != key.as_bytes()
+    {
         return Ok(None);
     }
-    Ok(Some(TokenSplit { map, data_start, width, len, text_bytes }))
+    Ok(Some(TokenSplit {
+        map,
+        data_start,
+        width,
+        len,
+        text_bytes,
+    }))
 }
 
 /// A batch of `[batch, seq]` inputs and the same windows shifted by one as targets.
@@ -353,38 +444,78 @@ impl Batch {
             inputs.extend_from_slice(&w[..seq]);
             targets.extend_from_slice(&w[1..]);
         }
-        Batch { inputs, targets, batch: starts.len(), seq }
+        Batch {
+            inputs,
+            targets,
+            batch: starts.len(),
+            seq,
+        }
     }
 }
 
 /// Random windows for training. They depend only on (seed, step, micro-step), so a resumed run
 /// draws exactly the batches the uninterrupted run would have.
-pub fn train_batch(split: &TokenSplit, seed: u64, step: usize, micro: usize, batch: usize, seq: usize) -> Result<Batch> {
+pub fn train_batch(
+    split: &TokenSplit,
+    seed: u64,
+    step: usize,
+    micro: usize,
+    batch: usize,
+    seq: usize,
+) -> Result<Batch> {
     if split.len() < seq + 2 {
-        return Err(Error::Data(format!("the training split has {} tokens, fewer than seq_len + 2 = {}", split.len(), seq + 2)));
+        return Err(Error::Data(format!(
+            "the training split has {} tokens, fewer than seq_len + 2 = {}",
+            split.len(),
+            seq + 2
+        )));
     }
-    let mix = seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (micro as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+    let mix = seed
+        ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ (micro as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
     let mut rng = StdRng::seed_from_u64(mix);
-    let starts: Vec<usize> = (0..batch).map(|_| rng.random_range(0..split.len() - seq - 1)).collect();
+    let starts: Vec<usize> = (0..batch)
+        .map(|_| rng.random_range(0..split.len() - seq - 1))
+        .collect();
     Ok(Batch::from_starts(split, &starts, seq))
 }
 
 /// `count` evenly spaced windows of the validation split, the same in every run.
-pub fn validation_batches(split: &TokenSplit, count: usize, batch: usize, seq: usize) -> Result<Vec<Batch>> {
+pub fn validation_batches(
+    split: &TokenSplit,
+    count: usize,
+    batch: usize,
+    seq: usize,
+) -> Result<Vec<Batch>> {
     if split.len() < seq + 2 {
-        return Err(Error::Data(format!("the validation split has {} tokens, fewer than seq_len + 2 = {}", split.len(), seq + 2)));
+        return Err(Error::Data(format!(
+            "the validation split has {} tokens, fewer than seq_len + 2 = {}",
+            split.len(),
+            seq + 2
+        )));
     }
     let windows = count * batch;
     let span = split.len() - seq - 1;
     let starts: Vec<usize> = (0..windows).map(|i| i * span / windows).collect();
-    Ok(starts.chunks(batch).map(|c| Batch::from_starts(split, c, seq)).collect())
+    Ok(starts
+        .chunks(batch)
+        .map(|c| Batch::from_starts(split, c, seq))
+        .collect())
 }
 
 /// Consecutive non-overlapping windows covering up to `max_tokens` of the split (for `eval`).
-pub fn sequential_batches(split: &TokenSplit, max_tokens: usize, batch: usize, seq: usize) -> Vec<Batch> {
+pub fn sequential_batches(
+    split: &TokenSplit,
+    max_tokens: usize,
+    batch: usize,
+    seq: usize,
+) -> Vec<Batch> {
     let usable = split.len().saturating_sub(1).min(max_tokens);
     let starts: Vec<usize> = (0..usable / seq).map(|i| i * seq).collect();
-    starts.chunks(batch).map(|c| Batch::from_starts(split, c, seq)).collect()
+    starts
+        .chunks(batch)
+        .map(|c| Batch::from_starts(split, c, seq))
+        .collect()
 }
 
 #[cfg(test)]
@@ -396,7 +527,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("strata-data-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("texts")).unwrap();
-        for (f, t) in [("a.txt", "alpha alpha alpha"), ("b.txt", "bravo bravo"), ("c.txt", "charlie charlie charlie")] {
+        for (f, t) in [
+            ("a.txt", "alpha alpha alpha"),
+            ("b.txt", "bravo bravo"),
+            ("c.txt", "charlie charlie charlie"),
+        ] {
             std::fs::write(dir.join("texts").join(f), t).unwrap();
         }
         dir.join("texts")
@@ -405,17 +540,27 @@ mod tests {
     #[test]
     fn holds_out_named_documents_and_caches() {
         let path = corpus("split");
-        let config = DataConfig { path: path.clone(), validation: vec!["b.txt".into()], ..Default::default() };
+        let config = DataConfig {
+            path: path.clone(),
+            validation: vec!["b.txt".into()],
+            ..Default::default()
+        };
         let val = load_split(&config, &ByteTokenizer, Split::Validation).unwrap();
         assert_eq!(val.text_bytes, "bravo bravo".len() as u64);
         assert_eq!(val.get(0), ByteTokenizer::BOS);
-        assert_eq!(ByteTokenizer.decode(&val.window(0, val.len())).unwrap(), "bravo bravo");
+        assert_eq!(
+            ByteTokenizer.decode(&val.window(0, val.len())).unwrap(),
+            "bravo bravo"
+        );
         let train = load_split(&config, &ByteTokenizer, Split::Train).unwrap();
         assert_eq!(train.len(), 17 + 23 + 4);
         // A changed document changes the key, so the cache is rebuilt rather than reused.
         std::fs::write(path.join("b.txt"), "bravo!").unwrap();
         let val = load_split(&config, &ByteTokenizer, Split::Validation).unwrap();
-        assert_eq!(ByteTokenizer.decode(&val.window(0, val.len())).unwrap(), "bravo!");
+        assert_eq!(
+            ByteTokenizer.decode(&val.window(0, val.len())).unwrap(),
+            "bravo!"
+        );
     }
 
     #[test]
@@ -429,9 +574,19 @@ mod tests {
 
     #[test]
     fn unknown_validation_file_is_named() {
-        let config = DataConfig { path: corpus("unknown"), validation: vec!["zulu.txt".into()], ..Default::default() };
-        let err = load_split(&config, &ByteTokenizer, Split::Train).err().unwrap().to_string();
-        assert!(err.contains("data.validation") && err.contains("zulu.txt"), "{err}");
+        let config = DataConfig {
+            path: corpus("unknown"),
+            validation: vec!["zulu.txt".into()],
+            ..Default::default()
+        };
+        let err = load_split(&config, &ByteTokenizer, Split::Train)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("data.validation") && err.contains("zulu.txt"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -440,14 +595,27 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("docs.jsonl");
         std::fs::write(&path, "{\"text\": \"one\"}\n{\"body\": \"two\"}\n").unwrap();
-        let config = DataConfig { path, ..Default::default() };
-        let err = load_split(&config, &ByteTokenizer, Split::Train).err().unwrap().to_string();
-        assert!(err.contains("docs.jsonl") && err.contains("line 2") && err.contains("\"text\""), "{err}");
+        let config = DataConfig {
+            path,
+            ..Default::default()
+        };
+        let err = load_split(&config, &ByteTokenizer, Split::Train)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("docs.jsonl") && err.contains("line 2") && err.contains("\"text\""),
+            "{err}"
+        );
     }
 
     #[test]
     fn batches_are_deterministic_and_shifted() {
-        let config = DataConfig { path: corpus("batch"), validation: vec!["b.txt".into()], ..Default::default() };
+        let config = DataConfig {
+            path: corpus("batch"),
+            validation: vec!["b.txt".into()],
+            ..Default::default()
+        };
         let train = load_split(&config, &ByteTokenizer, Split::Train).unwrap();
         let a = train_batch(&train, 7, 3, 0, 2, 8).unwrap();
         let b = train_batch(&train, 7, 3, 0, 2, 8).unwrap();

@@ -17,7 +17,11 @@ pub struct EvalReport {
     pub tokens: usize,
 }
 
-pub fn evaluate<B: Backend>(model: &Llama<B>, batches: &[Batch], bytes_per_token: f64) -> EvalReport {
+pub fn evaluate<B: Backend>(
+    model: &Llama<B>,
+    batches: &[Batch],
+    bytes_per_token: f64,
+) -> EvalReport {
     let device = model.embed.weight.device();
     let mut total = 0.0;
     let mut tokens = 0;

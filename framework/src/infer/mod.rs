@@ -23,13 +23,25 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        Self { temperature: 0.8, top_k: 0, top_p: 0.95, repetition_penalty: 1.0, seed: 0 }
+        Self {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 0.95,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
     }
 }
 
 impl SamplerConfig {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -51,7 +63,11 @@ impl Sampler {
         if c.repetition_penalty != 1.0 {
             for &id in context {
                 if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l > 0.0 { *l / c.repetition_penalty } else { *l * c.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / c.repetition_penalty
+                    } else {
+                        *l * c.repetition_penalty
+                    };
                 }
             }
         }
@@ -64,7 +80,10 @@ impl Sampler {
             order.truncate(c.top_k);
         }
         let max = logits[order[0]];
-        let mut probs: Vec<f64> = order.iter().map(|&i| (((logits[i] - max) / c.temperature) as f64).exp()).collect();
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| (((logits[i] - max) / c.temperature) as f64).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if c.top_p < 1.0 {
@@ -104,7 +123,12 @@ fn argmax(values: &[f32]) -> u32 {
 /// Logits of the last position of `[1, seq, vocab]`.
 fn last_logits<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
     let [_, seq, vocab] = logits.dims();
-    logits.slice([0..1, seq - 1..seq, 0..vocab]).into_data().convert::<f32>().to_vec().unwrap_or_default()
+    logits
+        .slice([0..1, seq - 1..seq, 0..vocab])
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap_or_default()
 }
 
 fn tokens_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
@@ -128,7 +152,11 @@ pub fn generate<B: Backend>(
 ) -> Vec<u32> {
     let device = model.embed.weight.device();
     let max_len = model.max_seq_len();
-    let mut context: Vec<u32> = prompt.iter().copied().skip(prompt.len().saturating_sub(max_len - 1)).collect();
+    let mut context: Vec<u32> = prompt
+        .iter()
+        .copied()
+        .skip(prompt.len().saturating_sub(max_len - 1))
+        .collect();
     let mut generated = Vec::new();
     let mut cache: KvCache<B> = model.new_cache();
     let mut logits = if use_cache {
@@ -148,7 +176,9 @@ pub fn generate<B: Backend>(
             context.drain(..context.len() - max_len / 2);
             cache = model.new_cache();
             if use_cache {
-                logits = last_logits(model.forward_cached(tokens_tensor::<B>(&context, &device), &mut cache));
+                logits = last_logits(
+                    model.forward_cached(tokens_tensor::<B>(&context, &device), &mut cache),
+                );
                 continue;
             }
         }
@@ -168,16 +198,34 @@ mod tests {
     #[test]
     fn greedy_picks_max_and_penalty_changes_it() {
         let logits = [1.0, 3.0, 2.9, -1.0];
-        assert_eq!(Sampler::new(SamplerConfig::greedy()).sample(&logits, &[]), 1);
-        let penalised = SamplerConfig { repetition_penalty: 1.5, ..SamplerConfig::greedy() };
+        assert_eq!(
+            Sampler::new(SamplerConfig::greedy()).sample(&logits, &[]),
+            1
+        );
+        let penalised = SamplerConfig {
+            repetition_penalty: 1.5,
+            ..SamplerConfig::greedy()
+        };
         assert_eq!(Sampler::new(penalised).sample(&logits, &[1]), 2);
     }
 
     #[test]
     fn top_k_and_top_p_restrict_the_choice() {
         let logits = [5.0, 4.9, 0.0, 0.0, 0.0];
-        let mut top_k = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 2, top_p: 1.0, repetition_penalty: 1.0, seed: 3 });
-        let mut top_p = Sampler::new(SamplerConfig { temperature: 5.0, top_k: 0, top_p: 0.5, repetition_penalty: 1.0, seed: 4 });
+        let mut top_k = Sampler::new(SamplerConfig {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 3,
+        });
+        let mut top_p = Sampler::new(SamplerConfig {
+            temperature: 5.0,
+            top_k: 0,
+            top_p: 0.5,
+            repetition_penalty: 1.0,
+            seed: 4,
+        });
         for _ in 0..200 {
             assert!(top_k.sample(&logits, &[]) < 2);
             assert!(top_p.sample(&logits, &[]) < 2);
@@ -188,8 +236,16 @@ mod tests {
     fn sampling_follows_the_distribution() {
         // Two tokens with probabilities 0.75 / 0.25 at temperature 1.
         let logits = [3f32.ln(), 0.0];
-        let mut sampler = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 9 });
-        let ones = (0..4000).filter(|_| sampler.sample(&logits, &[]) == 0).count();
+        let mut sampler = Sampler::new(SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 9,
+        });
+        let ones = (0..4000)
+            .filter(|_| sampler.sample(&logits, &[]) == 0)
+            .count();
         assert!((2850..3150).contains(&ones), "{ones}");
     }
 }

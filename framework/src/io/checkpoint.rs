@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::ExperimentConfig;
 use crate::error::{Error, Result};
 use crate::io::atomic_write;
-use crate::io::params::{HostTensor, assign_params, load_safetensors, named_params, save_safetensors};
+use crate::io::params::{
+    HostTensor, assign_params, load_safetensors, named_params, save_safetensors,
+};
 use crate::model::Llama;
 
 /// Where training stands after `step` optimizer steps; with the seed this fixes the data order.
@@ -50,8 +52,12 @@ pub fn save(
     save_safetensors(&tmp.join("model.safetensors"), model, meta.clone())?;
     save_safetensors(&tmp.join("optimizer.safetensors"), optimizer, meta)?;
     let state_json = serde_json::to_string_pretty(state).map_err(|e| Error::file(&tmp, e))?;
-    atomic_write(&tmp.join("state.json"), |f| f.write_all(state_json.as_bytes()))?;
-    atomic_write(&tmp.join("config.toml"), |f| f.write_all(config.to_toml().as_bytes()))?;
+    atomic_write(&tmp.join("state.json"), |f| {
+        f.write_all(state_json.as_bytes())
+    })?;
+    atomic_write(&tmp.join("config.toml"), |f| {
+        f.write_all(config.to_toml().as_bytes())
+    })?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
     atomic_write(&root.join("latest"), |f| f.write_all(name.as_bytes()))?;
@@ -66,10 +72,16 @@ pub fn save(
 
 /// Complete checkpoint folders under `root`, oldest first.
 fn list(root: &Path) -> Result<Vec<PathBuf>> {
-    let Ok(entries) = std::fs::read_dir(root) else { return Ok(Vec::new()) };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(Vec::new());
+    };
     let mut dirs: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+        })
         .collect();
     dirs.sort();
     Ok(dirs)
@@ -92,15 +104,27 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.join("state.json").is_file() {
         return Ok(path.to_owned());
     }
-    latest(path)?.ok_or_else(|| Error::file(path, "is neither a checkpoint folder nor a run directory with checkpoints"))
+    latest(path)?.ok_or_else(|| {
+        Error::file(
+            path,
+            "is neither a checkpoint folder nor a run directory with checkpoints",
+        )
+    })
 }
 
 pub fn read(dir: &Path) -> Result<Checkpoint> {
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-    let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::Checkpoint { path: state_path, message: e.to_string() })?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path: state_path,
+        message: e.to_string(),
+    })?;
     let config = ExperimentConfig::load(&dir.join("config.toml"), &[])?;
-    Ok(Checkpoint { dir: dir.to_owned(), config, state })
+    Ok(Checkpoint {
+        dir: dir.to_owned(),
+        config,
+        state,
+    })
 }
 
 impl Checkpoint {

@@ -45,8 +45,14 @@ fn default_theta() -> f64 {
 impl HfLlamaConfig {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not a Llama config.json: {e}")))?;
-        let unsupported = |what: &str| Err(Error::file(path, format!("{what} is not supported by the Llama importer")));
+        let config: Self = serde_json::from_str(&text)
+            .map_err(|e| Error::file(path, format!("not a Llama config.json: {e}")))?;
+        let unsupported = |what: &str| {
+            Err(Error::file(
+                path,
+                format!("{what} is not supported by the Llama importer"),
+            ))
+        };
         if config.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
             return unsupported("rope_scaling");
         }
@@ -56,7 +62,10 @@ impl HfLlamaConfig {
         if config.hidden_act.as_deref().is_some_and(|a| a != "silu") {
             return unsupported("hidden_act other than silu");
         }
-        if config.head_dim.is_some_and(|h| h * config.num_attention_heads != config.hidden_size) {
+        if config
+            .head_dim
+            .is_some_and(|h| h * config.num_attention_heads != config.hidden_size)
+        {
             return unsupported("head_dim × num_attention_heads ≠ hidden_size");
         }
         Ok(config)
@@ -88,9 +97,14 @@ fn read_shards(dir: &Path) -> Result<HashMap<String, HostTensor>> {
         return Ok(load_safetensors(&single)?.0);
     }
     let index_path = dir.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&index_path)
-        .map_err(|_| Error::file(dir, "holds neither model.safetensors nor model.safetensors.index.json"))?;
-    let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&index_path, e))?;
+    let text = std::fs::read_to_string(&index_path).map_err(|_| {
+        Error::file(
+            dir,
+            "holds neither model.safetensors nor model.safetensors.index.json",
+        )
+    })?;
+    let index: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(&index_path, e))?;
     let weight_map = index
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -139,7 +153,9 @@ fn our_name(hf: &str) -> Option<(String, bool)> {
 pub fn load_llama<B: Backend>(dir: &Path, device: &B::Device) -> Result<(ModelConfig, Llama<B>)> {
     let hf = HfLlamaConfig::read(&dir.join("config.json"))?;
     let config = hf.to_model_config();
-    config.validate("config.json: ").map_err(|e| Error::file(dir.join("config.json"), e))?;
+    config
+        .validate("config.json: ")
+        .map_err(|e| Error::file(dir.join("config.json"), e))?;
     let mut ours = HashMap::new();
     for (name, tensor) in read_shards(dir)? {
         if name.ends_with("rotary_emb.inv_freq") {
@@ -148,8 +164,16 @@ pub fn load_llama<B: Backend>(dir: &Path, device: &B::Device) -> Result<(ModelCo
         if config.tie_embeddings && name == "lm_head.weight" {
             continue; // the same tensor as the embedding
         }
-        let (path, transpose) = our_name(&name).ok_or_else(|| Error::file(dir, format!("unexpected tensor `{name}`")))?;
-        ours.insert(path, if transpose { tensor.transposed() } else { tensor });
+        let (path, transpose) = our_name(&name)
+            .ok_or_else(|| Error::file(dir, format!("unexpected tensor `{name}`")))?;
+        ours.insert(
+            path,
+            if transpose {
+                tensor.transposed()
+            } else {
+                tensor
+            },
+        );
     }
     let model = assign_params(config.init::<B>(device), &ours, dir)?;
     Ok((config, model))

@@ -12,13 +12,25 @@ use crate::error::{Error, Result};
 
 /// Writes `path` through `write` into a temporary file in the same folder, syncs it, then renames
 /// it into place, so a reader (or a killed run) sees either the old file or the whole new one.
-pub fn atomic_write(path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::file(path, "is not a file path"))?;
+pub fn atomic_write(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::file(path, "is not a file path"))?;
     // Unique per process and call, so concurrent writers never share a temporary file.
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{}.{}-{n}.tmp", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.{}-{n}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut file = File::create(&tmp)?;
         write(&mut file)?;
@@ -43,7 +55,10 @@ pub struct LoadedModel<B: burn::prelude::Backend> {
 
 /// Loads a Hugging Face checkpoint folder (it has `config.json`), a Strata checkpoint folder, or
 /// a run directory (its latest checkpoint).
-pub fn load_model<B: burn::prelude::Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
+pub fn load_model<B: burn::prelude::Backend>(
+    path: &Path,
+    device: &B::Device,
+) -> Result<LoadedModel<B>> {
     if path.join("config.json").is_file() {
         let (model_config, model) = hf::load_llama::<B>(path, device)?;
         let tokenizer_path = path.join("tokenizer.json");
@@ -51,10 +66,20 @@ pub fn load_model<B: burn::prelude::Backend>(path: &Path, device: &B::Device) ->
             return Err(Error::file(path, "has config.json but no tokenizer.json"));
         }
         let tokenizer = crate::tokenizer::HfTokenizer::from_file(&tokenizer_path)?;
-        return Ok(LoadedModel { model, model_config, tokenizer: Box::new(tokenizer), experiment: None });
+        return Ok(LoadedModel {
+            model,
+            model_config,
+            tokenizer: Box::new(tokenizer),
+            experiment: None,
+        });
     }
     let ckpt = checkpoint::read(&checkpoint::resolve(path)?)?;
     let tokenizer = ckpt.config.tokenizer.load()?;
     let model = ckpt.load_model::<B>(device)?;
-    Ok(LoadedModel { model, model_config: ckpt.config.model.clone(), tokenizer, experiment: Some(ckpt.config) })
+    Ok(LoadedModel {
+        model,
+        model_config: ckpt.config.model.clone(),
+        tokenizer,
+        experiment: Some(ckpt.config),
+    })
 }

@@ -22,11 +22,17 @@ pub struct HostTensor {
 impl HostTensor {
     pub fn from_tensor<B: Backend, const D: usize>(tensor: &Tensor<B, D>) -> Self {
         let data = tensor.to_data().convert::<f32>();
-        Self { shape: data.shape.to_vec(), values: data.to_vec().unwrap_or_default() }
+        Self {
+            shape: data.shape.to_vec(),
+            values: data.to_vec().unwrap_or_default(),
+        }
     }
 
     pub fn to_tensor<B: Backend, const D: usize>(&self, device: &B::Device) -> Tensor<B, D> {
-        Tensor::from_data(TensorData::new(self.values.clone(), self.shape.clone()), device)
+        Tensor::from_data(
+            TensorData::new(self.values.clone(), self.shape.clone()),
+            device,
+        )
     }
 
     /// `[rows, cols]` → `[cols, rows]`.
@@ -38,7 +44,10 @@ impl HostTensor {
                 values[c * rows + r] = self.values[r * cols + c];
             }
         }
-        Self { shape: vec![cols, rows], values }
+        Self {
+            shape: vec![cols, rows],
+            values,
+        }
     }
 }
 
@@ -57,13 +66,17 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.out.insert(self.path.join("."), HostTensor::from_tensor(&param.val()));
+        self.out
+            .insert(self.path.join("."), HostTensor::from_tensor(&param.val()));
     }
 }
 
 /// Every float parameter of `module`, by path.
 pub fn named_params<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, HostTensor> {
-    let mut visitor = Collect { path: Vec::new(), out: BTreeMap::new() };
+    let mut visitor = Collect {
+        path: Vec::new(),
+        out: BTreeMap::new(),
+    };
     module.visit(&mut visitor);
     visitor.out
 }
@@ -93,13 +106,21 @@ impl<B: Backend> ModuleMapper<B> for Assign<'_> {
                 tensor
             }
             Some(found) if found.shape != tensor.dims() => {
-                self.errors.push(format!("tensor `{name}` has shape {:?}, the model expects {:?}", found.shape, tensor.dims()));
+                self.errors.push(format!(
+                    "tensor `{name}` has shape {:?}, the model expects {:?}",
+                    found.shape,
+                    tensor.dims()
+                ));
                 tensor
             }
             Some(found) => {
                 self.used += 1;
                 let loaded = found.to_tensor::<B, D>(&tensor.device());
-                if tensor.is_require_grad() { loaded.require_grad() } else { loaded }
+                if tensor.is_require_grad() {
+                    loaded.require_grad()
+                } else {
+                    loaded
+                }
             }
         };
         Param::from_mapped_value(id, tensor, mapper)
@@ -108,13 +129,28 @@ impl<B: Backend> ModuleMapper<B> for Assign<'_> {
 
 /// Replaces every float parameter of `module` with the tensor of the same path in `source`.
 /// Missing tensors, wrong shapes and unused tensors are errors (listed together).
-pub fn assign_params<B: Backend, M: Module<B>>(module: M, source: &HashMap<String, HostTensor>, origin: &Path) -> Result<M> {
-    let mut mapper = Assign { path: Vec::new(), source, errors: Vec::new(), used: 0 };
+pub fn assign_params<B: Backend, M: Module<B>>(
+    module: M,
+    source: &HashMap<String, HostTensor>,
+    origin: &Path,
+) -> Result<M> {
+    let mut mapper = Assign {
+        path: Vec::new(),
+        source,
+        errors: Vec::new(),
+        used: 0,
+    };
     let module = module.map(&mut mapper);
     if mapper.used < source.len() && mapper.errors.is_empty() {
         let expected = named_params::<B, M>(&module);
-        let unused: Vec<&String> = source.keys().filter(|k| !expected.contains_key(*k)).take(5).collect();
-        mapper.errors.push(format!("tensors the model has no place for: {unused:?}"));
+        let unused: Vec<&String> = source
+            .keys()
+            .filter(|k| !expected.contains_key(*k))
+            .take(5)
+            .collect();
+        mapper
+            .errors
+            .push(format!("tensors the model has no place for: {unused:?}"));
     }
     if mapper.errors.is_empty() {
         Ok(module)
@@ -124,39 +160,76 @@ pub fn assign_params<B: Backend, M: Module<B>>(module: M, source: &HashMap<Strin
 }
 
 /// Writes tensors (f32) and string metadata to a safetensors file, atomically.
-pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, HostTensor>, metadata: HashMap<String, String>) -> Result<()> {
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
-        .map(|(name, t)| (name.clone(), t.values.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
+        .map(|(name, t)| {
+            (
+                name.clone(),
+                t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                t.shape.clone(),
+            )
+        })
         .collect();
     let views = bytes
         .iter()
         .map(|(name, data, shape)| {
-            TensorView::new(Dtype::F32, shape.clone(), data).map(|v| (name.clone(), v)).map_err(|e| Error::file(path, e))
+            TensorView::new(Dtype::F32, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::file(path, e))
         })
         .collect::<Result<Vec<_>>>()?;
-    let encoded = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::file(path, e))?;
+    let encoded =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| Error::file(path, e))?;
     atomic_write(path, |f| f.write_all(&encoded))
 }
 
 /// Reads every tensor of a safetensors file as f32 (F32, F16 and BF16 are accepted).
-pub fn load_safetensors(path: &Path) -> Result<(HashMap<String, HostTensor>, HashMap<String, String>)> {
+pub fn load_safetensors(
+    path: &Path,
+) -> Result<(HashMap<String, HostTensor>, HashMap<String, String>)> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // Safety: read-only map of a file we do not modify while it is open.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let (_, header) = SafeTensors::read_metadata(&map).map_err(|e| Error::file(path, format!("not a safetensors file: {e}")))?;
+    let (_, header) = SafeTensors::read_metadata(&map)
+        .map_err(|e| Error::file(path, format!("not a safetensors file: {e}")))?;
     let metadata = header.metadata().clone().unwrap_or_default();
-    let st = SafeTensors::deserialize(&map).map_err(|e| Error::file(path, format!("not a safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(&map)
+        .map_err(|e| Error::file(path, format!("not a safetensors file: {e}")))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let data = view.data();
         let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => return Err(Error::file(path, format!("tensor `{name}` has dtype {other:?}; expected F32, F16 or BF16"))),
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::file(
+                    path,
+                    format!("tensor `{name}` has dtype {other:?}; expected F32, F16 or BF16"),
+                ));
+            }
         };
-        out.insert(name, HostTensor { shape: view.shape().to_vec(), values });
+        out.insert(
+            name,
+            HostTensor {
+                shape: view.shape().to_vec(),
+                values,
+            },
+        );
     }
     Ok((out, metadata))
 }

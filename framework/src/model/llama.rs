@@ -1,7 +1,9 @@
 //! A Llama-style decoder: token embedding, pre-norm blocks of rotary grouped-query attention and
 //! a SwiGLU MLP, final RMSNorm, LM head (tied to the embedding or not).
 
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{
+    Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
+};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, silu};
 use serde::{Deserialize, Serialize};
@@ -85,28 +87,35 @@ impl ModelConfig {
                 return Err(Error::config(key(name), 0, "must be at least 1"));
             }
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 key("n_heads"),
                 self.n_heads,
                 format!("must divide {} = {}", key("d_model"), self.d_model),
             ));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::config(
                 key("n_kv_heads"),
                 self.n_kv_heads,
                 format!("must divide {} = {}", key("n_heads"), self.n_heads),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(Error::config(
                 key("n_heads"),
                 self.n_heads,
-                format!("d_model / n_heads = {} must be even for rotary embeddings", self.head_dim()),
+                format!(
+                    "d_model / n_heads = {} must be even for rotary embeddings",
+                    self.head_dim()
+                ),
             ));
         }
-        for (name, value) in [("rope_theta", self.rope_theta), ("norm_eps", self.norm_eps), ("init_std", self.init_std)] {
+        for (name, value) in [
+            ("rope_theta", self.rope_theta),
+            ("norm_eps", self.norm_eps),
+            ("init_std", self.init_std),
+        ] {
             if !(value.is_finite() && value > 0.0) {
                 return Err(Error::config(key(name), value, "must be a positive number"));
             }
@@ -123,25 +132,51 @@ impl ModelConfig {
         let d = self.d_model;
         let kv = self.n_kv_heads * self.head_dim();
         let block = 2 * d * d + 2 * d * kv + 3 * d * self.ffn_hidden + 2 * d;
-        let head = if self.tie_embeddings { 0 } else { self.vocab_size * d };
+        let head = if self.tie_embeddings {
+            0
+        } else {
+            self.vocab_size * d
+        };
         self.vocab_size * d + self.n_layers * block + d + head
     }
 
     /// Matmul FLOPs per token for forward + backward (6N plus attention's 12·L·d·T, PaLM's formula).
     pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
-        let non_embedding = self.num_params() - if self.tie_embeddings { 0 } else { self.vocab_size * self.d_model };
+        let non_embedding = self.num_params()
+            - if self.tie_embeddings {
+                0
+            } else {
+                self.vocab_size * self.d_model
+            };
         6.0 * non_embedding as f64 + 12.0 * (self.n_layers * self.d_model * seq_len) as f64
     }
 
     pub fn init<B: Backend>(&self, device: &B::Device) -> Llama<B> {
-        let init = Initializer::Normal { mean: 0.0, std: self.init_std };
+        let init = Initializer::Normal {
+            mean: 0.0,
+            std: self.init_std,
+        };
         // GPT-2 scales the projections that write into the residual stream by 1/sqrt(2·layers).
-        let out_init = Initializer::Normal { mean: 0.0, std: self.init_std / (2.0 * self.n_layers as f64).sqrt() };
+        let out_init = Initializer::Normal {
+            mean: 0.0,
+            std: self.init_std / (2.0 * self.n_layers as f64).sqrt(),
+        };
         let blocks = (0..self.n_layers)
             .map(|_| Block {
-                attn_norm: RmsNormConfig::new(self.d_model).with_epsilon(self.norm_eps).init(device),
-                attn: Attention::new(self.d_model, self.n_heads, self.n_kv_heads, init.clone(), out_init.clone(), device),
-                mlp_norm: RmsNormConfig::new(self.d_model).with_epsilon(self.norm_eps).init(device),
+                attn_norm: RmsNormConfig::new(self.d_model)
+                    .with_epsilon(self.norm_eps)
+                    .init(device),
+                attn: Attention::new(
+                    self.d_model,
+                    self.n_heads,
+                    self.n_kv_heads,
+                    init.clone(),
+                    out_init.clone(),
+                    device,
+                ),
+                mlp_norm: RmsNormConfig::new(self.d_model)
+                    .with_epsilon(self.norm_eps)
+                    .init(device),
                 mlp: Mlp {
                     w_gate: linear(self.d_model, self.ffn_hidden, &init, device),
                     w_up: linear(self.d_model, self.ffn_hidden, &init, device),
@@ -150,17 +185,30 @@ impl ModelConfig {
             })
             .collect();
         Llama {
-            embed: EmbeddingConfig::new(self.vocab_size, self.d_model).with_initializer(init.clone()).init(device),
+            embed: EmbeddingConfig::new(self.vocab_size, self.d_model)
+                .with_initializer(init.clone())
+                .init(device),
             blocks,
-            norm: RmsNormConfig::new(self.d_model).with_epsilon(self.norm_eps).init(device),
-            lm_head: (!self.tie_embeddings).then(|| linear(self.d_model, self.vocab_size, &init, device)),
+            norm: RmsNormConfig::new(self.d_model)
+                .with_epsilon(self.norm_eps)
+                .init(device),
+            lm_head: (!self.tie_embeddings)
+                .then(|| linear(self.d_model, self.vocab_size, &init, device)),
             rope: Rope::new(self.head_dim(), self.max_seq_len, self.rope_theta, device),
         }
     }
 }
 
-fn linear<B: Backend>(d_in: usize, d_out: usize, init: &Initializer, device: &B::Device) -> Linear<B> {
-    LinearConfig::new(d_in, d_out).with_bias(false).with_initializer(init.clone()).init(device)
+fn linear<B: Backend>(
+    d_in: usize,
+    d_out: usize,
+    init: &Initializer,
+    device: &B::Device,
+) -> Linear<B> {
+    LinearConfig::new(d_in, d_out)
+        .with_bias(false)
+        .with_initializer(init.clone())
+        .init(device)
 }
 
 #[derive(Module, Debug)]
@@ -173,7 +221,8 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// SwiGLU (Shazeer, arXiv 2002.05202): down(silu(gate(x)) · up(x)).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.w_down.forward(silu(self.w_gate.forward(x.clone())) * self.w_up.forward(x))
+        self.w_down
+            .forward(silu(self.w_gate.forward(x.clone())) * self.w_up.forward(x))
     }
 }
 
@@ -193,7 +242,10 @@ impl<B: Backend> Block<B> {
         offset: usize,
         cache: Option<&mut Option<LayerKvCache<B>>>,
     ) -> Tensor<B, 3> {
-        let x = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope, offset, cache);
+        let x = x.clone()
+            + self
+                .attn
+                .forward(self.attn_norm.forward(x), rope, offset, cache);
         x.clone() + self.mlp.forward(self.mlp_norm.forward(x))
     }
 }
@@ -231,11 +283,18 @@ impl<B: Backend> Llama<B> {
     }
 
     pub fn new_cache(&self) -> KvCache<B> {
-        KvCache { layers: vec![None; self.blocks.len()], len: 0 }
+        KvCache {
+            layers: vec![None; self.blocks.len()],
+            len: 0,
+        }
     }
 
     /// Runs new tokens through the model, appending their keys and values to `cache`.
-    pub fn forward_cached(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
         let offset = cache.len;
         cache.len += tokens.dims()[1];
         self.forward_from(tokens, offset, Some(&mut cache.layers))

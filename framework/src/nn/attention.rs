@@ -36,7 +36,10 @@ impl<B: Backend> Attention<B> {
     ) -> Self {
         let head_dim = d_model / n_heads;
         let linear = |d_in, d_out, init: &Initializer| {
-            LinearConfig::new(d_in, d_out).with_bias(false).with_initializer(init.clone()).init(device)
+            LinearConfig::new(d_in, d_out)
+                .with_bias(false)
+                .with_initializer(init.clone())
+                .init(device)
         };
         Self {
             wq: linear(d_model, n_heads * head_dim, &init),
@@ -62,17 +65,27 @@ impl<B: Backend> Attention<B> {
         // Rotary positions are applied in [batch, seq, heads, head_dim], where the projections
         // are still contiguous, then heads move to dim 1 for attention.
         let split = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]);
-        let q = rope.apply(split(self.wq.forward(x.clone()), self.n_heads), offset).swap_dims(1, 2);
-        let k = rope.apply(split(self.wk.forward(x.clone()), self.n_kv_heads), offset).swap_dims(1, 2);
+        let q = rope
+            .apply(split(self.wq.forward(x.clone()), self.n_heads), offset)
+            .swap_dims(1, 2);
+        let k = rope
+            .apply(split(self.wk.forward(x.clone()), self.n_kv_heads), offset)
+            .swap_dims(1, 2);
         let v = split(self.wv.forward(x), self.n_kv_heads).swap_dims(1, 2);
 
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
-                    Some(past) => (Tensor::cat(vec![past.k, k], 2), Tensor::cat(vec![past.v, v], 2)),
+                    Some(past) => (
+                        Tensor::cat(vec![past.k, k], 2),
+                        Tensor::cat(vec![past.v, v], 2),
+                    ),
                     None => (k, v),
                 };
-                *slot = Some(LayerKvCache { k: k.clone(), v: v.clone() });
+                *slot = Some(LayerKvCache {
+                    k: k.clone(),
+                    v: v.clone(),
+                });
                 (k, v)
             }
             None => (k, v),
@@ -90,9 +103,15 @@ impl<B: Backend> Attention<B> {
         } else {
             (Some(causal_mask::<B>(seq, kv_len, &q.device())), false)
         };
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal };
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal,
+        };
         let out = attention(q, k, v, mask, None, options);
-        let out = out.swap_dims(1, 2).reshape([batch, seq, self.n_heads * self.head_dim]);
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([batch, seq, self.n_heads * self.head_dim]);
         self.wo.forward(out)
     }
 
@@ -118,5 +137,6 @@ fn causal_mask<B: Backend>(q_len: usize, kv_len: usize, device: &B::Device) -> T
             masked.push(j > start + i);
         }
     }
-    Tensor::<B, 2, Bool>::from_data(TensorData::new(masked, [q_len, kv_len]), device).unsqueeze::<4>()
+    Tensor::<B, 2, Bool>::from_data(TensorData::new(masked, [q_len, kv_len]), device)
+        .unsqueeze::<4>()
 }

@@ -50,7 +50,11 @@ impl<B: Backend> Rope<B> {
     /// Rotates `x: [batch, seq, heads, head_dim]` whose first token sits at position `offset`.
     pub fn apply(&self, x: Tensor<B, 4>, offset: usize) -> Tensor<B, 4> {
         let [_, seq, _, head_dim] = x.dims();
-        let table = |t: &Tensor<B, 2>| t.clone().slice([offset..offset + seq]).reshape([1, seq, 1, head_dim]);
+        let table = |t: &Tensor<B, 2>| {
+            t.clone()
+                .slice_dim(0, offset..offset + seq)
+                .reshape([1, seq, 1, head_dim])
+        };
         let rotated = x.clone().matmul(self.rotate_half.clone().unsqueeze::<4>());
         x * table(&self.cos) + rotated * table(&self.sin)
     }
@@ -67,8 +71,13 @@ mod tests {
         let device = Default::default();
         let (heads, seq, hd, offset, theta) = (2, 5, 8, 3, 10_000.0f64);
         let rope = Rope::<NdArray>::new(hd, 16, theta, &device);
-        let values: Vec<f32> = (0..heads * seq * hd).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
-        let x = Tensor::<NdArray, 4>::from_data(TensorData::new(values.clone(), [1, seq, heads, hd]), &device);
+        let values: Vec<f32> = (0..heads * seq * hd)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        let x = Tensor::<NdArray, 4>::from_data(
+            TensorData::new(values.clone(), [1, seq, heads, hd]),
+            &device,
+        );
         let out: Vec<f32> = rope.apply(x, offset).into_data().to_vec().unwrap();
         for s in 0..seq {
             for h in 0..heads {

@@ -22,17 +22,13 @@ pub trait Tokenizer: Send + Sync {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Default)]
 pub enum TokenizerConfig {
     /// 256 byte values, then BOS, EOS and PAD.
+    #[default]
     Byte,
     /// A Hugging Face `tokenizer.json`.
     Hf { path: PathBuf },
-}
-
-impl Default for TokenizerConfig {
-    fn default() -> Self {
-        TokenizerConfig::Byte
-    }
 }
 
 impl TokenizerConfig {
@@ -60,7 +56,11 @@ impl Tokenizer for ByteTokenizer {
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
-        let bytes: Vec<u8> = ids.iter().filter(|&&id| id < 256).map(|&id| id as u8).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .filter(|&&id| id < 256)
+            .map(|&id| id as u8)
+            .collect();
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
@@ -100,10 +100,28 @@ impl HfTokenizer {
         let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
-        let bos = find(&["<|begin_of_text|>", "<s>", "<|im_start|>", "<|endoftext|>", "[CLS]"]);
-        let eos = find(&["<|end_of_text|>", "</s>", "<|im_end|>", "<|endoftext|>", "[SEP]"]);
+        let bos = find(&[
+            "<|begin_of_text|>",
+            "<s>",
+            "<|im_start|>",
+            "<|endoftext|>",
+            "[CLS]",
+        ]);
+        let eos = find(&[
+            "<|end_of_text|>",
+            "</s>",
+            "<|im_end|>",
+            "<|endoftext|>",
+            "[SEP]",
+        ]);
         let pad = find(&["<pad>", "<|pad|>", "[PAD]"]);
-        Ok(Self { inner, bos, eos, pad, fingerprint: format!("hf-{:016x}", fnv1a64(&bytes)) })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            pad,
+            fingerprint: format!("hf-{:016x}", fnv1a64(&bytes)),
+        })
     }
 
     /// Overrides the special-token ids found by name (e.g. from a model's config.json).
@@ -116,12 +134,17 @@ impl HfTokenizer {
 
 impl Tokenizer for HfTokenizer {
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     fn vocab_size(&self) -> usize {
@@ -177,6 +200,9 @@ mod tests {
         let path = dir.join("tokenizer.json");
         std::fs::write(&path, "{ not json").unwrap();
         let err = HfTokenizer::from_file(&path).err().unwrap().to_string();
-        assert!(err.contains("tokenizer.json") && err.contains("not a valid tokenizer.json"), "{err}");
+        assert!(
+            err.contains("tokenizer.json") && err.contains("not a valid tokenizer.json"),
+            "{err}"
+        );
     }
 }

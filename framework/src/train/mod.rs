@@ -102,19 +102,35 @@ impl TrainConfig {
             }
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(Error::config(key("lr"), self.lr, "must be a positive number"));
+            return Err(Error::config(
+                key("lr"),
+                self.lr,
+                "must be a positive number",
+            ));
         }
         if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
-            return Err(Error::config(key("min_lr"), self.min_lr, format!("must be in [0, lr = {}]", self.lr)));
+            return Err(Error::config(
+                key("min_lr"),
+                self.min_lr,
+                format!("must be in [0, lr = {}]", self.lr),
+            ));
         }
         for (name, value) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&value) {
                 return Err(Error::config(key(name), value, "must be in [0, 1)"));
             }
         }
-        for (name, value) in [("eps", self.eps), ("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip)] {
+        for (name, value) in [
+            ("eps", self.eps),
+            ("weight_decay", self.weight_decay),
+            ("grad_clip", self.grad_clip),
+        ] {
             if !(value.is_finite() && value >= 0.0) {
-                return Err(Error::config(key(name), value, "must be a non-negative number"));
+                return Err(Error::config(
+                    key(name),
+                    value,
+                    "must be a non-negative number",
+                ));
             }
         }
         Ok(())
@@ -128,10 +144,22 @@ impl TrainConfig {
 /// What the loop reports as it goes; the CLI turns these into a progress bar or log lines.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Started { start_step: usize, max_steps: usize, params: usize, train_tokens: usize, val_tokens: usize },
+    Started {
+        start_step: usize,
+        max_steps: usize,
+        params: usize,
+        train_tokens: usize,
+        val_tokens: usize,
+    },
     Step(StepMetrics),
-    Validated { step: usize, report: EvalReport },
-    Checkpointed { step: usize, dir: PathBuf },
+    Validated {
+        step: usize,
+        report: EvalReport,
+    },
+    Checkpointed {
+        step: usize,
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -160,7 +188,8 @@ pub struct TrainSummary {
     pub backend: String,
 }
 
-const METRICS_HEADER: &str = "step,tokens,lr,train_loss,val_loss,grad_norm,tokens_per_sec,elapsed_sec";
+const METRICS_HEADER: &str =
+    "step,tokens,lr,train_loss,val_loss,grad_norm,tokens_per_sec,elapsed_sec";
 
 /// Trains `config` in `run_dir`, continuing from its latest checkpoint when `resume` is set.
 /// Returns the trained model (on the inner backend) and the summary written to `summary.json`.
@@ -178,13 +207,17 @@ pub fn train<B: AutodiffBackend>(
         return Err(Error::config(
             "model.vocab_size",
             config.model.vocab_size,
-            format!("must be at least the tokenizer's vocabulary size {}", tokenizer.vocab_size()),
+            format!(
+                "must be at least the tokenizer's vocabulary size {}",
+                tokenizer.vocab_size()
+            ),
         ));
     }
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     let train_split = data::load_split(&config.data, tokenizer, Split::Train)?;
     let val_split = data::load_split(&config.data, tokenizer, Split::Validation)?;
-    let val_batches = data::validation_batches(&val_split, tc.eval_batches, tc.batch_size, tc.seq_len)?;
+    let val_batches =
+        data::validation_batches(&val_split, tc.eval_batches, tc.batch_size, tc.seq_len)?;
 
     B::seed(device, tc.seed);
     let mut model: Llama<B> = config.model.init(device);
@@ -209,7 +242,10 @@ pub fn train<B: AutodiffBackend>(
         if ckpt.state.tokenizer != state.tokenizer {
             return Err(Error::Checkpoint {
                 path: dir,
-                message: format!("was trained with tokenizer {}, this config uses {}", ckpt.state.tokenizer, state.tokenizer),
+                message: format!(
+                    "was trained with tokenizer {}, this config uses {}",
+                    ckpt.state.tokenizer, state.tokenizer
+                ),
             });
         }
         model = ckpt.load_model::<B>(device)?;
@@ -243,7 +279,14 @@ pub fn train<B: AutodiffBackend>(
         let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
         let mut loss_sum = 0.0;
         for micro in 0..tc.grad_accum {
-            let batch = data::train_batch(&train_split, tc.seed, state.step, micro, tc.batch_size, tc.seq_len)?;
+            let batch = data::train_batch(
+                &train_split,
+                tc.seed,
+                state.step,
+                micro,
+                tc.batch_size,
+                tc.seq_len,
+            )?;
             let (inputs, targets) = batch_tensors::<B>(&batch, device);
             let loss = model.loss(inputs, targets).div_scalar(tc.grad_accum as f64);
             loss_sum += loss.clone().into_scalar().elem::<f64>();
@@ -252,13 +295,25 @@ pub fn train<B: AutodiffBackend>(
         }
         let grads = accumulator.grads();
         if !loss_sum.is_finite() {
-            return Err(Error::NonFinite { step: state.step + 1, what: "the training loss", value: loss_sum });
+            return Err(Error::NonFinite {
+                step: state.step + 1,
+                what: "the training loss",
+                value: loss_sum,
+            });
         }
         let grad_norm = global_grad_norm::<B, _>(&model, &grads);
         if !grad_norm.is_finite() {
-            return Err(Error::NonFinite { step: state.step + 1, what: "the gradient norm", value: grad_norm });
+            return Err(Error::NonFinite {
+                step: state.step + 1,
+                what: "the gradient norm",
+                value: grad_norm,
+            });
         }
-        let scale = if tc.grad_clip > 0.0 && grad_norm > tc.grad_clip { tc.grad_clip / grad_norm } else { 1.0 };
+        let scale = if tc.grad_clip > 0.0 && grad_norm > tc.grad_clip {
+            tc.grad_clip / grad_norm
+        } else {
+            1.0
+        };
         model = optimizer.step(lr, model, grads, scale);
 
         state.step += 1;
@@ -267,16 +322,20 @@ pub fn train<B: AutodiffBackend>(
         window_tokens += tokens_per_step;
         last_train_loss = loss_sum;
 
-        let validate_now = state.step % tc.eval_interval == 0 || state.step == tc.max_steps;
+        let validate_now =
+            state.step.is_multiple_of(tc.eval_interval) || state.step == tc.max_steps;
         let val_report = if validate_now {
             let report = eval::evaluate(&model.valid(), &val_batches, val_split.bytes_per_token());
-            on_event(Event::Validated { step: state.step, report: report.clone() });
+            on_event(Event::Validated {
+                step: state.step,
+                report: report.clone(),
+            });
             last_val = Some(report.clone());
             Some(report)
         } else {
             None
         };
-        if state.step % tc.log_interval == 0 || validate_now || state.step == 1 {
+        if state.step.is_multiple_of(tc.log_interval) || validate_now || state.step == 1 {
             let secs = window_start.elapsed().as_secs_f64();
             let metrics = StepMetrics {
                 step: state.step,
@@ -292,7 +351,7 @@ pub fn train<B: AutodiffBackend>(
             window_start = Instant::now();
             window_tokens = 0;
         }
-        if state.step % tc.checkpoint_interval == 0 || state.step == tc.max_steps {
+        if state.step.is_multiple_of(tc.checkpoint_interval) || state.step == tc.max_steps {
             let dir = checkpoint::save(
                 run_dir,
                 &checkpoint::model_tensors(&model),
@@ -301,7 +360,10 @@ pub fn train<B: AutodiffBackend>(
                 config,
                 tc.keep_checkpoints,
             )?;
-            on_event(Event::Checkpointed { step: state.step, dir });
+            on_event(Event::Checkpointed {
+                step: state.step,
+                dir,
+            });
         }
     }
 
@@ -324,12 +386,17 @@ pub fn train<B: AutodiffBackend>(
         backend: backend_name.to_owned(),
     };
     let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(run_dir, e))?;
-    atomic_write(&run_dir.join("summary.json"), |f| f.write_all(json.as_bytes()))?;
+    atomic_write(&run_dir.join("summary.json"), |f| {
+        f.write_all(json.as_bytes())
+    })?;
     Ok((model, summary))
 }
 
 /// Turns a batch of ids into `[batch, seq]` input and target tensors.
-pub fn batch_tensors<B: Backend>(batch: &Batch, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+pub fn batch_tensors<B: Backend>(
+    batch: &Batch,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
     let to = |ids: &[u32]| {
         let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
         Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.batch, batch.seq]), device)
@@ -338,7 +405,10 @@ pub fn batch_tensors<B: Backend>(batch: &Batch, device: &B::Device) -> (Tensor<B
 }
 
 fn append_metrics(path: &Path, m: &StepMetrics, val: Option<&EvalReport>) -> Result<()> {
-    let mut file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
     let val = val.map(|v| format!("{:.6}", v.loss)).unwrap_or_default();
     writeln!(
         file,
@@ -354,7 +424,14 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     let kept: Vec<&str> = text
         .lines()
         .enumerate()
-        .filter(|(i, line)| *i == 0 || line.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| s <= step))
+        .filter(|(i, line)| {
+            *i == 0
+                || line
+                    .split(',')
+                    .next()
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .is_some_and(|s| s <= step)
+        })
         .map(|(_, l)| l)
         .collect();
     atomic_write(path, |f| writeln!(f, "{}", kept.join("\n")))

@@ -38,7 +38,11 @@ pub struct AdamW<B: Backend> {
 
 impl<B: Backend> AdamW<B> {
     pub fn new(config: AdamWConfig) -> Self {
-        Self { config, state: HashMap::new(), steps: 0 }
+        Self {
+            config,
+            state: HashMap::new(),
+            steps: 0,
+        }
     }
 
     fn decays(&self, path: &str, rank: usize) -> bool {
@@ -53,13 +57,25 @@ impl<B: Backend> AdamW<B> {
 
     /// Applies one update to every parameter of `module` that has a gradient, after scaling
     /// gradients by `grad_scale` (the clipping factor).
-    pub fn step<AB, M>(&mut self, lr: f64, module: M, mut grads: GradientsParams, grad_scale: f64) -> M
+    pub fn step<AB, M>(
+        &mut self,
+        lr: f64,
+        module: M,
+        mut grads: GradientsParams,
+        grad_scale: f64,
+    ) -> M
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
         self.steps += 1;
-        let mut mapper = StepMapper::<AB> { optim: self, grads: &mut grads, path: Vec::new(), lr, grad_scale };
+        let mut mapper = StepMapper::<AB> {
+            optim: self,
+            grads: &mut grads,
+            path: Vec::new(),
+            lr,
+            grad_scale,
+        };
         module.map(&mut mapper)
     }
 
@@ -67,20 +83,37 @@ impl<B: Backend> AdamW<B> {
     pub fn state_tensors(&self) -> BTreeMap<String, HostTensor> {
         let mut out = BTreeMap::new();
         for (path, moments) in &self.state {
-            out.insert(format!("{path}.exp_avg"), HostTensor::from_tensor(&moments.m));
-            out.insert(format!("{path}.exp_avg_sq"), HostTensor::from_tensor(&moments.v));
+            out.insert(
+                format!("{path}.exp_avg"),
+                HostTensor::from_tensor(&moments.m),
+            );
+            out.insert(
+                format!("{path}.exp_avg_sq"),
+                HostTensor::from_tensor(&moments.v),
+            );
         }
         out
     }
 
-    pub fn load_state(&mut self, tensors: &HashMap<String, HostTensor>, steps: usize, device: &B::Device) {
+    pub fn load_state(
+        &mut self,
+        tensors: &HashMap<String, HostTensor>,
+        steps: usize,
+        device: &B::Device,
+    ) {
         self.steps = steps;
         self.state.clear();
         for (name, m) in tensors {
             if let Some(path) = name.strip_suffix(".exp_avg")
                 && let Some(v) = tensors.get(&format!("{path}.exp_avg_sq"))
             {
-                self.state.insert(path.to_owned(), Moments { m: m.to_tensor(device), v: v.to_tensor(device) });
+                self.state.insert(
+                    path.to_owned(),
+                    Moments {
+                        m: m.to_tensor(device),
+                        v: v.to_tensor(device),
+                    },
+                );
             }
         }
     }
@@ -124,8 +157,15 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for StepMapper<'_, AB> {
         let v = v.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2);
         let m_hat = m.clone().div_scalar(1.0 - c.beta1.powi(t));
         let v_hat = v.clone().div_scalar(1.0 - c.beta2.powi(t));
-        let decay = if self.optim.decays(&path, D) { c.weight_decay } else { 0.0 };
-        let p = p.mul_scalar(1.0 - self.lr * decay) - m_hat.div(v_hat.sqrt().add_scalar(c.eps)).mul_scalar(self.lr);
+        let decay = if self.optim.decays(&path, D) {
+            c.weight_decay
+        } else {
+            0.0
+        };
+        let p = p.mul_scalar(1.0 - self.lr * decay)
+            - m_hat
+                .div(v_hat.sqrt().add_scalar(c.eps))
+                .mul_scalar(self.lr);
         self.optim.state.insert(path, Moments { m, v });
 
         let updated = Tensor::<AB, D>::from_inner(p.reshape(shape)).require_grad();
@@ -152,10 +192,16 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for SquaredNorm<'_, AB> {
 }
 
 /// The L2 norm of all gradients together (one host sync).
-pub fn global_grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(module: &M, grads: &GradientsParams) -> f64 {
+pub fn global_grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> f64 {
     let mut visitor = SquaredNorm::<AB> { grads, total: None };
     module.visit(&mut visitor);
-    visitor.total.map(|t| t.into_scalar().elem::<f64>().sqrt()).unwrap_or(0.0)
+    visitor
+        .total
+        .map(|t| t.into_scalar().elem::<f64>().sqrt())
+        .unwrap_or(0.0)
 }
 
 /// Linear warm-up to `peak`, then cosine decay to `floor` at `total` steps (step counts from 0).
@@ -192,10 +238,21 @@ mod tests {
         let device = Default::default();
         let mut layer: Linear<AB> = LinearConfig::new(2, 1).with_bias(false).init(&device);
         let w0: Vec<f32> = layer.weight.val().into_data().to_vec().unwrap();
-        let config = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_embeddings: false, decay_vectors: false };
+        let config = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            decay_embeddings: false,
+            decay_vectors: false,
+        };
         let mut optim = AdamW::<NdArray>::new(config);
         let x = Tensor::<AB, 2>::from_data([[1.0f32, -2.0]], &device);
-        let (mut w, mut m, mut v) = (w0.iter().map(|&a| a as f64).collect::<Vec<_>>(), [0.0f64; 2], [0.0f64; 2]);
+        let (mut w, mut m, mut v) = (
+            w0.iter().map(|&a| a as f64).collect::<Vec<_>>(),
+            [0.0f64; 2],
+            [0.0f64; 2],
+        );
         let lr = 0.05;
         for t in 1..=2 {
             // loss = (x·w)², dloss/dw = 2 (x·w) x
@@ -208,7 +265,10 @@ mod tests {
             for i in 0..2 {
                 m[i] = 0.9 * m[i] + 0.1 * g[i];
                 v[i] = 0.95 * v[i] + 0.05 * g[i] * g[i];
-                let (mh, vh) = (m[i] / (1.0 - 0.9f64.powi(t)), v[i] / (1.0 - 0.95f64.powi(t)));
+                let (mh, vh) = (
+                    m[i] / (1.0 - 0.9f64.powi(t)),
+                    v[i] / (1.0 - 0.95f64.powi(t)),
+                );
                 w[i] = w[i] * (1.0 - lr * 0.1) - lr * mh / (vh.sqrt() + 1e-8);
             }
         }

@@ -1,0 +1,47 @@
+"""Turns benches/train_gpu.sh's JSON lines into train_gpu.csv: tokens/s, model FLOPs
+utilisation against the measured bf16 matmul ceiling (all rows), ratio to PyTorch eager."""
+import csv
+import datetime
+import json
+import sys
+import tomllib
+
+raw, gpu_file, config = sys.argv[1:4]
+rows = [json.loads(line) for line in open(raw) if line.strip()]
+name, driver, memory = [f.strip() for f in open(gpu_file).read().strip().split(",")]
+gpu = f"{name} (driver {driver})"
+m = tomllib.load(open(config, "rb"))["model"]
+t = tomllib.load(open(config, "rb"))["train"]
+d, L, V, F, T = m["d_model"], m["n_layers"], m["vocab_size"], m["ffn_hidden"], t["seq_len"]
+params = V * d + L * (4 * d * d + 3 * d * F + 2 * d) + d
+flops_per_token = 6 * params + 12 * L * d * T  # PaLM's estimate, attention included
+ceiling = next((r for r in rows if r["framework"] == "ceiling"), {})
+eager = {r.get("dtype"): r["tokens_per_sec"] for r in rows
+         if r["framework"] == "pytorch" and not r.get("compile") and r.get("attention") == "sdpa" and "tokens_per_sec" in r}
+def note(r):
+    if "failed" in r:
+        return r["failed"]
+    if r["framework"] == "strata":
+        return ("parameters, activations and AdamW state all in this dtype (Burn 0.21 has no mixed precision); "
+                "attention materialises the n x n scores under autodiff; no fusion or autotune")
+    return "autocast bf16, f32 master weights" if r.get("dtype") == "bf16" else "f32, tf32 off"
+
+
+out = csv.writer(sys.stdout)
+out.writerow(["date", "gpu", "framework", "variant", "dtype", "batch_size", "seq_len", "tokens_per_sec",
+              "mfu_vs_bf16_ceiling", "ratio_to_pytorch_eager_same_dtype", "first_step_secs", "peak_memory_gib", "note"])
+for r in rows:
+    if r["framework"] == "ceiling":
+        continue
+    if r["framework"] == "strata":
+        variant, dtype = r.get("backend", "cuda"), r.get("backend", "cuda-f32").split("-")[-1]
+    else:
+        variant = ("compile" if r.get("compile") else "eager") + "+" + r.get("attention", "sdpa") if "failed" not in r else r["failed"]
+        dtype = r.get("dtype", "")
+    tps = r.get("tokens_per_sec")
+    peak = ceiling.get("bf16_flops")
+    mfu = f"{tps * flops_per_token / peak:.3f}" if tps and peak else ""
+    ratio = f"{tps / eager[dtype]:.3f}" if tps and dtype in eager else ""
+    out.writerow([datetime.date.today().isoformat(), gpu, r["framework"], variant, dtype, t["batch_size"], T,
+                  f"{tps:.0f}" if tps else "", mfu, ratio, f"{r.get('first_step_secs', 0):.1f}",
+                  f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "", note(r)])

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# GPU training throughput on one NVIDIA GPU: Strata (cuda feature) against PyTorch eager and
+# torch.compile, GPT-2-small-like shape (configs/bench/gpt2_small.toml), one invocation.
+#
+#   CUDARC_CUDA_VERSION=13000 CARGO_TARGET_DIR=target/cuda cargo build --release -p strata-experiments --features cuda
+#   STRATA_BIN=target/cuda/release/strata bash benches/train_gpu.sh [all|strata|pytorch] RESULTS_DIR
+#
+# Appends JSON lines to RESULTS_DIR/train_gpu.jsonl and writes RESULTS_DIR/train_gpu.csv from
+# them; the parts can run in separate calls (Strata's cold start takes minutes). Needs python3
+# with torch and a GPU.
+set -u
+part=${1:-all}
+results=${2:-benches/results}
+mkdir -p "$results"
+bin=${STRATA_BIN:-target/cuda/release/strata}
+config=configs/bench/gpt2_small.toml
+export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
+export LD_LIBRARY_PATH=$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}
+export PYTHONUNBUFFERED=1
+raw="$results/train_gpu.jsonl"
+touch "$raw"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$results/gpu.txt"
+
+if [ "$part" != strata ]; then
+# The measured ceiling that MFU is quoted against: a large bf16 (and tf32) matrix product.
+python3 - <<'PY' >> "$raw"
+import json, torch
+def rate(dtype, n=8192, reps=10):
+    a = torch.randn(n, n, device="cuda", dtype=dtype); b = torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3): a @ b
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(reps): a @ b
+    e.record(); torch.cuda.synchronize()
+    return 2 * n**3 * reps / (s.elapsed_time(e) / 1e3)
+torch.backends.cuda.matmul.allow_tf32 = True
+print(json.dumps({"framework": "ceiling", "bf16_flops": rate(torch.bfloat16), "tf32_flops": rate(torch.float32)}))
+PY
+
+torch_run() {
+  timeout 300 python3 scripts/reference/train_torch.py "$config" --bench --device cuda --warmup 3 --steps 10 "$@" >> "$raw" \
+    || echo "{\"framework\": \"pytorch\", \"failed\": \"$*\"}" >> "$raw"
+}
+torch_run --dtype f32
+torch_run --dtype bf16
+torch_run --dtype bf16 --naive-attention
+torch_run --dtype bf16 --compile
+fi
+
+[ "$part" != pytorch ] && for dtype in f32 bf16; do
+  timeout "${STRATA_TIMEOUT:-240}" "$bin" bench-train "$config" --backend cuda --dtype "$dtype" --warmup 2 --steps 8 >> "$raw" \
+    || echo "{\"framework\": \"strata\", \"backend\": \"cuda-$dtype\", \"failed\": \"exit $? (timeout or error)\"}" >> "$raw"
+done
+
+python3 benches/gpu_table.py "$raw" "$results/gpu.txt" "$config" > "$results/train_gpu.csv"
+cat "$results/train_gpu.csv"
