@@ -21,6 +21,9 @@ eager = {r.get("dtype"): r["tokens_per_sec"] for r in rows
 def note(r):
     if "failed" in r:
         return r["failed"]
+    if r["framework"] == "strata" and "fusion" in r.get("backend", ""):
+        return ("features cuda,fusion (Burn's kernel fusion and autotune); first step includes autotuning; "
+                "same precision caveats as the unfused rows")
     if r["framework"] == "strata":
         return ("parameters, activations and AdamW state all in this dtype (Burn 0.21 has no mixed precision); "
                 "attention materialises the n x n scores under autodiff; no fusion or autotune")

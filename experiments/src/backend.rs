@@ -26,9 +26,9 @@ impl BackendArgs {
 
     pub fn unsupported(&self) -> anyhow::Error {
         anyhow::anyhow!(
-            "--backend {} --dtype {:?} is not available in this build; compiled backends: {} (f16/bf16 need a GPU backend)",
+            "--backend {} --dtype {} is not available in this build; compiled backends: {} (f16/bf16 need a GPU backend)",
             self.backend,
-            self.dtype,
+            format!("{:?}", self.dtype).to_lowercase(),
             strata::backend::available().join(", ")
         )
     }

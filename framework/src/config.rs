@@ -47,14 +47,14 @@ impl ExperimentConfig {
 
     pub fn from_toml(text: &str, overrides: &[String]) -> Result<Self> {
         let mut value: toml::Table =
-            toml::from_str(text).map_err(|e| Error::Data(format!("not valid TOML: {e}")))?;
+            toml::from_str(text).map_err(|e| Error::Toml(format!("not valid TOML: {e}")))?;
         for assignment in overrides {
             apply_override(&mut value, assignment)?;
         }
         // Re-parse the merged text so that errors point at the offending line and key.
-        let merged = toml::to_string(&value).map_err(|e| Error::Data(e.to_string()))?;
+        let merged = toml::to_string(&value).map_err(|e| Error::Toml(e.to_string()))?;
         let config: ExperimentConfig =
-            toml::from_str(&merged).map_err(|e| Error::Data(e.to_string()))?;
+            toml::from_str(&merged).map_err(|e| Error::Toml(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }

@@ -14,10 +14,10 @@ pub enum Error {
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
 
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("checkpoint {path}: {message}")]
@@ -29,6 +29,10 @@ pub enum Error {
     #[error("data: {0}")]
     Data(String),
 
+    /// A config that is not valid TOML or does not fit the schema; the message points at the line.
+    #[error("{0}")]
+    Toml(String),
+
     #[error(
         "training stopped at step {step}: {what} is not finite ({value}); the last good checkpoint is kept"
     )]
@@ -37,9 +41,6 @@ pub enum Error {
         what: &'static str,
         value: f64,
     },
-
-    #[error("backend: {0}")]
-    Backend(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -64,10 +65,10 @@ impl Error {
         }
     }
 
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 }

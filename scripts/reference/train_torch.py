@@ -148,6 +148,7 @@ def main():
     ap.add_argument("config")
     ap.add_argument("--seconds", type=float, default=600)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-steps", type=int, help="train exactly this many steps (the config's schedule) instead of --seconds")
     ap.add_argument("--bench", action="store_true", help="time steps on random tokens, no data")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -228,9 +229,12 @@ def main():
     probe = 10
     for i in range(probe):
         x, y = batch()
-        step(x, y, lr_at(i, t.get("warmup_steps", 100), 10**9, t["lr"], t.get("min_lr", 0.0)))
+        horizon = args.max_steps or 10**9
+        step(x, y, lr_at(i, t.get("warmup_steps", 100), horizon, t["lr"], t.get("min_lr", 0.0)))
     per_step = (time.perf_counter() - start) / probe
     total = probe + int((args.seconds - (time.perf_counter() - start)) / per_step)
+    if args.max_steps:
+        total = args.max_steps
     for i in range(probe, total):
         x, y = batch()
         loss = step(x, y, lr_at(i, t.get("warmup_steps", 100), total, t["lr"], t.get("min_lr", 0.0)))

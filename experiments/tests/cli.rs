@@ -1,0 +1,159 @@
+//! The `strata` binary end to end on a tiny config: train, resume past the end, eval, generate,
+//! and the errors a user sees for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn strata(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn workspace(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("strata-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("corpus")).unwrap();
+    for (i, line) in [
+        "To be, or not to be, that is the question. ",
+        "All the world's a stage. ",
+        "What's in a name? ",
+    ]
+    .iter()
+    .enumerate()
+    {
+        std::fs::write(dir.join("corpus").join(format!("{i}.txt")), line.repeat(30)).unwrap();
+    }
+    std::fs::write(
+        dir.join("tiny.toml"),
+        r#"
+name = "tiny"
+[model]
+d_model = 32
+n_layers = 1
+n_heads = 2
+n_kv_heads = 1
+ffn_hidden = 64
+max_seq_len = 32
+[data]
+path = "corpus"
+validation = ["2.txt"]
+[train]
+batch_size = 4
+seq_len = 32
+max_steps = 6
+warmup_steps = 2
+log_interval = 2
+eval_interval = 3
+eval_batches = 2
+checkpoint_interval = 3
+sample_tokens = 20
+sample_prompt = "To be"
+"#,
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn train_eval_generate() {
+    let dir = workspace("flow");
+    let out = strata(&["train", "tiny.toml", "--run-dir", "run"], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let log = text(&out);
+    assert!(
+        log.contains("step 6 validation loss") && log.contains("--- sample 1 ---"),
+        "{log}"
+    );
+    for file in [
+        "config.toml",
+        "metrics.csv",
+        "summary.json",
+        "checkpoints/latest",
+        "checkpoints/step-0000006/model.safetensors",
+    ] {
+        assert!(dir.join("run").join(file).is_file(), "missing {file}");
+    }
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.csv")).unwrap();
+    assert!(
+        metrics
+            .starts_with("step,tokens,lr,train_loss,val_loss,grad_norm,tokens_per_sec,elapsed_sec")
+    );
+
+    // Raising max_steps on resume continues from step 6.
+    let out = strata(
+        &["train", "--resume", "run", "--set", "train.max_steps=9"],
+        &dir,
+    );
+    assert!(
+        out.status.success() && text(&out).contains("resuming at step 6"),
+        "{}",
+        text(&out)
+    );
+
+    let out = strata(&["eval", "run"], &dir);
+    assert!(
+        out.status.success() && text(&out).contains("bits/byte"),
+        "{}",
+        text(&out)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run/eval.json")).unwrap()).unwrap();
+    assert!(report["loss"].as_f64().unwrap() > 0.0);
+
+    let out = strata(
+        &[
+            "generate",
+            "run",
+            "--prompt",
+            "What",
+            "--max-tokens",
+            "10",
+            "--temperature",
+            "0",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("What"));
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let dir = workspace("errors");
+    let cases: [(&[&str], &str); 5] = [
+        (&["train", "missing.toml"], "missing.toml"),
+        (
+            &["train", "tiny.toml", "--set", "model.n_kv_heads=3"],
+            "model.n_kv_heads = 3: must divide model.n_heads",
+        ),
+        (
+            &["train", "tiny.toml", "--set", "model.residual=mystery"],
+            "unknown variant `mystery`",
+        ),
+        (
+            &["train", "tiny.toml", "--backend", "tpu"],
+            "compiled backends",
+        ),
+        (
+            &["eval", "corpus"],
+            "neither a checkpoint folder nor a run directory",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = strata(args, &dir);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(text(&out).contains(expected), "{args:?}: {}", text(&out));
+        assert!(!text(&out).contains("panicked"), "{args:?} panicked");
+    }
+}
