@@ -126,7 +126,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.train.lr, 0.01);
         assert_eq!(config.data.path, Path::new("some/dir"));
-        assert_eq!(config.model.n_kv_heads, 2);
+        assert_eq!(config.model.kv_heads(), 2);
     }
 
     #[test]
@@ -166,6 +166,13 @@ mod tests {
             e.contains("train.seq_len") && e.contains("model.max_seq_len"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn kv_heads_default_to_heads() {
+        let config =
+            ExperimentConfig::from_toml("[model]\nd_model = 64\nn_heads = 2\n", &[]).unwrap();
+        assert_eq!(config.model.kv_heads(), 2);
     }
 
     #[test]

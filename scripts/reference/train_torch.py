@@ -165,9 +165,10 @@ def main():
         section, name = key.split(".", 1)
         cfg.setdefault(section, {})[name] = type(cfg.get(section, {}).get(name, 0.0))(float(value)) if value.replace(".", "").replace("e-", "").isdigit() else value
     # Strata's defaults for keys a config leaves out (framework/src/model/llama.rs, train/mod.rs).
-    m = {"vocab_size": 259, "d_model": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "ffn_hidden": 688,
+    m = {"vocab_size": 259, "d_model": 256, "n_layers": 4, "n_heads": 4, "ffn_hidden": 688,
          "max_seq_len": 256, "rope_theta": 10000.0, "norm_eps": 1e-5, "tie_embeddings": True, "init_std": 0.02,
          **cfg.get("model", {})}
+    m.setdefault("n_kv_heads", m["n_heads"])
     t = {"seed": 1337, "batch_size": 16, "seq_len": 128, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100,
          "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "grad_clip": 1.0, "eval_batches": 20,
          **cfg.get("train", {})}

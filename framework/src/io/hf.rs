@@ -77,7 +77,7 @@ impl HfLlamaConfig {
             d_model: self.hidden_size,
             n_layers: self.num_hidden_layers,
             n_heads: self.num_attention_heads,
-            n_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            n_kv_heads: Some(self.num_key_value_heads.unwrap_or(self.num_attention_heads)),
             ffn_hidden: self.intermediate_size,
             max_seq_len: self.max_position_embeddings,
             rope_theta: self.rope_theta,

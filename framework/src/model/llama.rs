@@ -37,8 +37,8 @@ pub struct ModelConfig {
     pub d_model: usize,
     pub n_layers: usize,
     pub n_heads: usize,
-    /// Key/value heads for grouped-query attention; equal to `n_heads` for multi-head attention.
-    pub n_kv_heads: usize,
+    /// Key/value heads for grouped-query attention; unset means `n_heads` (multi-head attention).
+    pub n_kv_heads: Option<usize>,
     pub ffn_hidden: usize,
     pub max_seq_len: usize,
     pub rope_theta: f64,
@@ -57,7 +57,7 @@ impl Default for ModelConfig {
             d_model: 256,
             n_layers: 4,
             n_heads: 4,
-            n_kv_heads: 4,
+            n_kv_heads: None,
             ffn_hidden: 688,
             max_seq_len: 256,
             rope_theta: 10_000.0,
@@ -79,7 +79,7 @@ impl ModelConfig {
             ("d_model", self.d_model),
             ("n_layers", self.n_layers),
             ("n_heads", self.n_heads),
-            ("n_kv_heads", self.n_kv_heads),
+            ("n_kv_heads", self.kv_heads()),
             ("ffn_hidden", self.ffn_hidden),
             ("max_seq_len", self.max_seq_len),
         ] {
@@ -94,10 +94,10 @@ impl ModelConfig {
                 format!("must divide {} = {}", key("d_model"), self.d_model),
             ));
         }
-        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+        if !self.n_heads.is_multiple_of(self.kv_heads()) {
             return Err(Error::config(
                 key("n_kv_heads"),
-                self.n_kv_heads,
+                self.kv_heads(),
                 format!("must divide {} = {}", key("n_heads"), self.n_heads),
             ));
         }
@@ -123,6 +123,10 @@ impl ModelConfig {
         Ok(())
     }
 
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
     pub fn head_dim(&self) -> usize {
         self.d_model / self.n_heads
     }
@@ -130,7 +134,7 @@ impl ModelConfig {
     /// Parameter count, embeddings included once when tied.
     pub fn num_params(&self) -> usize {
         let d = self.d_model;
-        let kv = self.n_kv_heads * self.head_dim();
+        let kv = self.kv_heads() * self.head_dim();
         let block = 2 * d * d + 2 * d * kv + 3 * d * self.ffn_hidden + 2 * d;
         let head = if self.tie_embeddings {
             0
@@ -169,7 +173,7 @@ impl ModelConfig {
                 attn: Attention::new(
                     self.d_model,
                     self.n_heads,
-                    self.n_kv_heads,
+                    self.kv_heads(),
                     init.clone(),
                     out_init.clone(),
                     device,
