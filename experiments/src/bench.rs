@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use strata::config::ExperimentConfig;
 use strata::data::Batch;
 use strata::train::batch_tensors;
-use strata::train::optim::{AdamW, AdamWConfig};
+use strata::train::optim::AdamW;
 
 use crate::backend::BackendArgs;
 use crate::dispatch;
@@ -44,14 +44,7 @@ fn run_with<B: AutodiffBackend>(
     let tc = &config.train;
     B::seed(device, tc.seed);
     let mut model = config.model.init::<B>(device);
-    let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig {
-        beta1: tc.beta1,
-        beta2: tc.beta2,
-        eps: tc.eps,
-        weight_decay: tc.weight_decay,
-        decay_embeddings: false,
-        decay_vectors: false,
-    });
+    let mut optim = AdamW::<B::InnerBackend>::new(tc.adamw());
     let mut rng = StdRng::seed_from_u64(tc.seed);
     let n = tc.batch_size * tc.seq_len;
     let mut step_secs = Vec::new();

@@ -132,9 +132,7 @@ fn last_logits<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
 }
 
 fn tokens_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
-    let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let n = ids.len();
-    Tensor::from_data(TensorData::new(ids, [1, n]), device)
+    crate::train::ids_tensor(ids, [1, ids.len()], device)
 }
 
 /// Generates up to `max_new` tokens after `prompt`, calling `on_token` for each as it is

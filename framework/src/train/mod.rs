@@ -136,6 +136,17 @@ impl TrainConfig {
         Ok(())
     }
 
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            decay_embeddings: self.decay_embeddings,
+            decay_vectors: self.decay_norms_and_biases,
+        }
+    }
+
     pub fn tokens_per_step(&self) -> usize {
         self.batch_size * self.seq_len * self.grad_accum
     }
@@ -221,14 +232,7 @@ pub fn train<B: AutodiffBackend>(
 
     B::seed(device, tc.seed);
     let mut model: Llama<B> = config.model.init(device);
-    let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig {
-        beta1: tc.beta1,
-        beta2: tc.beta2,
-        eps: tc.eps,
-        weight_decay: tc.weight_decay,
-        decay_embeddings: tc.decay_embeddings,
-        decay_vectors: tc.decay_norms_and_biases,
-    });
+    let mut optimizer = AdamW::<B::InnerBackend>::new(tc.adamw());
     let mut state = checkpoint::TrainState {
         step: 0,
         tokens_seen: 0,
@@ -397,11 +401,21 @@ pub fn batch_tensors<B: Backend>(
     batch: &Batch,
     device: &B::Device,
 ) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
-    let to = |ids: &[u32]| {
-        let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.batch, batch.seq]), device)
-    };
-    (to(&batch.inputs), to(&batch.targets))
+    let shape = [batch.batch, batch.seq];
+    (
+        ids_tensor(&batch.inputs, shape, device),
+        ids_tensor(&batch.targets, shape, device),
+    )
+}
+
+/// Token ids as a `[rows, cols]` integer tensor.
+pub fn ids_tensor<B: Backend>(
+    ids: &[u32],
+    shape: [usize; 2],
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+    Tensor::from_data(TensorData::new(ids, shape), device)
 }
 
 fn append_metrics(path: &Path, m: &StepMetrics, val: Option<&EvalReport>) -> Result<()> {
