@@ -123,13 +123,6 @@ impl HfTokenizer {
             fingerprint: format!("hf-{:016x}", fnv1a64(&bytes)),
         })
     }
-
-    /// Overrides the special-token ids found by name (e.g. from a model's config.json).
-    pub fn with_special_ids(mut self, bos: Option<u32>, eos: Option<u32>) -> Self {
-        self.bos = bos.or(self.bos);
-        self.eos = eos.or(self.eos);
-        self
-    }
 }
 
 impl Tokenizer for HfTokenizer {
