@@ -81,6 +81,24 @@ fn run_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// Trains `config` in `dir` on the CPU backend with the byte tokenizer.
+fn run(
+    config: &ExperimentConfig,
+    dir: &Path,
+    resume: bool,
+    on_event: &mut dyn FnMut(Event),
+) -> strata::Result<(strata::model::Llama<Cpu>, strata::train::TrainSummary)> {
+    train::<B>(
+        config,
+        &ByteTokenizer,
+        dir,
+        resume,
+        "flex",
+        &Default::default(),
+        on_event,
+    )
+}
+
 /// metrics.csv without the timing columns, which differ between runs.
 fn curve(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("metrics.csv"))
@@ -94,51 +112,25 @@ fn curve(dir: &Path) -> Vec<String> {
 fn killed_and_resumed_run_matches_uninterrupted_run() {
     let _guard = serial();
     let config = config("resume", &[]);
-    let device = Default::default();
     let straight = run_dir("straight");
-    let (model_a, summary_a) = train::<B>(
-        &config,
-        &ByteTokenizer,
-        &straight,
-        false,
-        "flex",
-        &device,
-        &mut |_| {},
-    )
-    .unwrap();
+    let (model_a, summary_a) = run(&config, &straight, false, &mut |_| {}).unwrap();
 
     // Die abruptly right after the step-8 checkpoint is written (no cleanup runs).
     let killed = run_dir("killed");
     let died = catch_unwind(AssertUnwindSafe(|| {
-        let _ = train::<B>(
-            &config,
-            &ByteTokenizer,
-            &killed,
-            false,
-            "flex",
-            &device,
-            &mut |event| {
-                if let Event::Checkpointed { step: 8, .. } = event {
-                    panic!("simulated kill");
-                }
-            },
-        );
+        let _ = run(&config, &killed, false, &mut |event| {
+            if let Event::Checkpointed { step: 8, .. } = event {
+                panic!("simulated kill");
+            }
+        });
     }));
     assert!(died.is_err());
     let mut resumed_from = None;
-    let (model_b, summary_b) = train::<B>(
-        &config,
-        &ByteTokenizer,
-        &killed,
-        true,
-        "flex",
-        &device,
-        &mut |event| {
-            if let Event::Started { start_step, .. } = event {
-                resumed_from = Some(start_step);
-            }
-        },
-    )
+    let (model_b, summary_b) = run(&config, &killed, true, &mut |event| {
+        if let Event::Started { start_step, .. } = event {
+            resumed_from = Some(start_step);
+        }
+    })
     .unwrap();
     assert_eq!(resumed_from, Some(8));
     assert_eq!(curve(&straight), curve(&killed));
@@ -168,24 +160,15 @@ fn training_lowers_validation_loss_and_is_reproducible() {
             "train.checkpoint_interval=40",
         ],
     );
-    let device = Default::default();
     let mut first_val = None;
     let dir = run_dir("learn");
-    let (_, summary) = train::<B>(
-        &config,
-        &ByteTokenizer,
-        &dir,
-        false,
-        "flex",
-        &device,
-        &mut |event| {
-            if let Event::Step(m) = &event
-                && m.step == 1
-            {
-                first_val = Some(m.train_loss);
-            }
-        },
-    )
+    let (_, summary) = run(&config, &dir, false, &mut |event| {
+        if let Event::Step(m) = &event
+            && m.step == 1
+        {
+            first_val = Some(m.train_loss);
+        }
+    })
     .unwrap();
     let initial = first_val.unwrap();
     assert!(
@@ -198,16 +181,7 @@ fn training_lowers_validation_loss_and_is_reproducible() {
         summary.val_loss
     );
     let again = run_dir("learn-again");
-    let (_, summary2) = train::<B>(
-        &config,
-        &ByteTokenizer,
-        &again,
-        false,
-        "flex",
-        &device,
-        &mut |_| {},
-    )
-    .unwrap();
+    let (_, summary2) = run(&config, &again, false, &mut |_| {}).unwrap();
     assert_eq!(curve(&dir), curve(&again));
     assert_eq!(summary.val_loss, summary2.val_loss);
 }
@@ -226,19 +200,8 @@ fn non_finite_loss_stops_and_keeps_last_good_checkpoint() {
             "train.checkpoint_interval=1",
         ],
     );
-    let device = Default::default();
     let dir = run_dir("nan");
-    let err = train::<B>(
-        &config,
-        &ByteTokenizer,
-        &dir,
-        false,
-        "flex",
-        &device,
-        &mut |_| {},
-    )
-    .err()
-    .unwrap();
+    let err = run(&config, &dir, false, &mut |_| {}).err().unwrap();
     let Error::NonFinite { step, .. } = err else {
         panic!("expected NonFinite, got {err}")
     };
@@ -248,5 +211,5 @@ fn non_finite_loss_stops_and_keeps_last_good_checkpoint() {
         .expect("a checkpoint before the failure");
     let ckpt = checkpoint::read(&last).unwrap();
     assert!(ckpt.state.step < step);
-    ckpt.load_model::<Cpu>(&device).unwrap();
+    ckpt.load_model::<Cpu>(&Default::default()).unwrap();
 }
