@@ -4,56 +4,22 @@
 //! Tolerance: 1e-4 relative to the largest logit magnitude. Both sides run in f32; the
 //! difference is summation order in matmuls and softmax, about 1e-6 here.
 
-use std::path::{Path, PathBuf};
-
 use burn::prelude::*;
 use strata::backend::Cpu;
 use strata::infer::{Sampler, SamplerConfig, generate};
 use strata::io::hf::load_llama;
-use strata::io::params::load_safetensors;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn check_logits(name: &str) {
-    let device = Default::default();
-    let dir = fixture(name);
-    let (_, model) = load_llama::<Cpu>(&dir, &device).unwrap();
-    let (expected, _) = load_safetensors(&dir.join("expected.safetensors")).unwrap();
-    let ids: Vec<i64> = expected["input_ids"]
-        .values
-        .iter()
-        .map(|&v| v as i64)
-        .collect();
-    let want = &expected["logits"];
-    let n = ids.len();
-    let logits = model.forward(Tensor::from_data(TensorData::new(ids, [1, n]), &device));
-    assert_eq!(logits.dims().to_vec(), want.shape);
-    let got: Vec<f32> = logits.into_data().to_vec().unwrap();
-    let scale = want.values.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = got
-        .iter()
-        .zip(&want.values)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(scale > 0.1, "fixture logits are degenerate");
-    assert!(
-        worst <= 1e-4 * scale,
-        "{name}: max |Δ| = {worst}, scale {scale}"
-    );
-}
+mod common;
+use common::{check_logits, fixture};
 
 #[test]
 fn untied_gqa_checkpoint_matches_transformers() {
-    check_logits("tiny_llama");
+    check_logits::<Cpu>("tiny_llama", 1e-4);
 }
 
 #[test]
 fn sharded_tied_checkpoint_matches_transformers() {
-    check_logits("tiny_llama_sharded");
+    check_logits::<Cpu>("tiny_llama_sharded", 1e-4);
 }
 
 #[test]

@@ -1,0 +1,43 @@
+//! Shared by the HF parity tests on each backend.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use strata::io::hf::load_llama;
+use strata::io::params::load_safetensors;
+use strata::train::ids_tensor;
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Loads fixture `name` through the HF importer on backend `B`, runs its prompt, and checks the
+/// logits against transformers' within `tolerance` × the largest logit magnitude.
+pub fn check_logits<B: Backend>(name: &str, tolerance: f32) {
+    let device = Default::default();
+    let dir = fixture(name);
+    let (_, model) = load_llama::<B>(&dir, &device).unwrap();
+    let (expected, _) = load_safetensors(&dir.join("expected.safetensors")).unwrap();
+    let ids: Vec<u32> = expected["input_ids"]
+        .values
+        .iter()
+        .map(|&v| v as u32)
+        .collect();
+    let want = &expected["logits"];
+    let logits = model.forward(ids_tensor(&ids, [1, ids.len()], &device));
+    assert_eq!(logits.dims().to_vec(), want.shape);
+    let got: Vec<f32> = logits.into_data().convert::<f32>().to_vec().unwrap();
+    let scale = want.values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(&want.values)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(scale > 0.1, "fixture logits are degenerate");
+    assert!(
+        worst <= tolerance * scale,
+        "{name}: max |Δ| = {worst}, scale {scale}"
+    );
+}
