@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::io::params::{HostTensor, assign_params, load_safetensors};
-use crate::model::{AttentionKind, Llama, ModelConfig, ResidualMode};
+use crate::model::{Llama, ModelConfig};
 
 /// The keys of HF's `LlamaConfig` that the architecture depends on.
 #[derive(Debug, Clone, Deserialize)]
@@ -84,8 +84,7 @@ impl HfLlamaConfig {
             norm_eps: self.rms_norm_eps,
             tie_embeddings: self.tie_word_embeddings,
             init_std: 0.02,
-            residual: ResidualMode::Standard,
-            attention: AttentionKind::Dense,
+            ..ModelConfig::default()
         }
     }
 }

@@ -10,15 +10,25 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::nn::attention::{Attention, LayerKvCache};
+use crate::nn::attnres::{DepthAttention, DepthStream};
 use crate::nn::rope::Rope;
 
-/// How each sub-layer's output is combined with the residual stream.
+/// How the input of each sub-layer (attention or MLP) is formed from the embedding and the
+/// outputs of the sub-layers before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ResidualMode {
-    /// `h = h + f(norm(h))`, the pre-norm Transformer residual.
+    /// `h ← h + f(norm(h))`, the pre-norm Transformer residual.
     #[default]
     Standard,
+    /// `h ← (k·h + f(norm(h))) / (k + 1)` with k the sources so far: the running mean. Every
+    /// reader normalises, so this only rescales the stream; it is the control that tells a gain
+    /// of AttnRes apart from rescaling.
+    Rescaled,
+    /// Attention Residuals over every earlier sub-layer output (Full AttnRes).
+    AttnresFull,
+    /// Attention Residuals over `attnres_blocks` block sums (Block AttnRes).
+    AttnresBlock,
 }
 
 /// How tokens attend to each other along the sequence.
@@ -47,6 +57,9 @@ pub struct ModelConfig {
     /// Standard deviation of the normal initialisation (GPT-2's 0.02).
     pub init_std: f64,
     pub residual: ResidualMode,
+    /// N, the number of blocks the 2·n_layers sub-layers form under `residual = "attnres_block"`
+    /// (the paper uses about 8). N = 2·n_layers is Full AttnRes.
+    pub attnres_blocks: usize,
     pub attention: AttentionKind,
 }
 
@@ -65,6 +78,7 @@ impl Default for ModelConfig {
             tie_embeddings: true,
             init_std: 0.02,
             residual: ResidualMode::Standard,
+            attnres_blocks: 8,
             attention: AttentionKind::Dense,
         }
     }
@@ -120,7 +134,31 @@ impl ModelConfig {
                 return Err(Error::config(key(name), value, "must be a positive number"));
             }
         }
+        if self.residual == ResidualMode::AttnresBlock {
+            let sublayers = 2 * self.n_layers;
+            let n = self.attnres_blocks;
+            if n == 0 || n > sublayers || !sublayers.is_multiple_of(n) {
+                return Err(Error::config(
+                    key("attnres_blocks"),
+                    n,
+                    format!(
+                        "must divide the {sublayers} sub-layers (2 × {} = {})",
+                        key("n_layers"),
+                        self.n_layers
+                    ),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Sub-layers per AttnRes block, or `None` when the residual is not AttnRes.
+    pub fn attnres_block_len(&self) -> Option<usize> {
+        match self.residual {
+            ResidualMode::Standard | ResidualMode::Rescaled => None,
+            ResidualMode::AttnresFull => Some(1),
+            ResidualMode::AttnresBlock => Some(2 * self.n_layers / self.attnres_blocks),
+        }
     }
 
     pub fn kv_heads(&self) -> usize {
@@ -141,7 +179,12 @@ impl ModelConfig {
         } else {
             self.vocab_size * d
         };
-        self.vocab_size * d + self.n_layers * block + d + head
+        // AttnRes: a pseudo-query and a key-norm gain per sub-layer and for the output.
+        let depth = match self.attnres_block_len() {
+            Some(_) => (2 * self.n_layers + 1) * 2 * d,
+            None => 0,
+        };
+        self.vocab_size * d + self.n_layers * block + d + head + depth
     }
 
     /// Matmul FLOPs per token for forward + backward (6N plus attention's 12·L·d·T, PaLM's formula).
@@ -165,8 +208,12 @@ impl ModelConfig {
             mean: 0.0,
             std: self.init_std / (2.0 * self.n_layers as f64).sqrt(),
         };
+        let attnres = self.attnres_block_len().is_some();
+        let depth_attention =
+            || attnres.then(|| DepthAttention::new(self.d_model, self.norm_eps, device));
         let blocks = (0..self.n_layers)
             .map(|_| Block {
+                attn_res: depth_attention(),
                 attn_norm: RmsNormConfig::new(self.d_model)
                     .with_epsilon(self.norm_eps)
                     .init(device),
@@ -178,6 +225,7 @@ impl ModelConfig {
                     out_init.clone(),
                     device,
                 ),
+                mlp_res: depth_attention(),
                 mlp_norm: RmsNormConfig::new(self.d_model)
                     .with_epsilon(self.norm_eps)
                     .init(device),
@@ -193,12 +241,15 @@ impl ModelConfig {
                 .with_initializer(init.clone())
                 .init(device),
             blocks,
+            output_res: depth_attention(),
             norm: RmsNormConfig::new(self.d_model)
                 .with_epsilon(self.norm_eps)
                 .init(device),
             lm_head: (!self.tie_embeddings)
                 .then(|| linear(self.d_model, self.vocab_size, &init, device)),
             rope: Rope::new(self.head_dim(), self.max_seq_len, self.rope_theta, device),
+            residual: self.residual,
+            attnres_block_len: self.attnres_block_len().unwrap_or(0),
         }
     }
 }
@@ -230,28 +281,64 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
+/// One decoder block: two sub-layers, attention then MLP, each reading the residual stream
+/// through its pre-norm (and, under AttnRes, through its depth attention first).
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
+    pub attn_res: Option<DepthAttention<B>>,
     pub attn_norm: RmsNorm<B>,
     pub attn: Attention<B>,
+    pub mlp_res: Option<DepthAttention<B>>,
     pub mlp_norm: RmsNorm<B>,
     pub mlp: Mlp<B>,
 }
 
-impl<B: Backend> Block<B> {
-    fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rope: &Rope<B>,
-        offset: usize,
-        cache: Option<&mut Option<LayerKvCache<B>>>,
-    ) -> Tensor<B, 3> {
-        let x = x.clone()
-            + self
-                .attn
-                .forward(self.attn_norm.forward(x), rope, offset, cache);
-        x.clone() + self.mlp.forward(self.mlp_norm.forward(x))
+/// The residual stream, one variant per [`ResidualMode`]: what a sub-layer reads (`input`),
+/// how its output joins (`push`) and what the final norm sees (`output`).
+enum Stream<'a, B: Backend> {
+    Sum(Tensor<B, 3>),
+    Mean { h: Tensor<B, 3>, sources: usize },
+    Depth(DepthStream<'a, B>),
+}
+
+impl<B: Backend> Stream<'_, B> {
+    fn input(&mut self, layer: usize) -> Tensor<B, 3> {
+        match self {
+            Stream::Sum(h) | Stream::Mean { h, .. } => h.clone(),
+            Stream::Depth(stream) => stream.input(layer),
+        }
     }
+
+    fn push(&mut self, layer: usize, output: Tensor<B, 3>) {
+        match self {
+            Stream::Sum(h) => *h = h.clone() + output,
+            Stream::Mean { h, sources } => {
+                let k = *sources as f64;
+                *h = (h.clone() * k + output) / (k + 1.0);
+                *sources += 1;
+            }
+            Stream::Depth(stream) => stream.push(layer, output),
+        }
+    }
+
+    fn output(self) -> Tensor<B, 3> {
+        match self {
+            Stream::Sum(h) | Stream::Mean { h, .. } => h,
+            Stream::Depth(stream) => stream.output(),
+        }
+    }
+}
+
+/// What one sub-layer saw and wrote, averaged over the tokens of a batch (see
+/// [`Llama::forward_traced`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SublayerTrace {
+    /// RMS of the sub-layer's input h_l (before its pre-norm).
+    pub input_rms: f32,
+    /// RMS of its output f_l(h_l); `None` for the final read.
+    pub output_rms: Option<f32>,
+    /// AttnRes weights over its sources (embedding/completed blocks, then the partial sum).
+    pub depth_weights: Vec<f32>,
 }
 
 /// Per-layer keys and values of the tokens generated so far.
@@ -275,15 +362,29 @@ impl<B: Backend> KvCache<B> {
 pub struct Llama<B: Backend> {
     pub embed: Embedding<B>,
     pub blocks: Vec<Block<B>>,
+    /// AttnRes: the read that forms the final hidden state from every block.
+    pub output_res: Option<DepthAttention<B>>,
     pub norm: RmsNorm<B>,
     pub lm_head: Option<Linear<B>>,
     pub rope: Rope<B>,
+    #[module(skip)]
+    pub residual: ResidualMode,
+    #[module(skip)]
+    pub attnres_block_len: usize,
 }
 
 impl<B: Backend> Llama<B> {
     /// Logits `[batch, seq, vocab]` for tokens `[batch, seq]` starting at position 0.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.forward_from(tokens, 0, None)
+        self.forward_from(tokens, 0, None, None)
+    }
+
+    /// The forward pass, also recording per sub-layer RMS and AttnRes weights (one row per
+    /// sub-layer, then one for the final read). For introspection: it syncs with the device.
+    pub fn forward_traced(&self, tokens: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Vec<SublayerTrace>) {
+        let mut trace = Vec::new();
+        let logits = self.forward_from(tokens, 0, None, Some(&mut trace));
+        (logits, trace)
     }
 
     pub fn new_cache(&self) -> KvCache<B> {
@@ -301,7 +402,7 @@ impl<B: Backend> Llama<B> {
     ) -> Tensor<B, 3> {
         let offset = cache.len;
         cache.len += tokens.dims()[1];
-        self.forward_from(tokens, offset, Some(&mut cache.layers))
+        self.forward_from(tokens, offset, Some(&mut cache.layers), None)
     }
 
     fn forward_from(
@@ -309,16 +410,101 @@ impl<B: Backend> Llama<B> {
         tokens: Tensor<B, 2, Int>,
         offset: usize,
         mut cache: Option<&mut Vec<Option<LayerKvCache<B>>>>,
+        mut trace: Option<&mut Vec<SublayerTrace>>,
     ) -> Tensor<B, 3> {
-        let mut x = self.embed.forward(tokens);
+        let mut stream = self.stream(self.embed.forward(tokens));
         for (i, block) in self.blocks.iter().enumerate() {
+            let (attn, mlp) = (2 * i, 2 * i + 1);
             let layer_cache = cache.as_mut().map(|layers| &mut layers[i]);
-            x = block.forward(x, &self.rope, offset, layer_cache);
+
+            let h = stream.input(attn);
+            let out = block.attn.forward(
+                block.attn_norm.forward(h.clone()),
+                &self.rope,
+                offset,
+                layer_cache,
+            );
+            if let Some(trace) = trace.as_deref_mut() {
+                trace.push(self.trace(&stream, block.attn_res.as_ref(), &h, &out));
+            }
+            stream.push(attn, out);
+
+            let h = stream.input(mlp);
+            let out = block.mlp.forward(block.mlp_norm.forward(h.clone()));
+            if let Some(trace) = trace.as_deref_mut() {
+                trace.push(self.trace(&stream, block.mlp_res.as_ref(), &h, &out));
+            }
+            stream.push(mlp, out);
         }
-        let x = self.norm.forward(x);
+        let final_weights = trace
+            .is_some()
+            .then(|| self.depth_weights(&stream, self.output_res.as_ref()));
+        let h = stream.output();
+        if let (Some(trace), Some(depth_weights)) = (trace, final_weights) {
+            trace.push(SublayerTrace {
+                input_rms: rms(&h),
+                output_rms: None,
+                depth_weights,
+            });
+        }
+        let x = self.norm.forward(h);
         match &self.lm_head {
             Some(head) => head.forward(x),
             None => x.matmul(self.embed.weight.val().transpose().unsqueeze::<3>()),
+        }
+    }
+
+    fn stream(&self, embedding: Tensor<B, 3>) -> Stream<'_, B> {
+        match self.residual {
+            ResidualMode::Standard => Stream::Sum(embedding),
+            ResidualMode::Rescaled => Stream::Mean {
+                h: embedding,
+                sources: 1,
+            },
+            ResidualMode::AttnresFull | ResidualMode::AttnresBlock => {
+                let queries = self
+                    .blocks
+                    .iter()
+                    .flat_map(|b| [&b.attn_res, &b.mlp_res])
+                    .chain([&self.output_res])
+                    .map(|q| {
+                        q.as_ref()
+                            .expect("AttnRes models have a depth attention per sub-layer")
+                    })
+                    .collect();
+                Stream::Depth(DepthStream::new(
+                    queries,
+                    self.attnres_block_len,
+                    embedding,
+                    self.norm.epsilon,
+                ))
+            }
+        }
+    }
+
+    fn trace(
+        &self,
+        stream: &Stream<'_, B>,
+        read: Option<&DepthAttention<B>>,
+        input: &Tensor<B, 3>,
+        output: &Tensor<B, 3>,
+    ) -> SublayerTrace {
+        SublayerTrace {
+            input_rms: rms(input),
+            output_rms: Some(rms(output)),
+            depth_weights: self.depth_weights(stream, read),
+        }
+    }
+
+    /// The AttnRes weights of `read` over the stream's current sources, averaged over tokens.
+    fn depth_weights(&self, stream: &Stream<'_, B>, read: Option<&DepthAttention<B>>) -> Vec<f32> {
+        match (stream, read) {
+            (Stream::Depth(depth), Some(read)) => {
+                let (_, weights) = read.forward_with_weights(&depth.sources());
+                let [batch, seq, n] = weights.dims();
+                host_values(weights.reshape([batch * seq, n]).mean_dim(0))
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -331,6 +517,14 @@ impl<B: Backend> Llama<B> {
         let logits = self.forward(inputs);
         cross_entropy(logits, targets)
     }
+}
+
+fn rms<B: Backend>(x: &Tensor<B, 3>) -> f32 {
+    x.clone().square().mean().sqrt().into_scalar().elem::<f32>()
+}
+
+fn host_values<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
+    x.into_data().convert::<f32>().to_vec().unwrap_or_default()
 }
 
 /// Mean of −log softmax(logits)[target] over all positions.

@@ -2,4 +2,4 @@
 
 pub mod llama;
 
-pub use llama::{AttentionKind, KvCache, Llama, ModelConfig, ResidualMode};
+pub use llama::{AttentionKind, KvCache, Llama, ModelConfig, ResidualMode, SublayerTrace};

@@ -1,4 +1,5 @@
 //! Small reusable modules the models are built from.
 
 pub mod attention;
+pub mod attnres;
 pub mod rope;

@@ -15,6 +15,7 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// Loads fixture `name` through the HF importer on backend `B`, runs its prompt, and checks the
 /// logits against transformers' within `tolerance` × the largest logit magnitude.
+#[allow(dead_code)] // not every test binary that shares this module uses it
 pub fn check_logits<B: Backend>(name: &str, tolerance: f32) {
     let device = Default::default();
     let dir = fixture(name);
