@@ -37,17 +37,24 @@ impl Default for ExperimentConfig {
 
 impl ExperimentConfig {
     /// Reads a TOML config, applies `key.path=value` overrides, and validates the result.
+    ///
+    /// A file may start from another: `base = "other.toml"` (relative to the file) takes every
+    /// key of that file, and this file's keys replace them one by one.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_toml(&text, overrides).map_err(|e| match e {
+        let table = read_with_base(path, 0)?;
+        Self::from_table(table, overrides).map_err(|e| match e {
             Error::Config { .. } => e,
             other => Error::file(path, other),
         })
     }
 
     pub fn from_toml(text: &str, overrides: &[String]) -> Result<Self> {
-        let mut value: toml::Table =
+        let table: toml::Table =
             toml::from_str(text).map_err(|e| Error::Toml(format!("not valid TOML: {e}")))?;
+        Self::from_table(table, overrides)
+    }
+
+    fn from_table(mut value: toml::Table, overrides: &[String]) -> Result<Self> {
         for assignment in overrides {
             apply_override(&mut value, assignment)?;
         }
@@ -85,6 +92,44 @@ impl ExperimentConfig {
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// The file's table merged over its `base` chain.
+fn read_with_base(path: &Path, depth: usize) -> Result<toml::Table> {
+    const MAX_DEPTH: usize = 8;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut table: toml::Table = toml::from_str(&text)
+        .map_err(|e| Error::file(path, Error::Toml(format!("not valid TOML: {e}"))))?;
+    let Some(base) = table.remove("base") else {
+        return Ok(table);
+    };
+    let Some(base) = base.as_str() else {
+        return Err(Error::file(path, "`base` must be a path string"));
+    };
+    if depth >= MAX_DEPTH {
+        return Err(Error::file(
+            path,
+            format!("`base` chains deeper than {MAX_DEPTH} files (a cycle?)"),
+        ));
+    }
+    let base_path = path.parent().unwrap_or(Path::new(".")).join(base);
+    let mut merged = read_with_base(&base_path, depth + 1)?;
+    merge_into(&mut merged, table);
+    Ok(merged)
+}
+
+/// Copies `over` into `into`, descending into tables so that one key replaces one key.
+fn merge_into(into: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(inner)), toml::Value::Table(value)) => {
+                merge_into(inner, value)
+            }
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
     }
 }
 
@@ -127,6 +172,31 @@ mod tests {
         assert_eq!(config.train.lr, 0.01);
         assert_eq!(config.data.path, Path::new("some/dir"));
         assert_eq!(config.model.kv_heads(), 2);
+    }
+
+    #[test]
+    fn a_file_starts_from_its_base_and_replaces_single_keys() {
+        let dir = std::env::temp_dir().join(format!("strata-config-base-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(
+            dir.join("base.toml"),
+            "name = \"base\"\n[model]\nd_model = 64\nn_heads = 4\n[train]\nlr = 0.5\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("sub/child.toml"),
+            "base = \"../base.toml\"\nname = \"child\"\n[model]\nn_heads = 8\n",
+        )
+        .unwrap();
+        let config = ExperimentConfig::load(&dir.join("sub/child.toml"), &[]).unwrap();
+        assert_eq!(config.name, "child");
+        assert_eq!((config.model.d_model, config.model.n_heads), (64, 8));
+        assert_eq!(config.train.lr, 0.5);
+
+        std::fs::write(dir.join("loop.toml"), "base = \"loop.toml\"\n").unwrap();
+        let err = ExperimentConfig::load(&dir.join("loop.toml"), &[]).unwrap_err();
+        assert!(err.to_string().contains("a cycle?"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! ends with exactly the loss curve and weights of an uninterrupted run; NaN stops a run and
 //! keeps the last good checkpoint; two runs of one config agree.
 
+mod common;
+
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
@@ -21,24 +23,6 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn corpus(test: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("strata-train-corpus-{test}-{}", std::process::id()));
-    {
-        std::fs::create_dir_all(&dir).unwrap();
-        let lines = [
-            "Now is the winter of our discontent made glorious summer by this sun of York;",
-            "And all the clouds that lour'd upon our house in the deep bosom of the ocean buried.",
-            "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
-            "If music be the food of love, play on; give me excess of it, that, surfeiting,",
-        ];
-        for (i, line) in lines.iter().enumerate() {
-            std::fs::write(dir.join(format!("doc{i}.txt")), line.repeat(12)).unwrap();
-        }
-    }
-    dir
 }
 
 fn config(test: &str, extra: &[&str]) -> ExperimentConfig {
@@ -69,7 +53,7 @@ eval_batches = 2
 checkpoint_interval = 4
 keep_checkpoints = 2
 "#,
-        corpus(test).display()
+        common::text_corpus(test).display()
     );
     let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     ExperimentConfig::from_toml(&base, &overrides).unwrap()

@@ -4,6 +4,7 @@
 
 pub mod optim;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -21,7 +22,7 @@ use crate::eval::{self, EvalReport};
 use crate::io::{atomic_write, checkpoint};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
-use optim::{AdamW, AdamWConfig, global_grad_norm, learning_rate};
+use optim::{AdamW, AdamWConfig, global_grad_norm, grad_squares_by_path, learning_rate};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -277,6 +278,7 @@ pub fn train<B: AutodiffBackend>(
     let mut last_train_loss = f64::NAN;
     let mut last_val: Option<EvalReport> = None;
     let tokens_per_step = tc.tokens_per_step() as u64;
+    let mut last_grad_squares = BTreeMap::new();
 
     while state.step < tc.max_steps {
         let lr = learning_rate(state.step, tc.warmup_steps, tc.max_steps, tc.lr, tc.min_lr);
@@ -318,6 +320,9 @@ pub fn train<B: AutodiffBackend>(
         } else {
             1.0
         };
+        if state.step + 1 == tc.max_steps {
+            last_grad_squares = grad_squares_by_path::<B, _>(&model, &grads);
+        }
         model = optimizer.step(lr, model, grads, scale);
 
         state.step += 1;
@@ -389,6 +394,9 @@ pub fn train<B: AutodiffBackend>(
         wall_secs: state.elapsed_secs,
         backend: backend_name.to_owned(),
     };
+    let mut depth = eval::depth_profile(&model, &val_batches);
+    depth.set_gradients(&last_grad_squares);
+    depth.write(run_dir)?;
     let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(run_dir, e))?;
     atomic_write(&run_dir.join("summary.json"), |f| {
         f.write_all(json.as_bytes())

@@ -191,6 +191,45 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for SquaredNorm<'_, AB> {
     }
 }
 
+struct SquaresByPath<'a> {
+    grads: &'a GradientsParams,
+    path: Vec<String>,
+    out: BTreeMap<String, (f64, usize)>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for SquaresByPath<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_owned());
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        if let Some(g) = self.grads.get::<AB::InnerBackend, D>(param.id) {
+            let count = g.shape().num_elements();
+            let sum = g.square().sum().into_scalar().elem::<f64>();
+            self.out.insert(self.path.join("."), (sum, count));
+        }
+    }
+}
+
+/// Each parameter's gradient as (sum of squares, element count), by path. One host sync per
+/// parameter: for diagnostics, not for every step.
+pub fn grad_squares_by_path<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> BTreeMap<String, (f64, usize)> {
+    let mut visitor = SquaresByPath {
+        grads,
+        path: Vec::new(),
+        out: BTreeMap::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.out
+}
+
 /// The L2 norm of all gradients together (one host sync).
 pub fn global_grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     module: &M,

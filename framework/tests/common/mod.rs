@@ -42,3 +42,24 @@ pub fn check_logits<B: Backend>(name: &str, tolerance: f32) {
         "{name}: max |Δ| = {worst}, scale {scale}"
     );
 }
+
+/// A small folder of real English lines (four files, the last one held out by the configs that
+/// use it), unique to `test` and this process.
+#[allow(dead_code)]
+pub fn text_corpus(test: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("strata-train-corpus-{test}-{}", std::process::id()));
+    {
+        std::fs::create_dir_all(&dir).unwrap();
+        let lines = [
+            "Now is the winter of our discontent made glorious summer by this sun of York;",
+            "And all the clouds that lour'd upon our house in the deep bosom of the ocean buried.",
+            "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
+            "If music be the food of love, play on; give me excess of it, that, surfeiting,",
+        ];
+        for (i, line) in lines.iter().enumerate() {
+            std::fs::write(dir.join(format!("doc{i}.txt")), line.repeat(12)).unwrap();
+        }
+    }
+    dir
+}
