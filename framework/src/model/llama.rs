@@ -9,7 +9,7 @@ use burn::tensor::activation::{log_softmax, silu};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::nn::attention::{Attention, LayerKvCache};
+use crate::nn::attention::{Attention, LayerKvCache, Mixing};
 use crate::nn::attnres::{DepthAttention, DepthStream};
 use crate::nn::rope::Rope;
 
@@ -38,6 +38,9 @@ pub enum AttentionKind {
     /// Full causal softmax attention.
     #[default]
     Dense,
+    /// Attention within blocks of `seq_block_len` tokens plus mean summaries of the
+    /// `seq_block_summaries` blocks before (0: all of them). Not AttnRes: see `nn::seq_block`.
+    SeqBlock,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +64,10 @@ pub struct ModelConfig {
     /// (the paper uses about 8). N = 2·n_layers is Full AttnRes.
     pub attnres_blocks: usize,
     pub attention: AttentionKind,
+    /// Tokens per block under `attention = "seq_block"`.
+    pub seq_block_len: usize,
+    /// Earlier-block summaries each query sees under `attention = "seq_block"`; 0 means all.
+    pub seq_block_summaries: usize,
 }
 
 impl Default for ModelConfig {
@@ -80,6 +87,8 @@ impl Default for ModelConfig {
             residual: ResidualMode::Standard,
             attnres_blocks: 8,
             attention: AttentionKind::Dense,
+            seq_block_len: 64,
+            seq_block_summaries: 0,
         }
     }
 }
@@ -134,6 +143,9 @@ impl ModelConfig {
                 return Err(Error::config(key(name), value, "must be a positive number"));
             }
         }
+        if self.attention == AttentionKind::SeqBlock && self.seq_block_len == 0 {
+            return Err(Error::config(key("seq_block_len"), 0, "must be at least 1"));
+        }
         if self.residual == ResidualMode::AttnresBlock {
             let sublayers = 2 * self.n_layers;
             let n = self.attnres_blocks;
@@ -158,6 +170,16 @@ impl ModelConfig {
             ResidualMode::Standard | ResidualMode::Rescaled => None,
             ResidualMode::AttnresFull => Some(1),
             ResidualMode::AttnresBlock => Some(2 * self.n_layers / self.attnres_blocks),
+        }
+    }
+
+    fn mixing(&self) -> Mixing {
+        match self.attention {
+            AttentionKind::Dense => Mixing::Dense,
+            AttentionKind::SeqBlock => Mixing::SeqBlock {
+                block_len: self.seq_block_len,
+                summaries: self.seq_block_summaries,
+            },
         }
     }
 
@@ -221,6 +243,7 @@ impl ModelConfig {
                     self.d_model,
                     self.n_heads,
                     self.kv_heads(),
+                    self.mixing(),
                     init.clone(),
                     out_init.clone(),
                     device,

@@ -6,6 +6,16 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use super::rope::Rope;
+use super::seq_block::{seq_block_attention, seq_block_attention_at};
+
+/// Which positions a query reads along the sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mixing {
+    /// Every earlier position.
+    Dense,
+    /// Its own block and summaries of earlier blocks (see [`super::seq_block`]).
+    SeqBlock { block_len: usize, summaries: usize },
+}
 
 /// Keys and values of one layer for the tokens seen so far, `[batch, kv_heads, seq, head_dim]`.
 #[derive(Debug, Clone)]
@@ -23,6 +33,8 @@ pub struct Attention<B: Backend> {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    #[module(skip)]
+    pub mixing: Mixing,
 }
 
 impl<B: Backend> Attention<B> {
@@ -30,6 +42,7 @@ impl<B: Backend> Attention<B> {
         d_model: usize,
         n_heads: usize,
         n_kv_heads: usize,
+        mixing: Mixing,
         init: Initializer,
         out_init: Initializer,
         device: &B::Device,
@@ -49,6 +62,7 @@ impl<B: Backend> Attention<B> {
             n_heads,
             n_kv_heads,
             head_dim,
+            mixing,
         }
     }
 
@@ -94,21 +108,17 @@ impl<B: Backend> Attention<B> {
         let v = self.repeat_kv(v);
 
         let kv_len = k.dims()[2];
-        // Burn's causal flag masks col > row, which is right only when queries and keys start
-        // at the same position; with cached keys the queries sit at the end, so build the mask.
-        let (mask, is_causal) = if seq == kv_len {
-            (None, true)
-        } else if seq == 1 {
-            (None, false)
-        } else {
-            (Some(causal_mask::<B>(seq, kv_len, &q.device())), false)
+        let out = match self.mixing {
+            Mixing::Dense => dense_causal(q, k, v),
+            Mixing::SeqBlock {
+                block_len,
+                summaries,
+            } if seq == kv_len => seq_block_attention(q, k, v, block_len, summaries),
+            Mixing::SeqBlock {
+                block_len,
+                summaries,
+            } => seq_block_attention_at(q, k, v, block_len, summaries),
         };
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal,
-        };
-        let out = attention(q, k, v, mask, None, options);
         let out = out
             .swap_dims(1, 2)
             .reshape([batch, seq, self.n_heads * self.head_dim]);
@@ -126,6 +136,27 @@ impl<B: Backend> Attention<B> {
             .expand([batch, kv_heads, groups, seq, head_dim])
             .reshape([batch, kv_heads * groups, seq, head_dim])
     }
+}
+
+/// Softmax attention of queries at the last `q_len` of `kv_len` positions over every key up to
+/// their own position.
+fn dense_causal<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+    let (seq, kv_len) = (q.dims()[2], k.dims()[2]);
+    // Burn's causal flag masks col > row, which is right only when queries and keys start
+    // at the same position; with cached keys the queries sit at the end, so build the mask.
+    let (mask, is_causal) = if seq == kv_len {
+        (None, true)
+    } else if seq == 1 {
+        (None, false)
+    } else {
+        (Some(causal_mask::<B>(seq, kv_len, &q.device())), false)
+    };
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal,
+    };
+    attention(q, k, v, mask, None, options)
 }
 
 /// `true` where query i (the last `q_len` of `kv_len` positions) must not see key j.

@@ -3,3 +3,4 @@
 pub mod attention;
 pub mod attnres;
 pub mod rope;
+pub mod seq_block;
