@@ -2,8 +2,10 @@
 
 mod backend;
 mod bench;
+mod bench_decode;
 mod eval;
 mod generate;
+mod report;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +43,10 @@ enum Command {
     Generate(generate::Args),
     /// Training throughput (tokens/s) of a config's model on random tokens, as JSON.
     BenchTrain(bench::Args),
+    /// A Markdown report with tables and plots over finished runs.
+    Report(report::Args),
+    /// Per-token KV-cache decoding latency of several configs' models, with ratios, as CSV.
+    BenchDecode(bench_decode::Args),
 }
 
 fn main() {
@@ -51,6 +57,8 @@ fn main() {
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::BenchTrain(args) => bench::run(args),
+        Command::BenchDecode(args) => bench_decode::run(args),
+        Command::Report(args) => report::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");
