@@ -134,7 +134,7 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// CPU model and logical core count, for the results file.
-fn machine_name() -> String {
+pub fn machine_name() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|text| {

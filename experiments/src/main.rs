@@ -2,13 +2,18 @@
 
 mod backend;
 mod bench;
+mod bench_attention;
 mod bench_decode;
 mod eval;
 mod generate;
+mod memory;
 mod report;
 mod train;
 
 use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
 
 /// Training allocates and frees many activation-sized buffers every step. By default glibc's
 /// malloc serves each buffer over 128 KiB with its own mmap and unmaps it on free, so every step
@@ -43,6 +48,8 @@ enum Command {
     Generate(generate::Args),
     /// Training throughput (tokens/s) of a config's model on random tokens, as JSON.
     BenchTrain(bench::Args),
+    /// Forward + backward time and memory of dense against sequence-block attention, as CSV.
+    BenchAttention(bench_attention::Args),
     /// A Markdown report with tables and plots over finished runs.
     Report(report::Args),
     /// Per-token KV-cache decoding latency of several configs' models, with ratios, as CSV.
@@ -59,6 +66,7 @@ fn main() {
         Command::BenchTrain(args) => bench::run(args),
         Command::BenchDecode(args) => bench_decode::run(args),
         Command::Report(args) => report::run(args),
+        Command::BenchAttention(args) => bench_attention::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -326,7 +326,10 @@ fn bench_table(path: &Path) -> Result<String> {
     let (common, varying): (Vec<String>, Vec<String>) = keys.into_iter().partition(|k| {
         let first = rows.iter().find_map(|r| r.get(k));
         let present = rows.iter().filter(|r| r.contains_key(k.as_str())).count();
-        present > 1 && rows.iter().all(|r| r.get(k).is_none_or(|v| Some(v) == first))
+        present > 1
+            && rows
+                .iter()
+                .all(|r| r.get(k).is_none_or(|v| Some(v) == first))
     });
     let mut md = format!(
         "## Benchmark: {}\n\n",

@@ -94,13 +94,36 @@ fn curve(dir: &Path) -> Vec<String> {
 
 #[test]
 fn killed_and_resumed_run_matches_uninterrupted_run() {
+    check_resume("resume", &[]);
+}
+
+#[test]
+fn resume_is_exact_with_attnres_and_seq_block() {
+    check_resume(
+        "resume-block",
+        &["model.residual=\"attnres_block\"", "model.attnres_blocks=2"],
+    );
+    check_resume("resume-full", &["model.residual=\"attnres_full\""]);
+    check_resume(
+        "resume-seq-block",
+        &[
+            "model.attention=\"seq_block\"",
+            "model.seq_block_len=8",
+            "model.seq_block_summaries=2",
+        ],
+    );
+}
+
+/// Kills a run right after a checkpoint, resumes it, and checks that it ends exactly as an
+/// uninterrupted run of the same config does.
+fn check_resume(tag: &str, overrides: &[&str]) {
     let _guard = serial();
-    let config = config("resume", &[]);
-    let straight = run_dir("straight");
+    let config = config(tag, overrides);
+    let straight = run_dir(&format!("{tag}-straight"));
     let (model_a, summary_a) = run(&config, &straight, false, &mut |_| {}).unwrap();
 
     // Die abruptly right after the step-8 checkpoint is written (no cleanup runs).
-    let killed = run_dir("killed");
+    let killed = run_dir(&format!("{tag}-killed"));
     let died = catch_unwind(AssertUnwindSafe(|| {
         let _ = run(&config, &killed, false, &mut |event| {
             if let Event::Checkpointed { step: 8, .. } = event {

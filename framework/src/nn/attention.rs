@@ -140,7 +140,7 @@ impl<B: Backend> Attention<B> {
 
 /// Softmax attention of queries at the last `q_len` of `kv_len` positions over every key up to
 /// their own position.
-fn dense_causal<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+pub fn dense_causal<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
     let (seq, kv_len) = (q.dims()[2], k.dims()[2]);
     // Burn's causal flag masks col > row, which is right only when queries and keys start
     // at the same position; with cached keys the queries sit at the end, so build the mask.
