@@ -16,6 +16,7 @@ use strata::nn::attention::dense_causal;
 use strata::nn::seq_block::seq_block_attention;
 
 use crate::backend::BackendArgs;
+use crate::bench::median;
 use crate::bench_decode::machine_name;
 use crate::{dispatch, memory};
 
@@ -91,8 +92,7 @@ fn run_with<B: AutodiffBackend>(args: &Args, device: &B::Device) -> Result<()> {
                     }
                 }
             }
-            times.sort_by(f64::total_cmp);
-            let ms = times[times.len() / 2];
+            let ms = median(&mut times);
             if variant == "dense" {
                 dense = (ms, peak_mib);
             }

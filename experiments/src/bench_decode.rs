@@ -14,6 +14,7 @@ use strata::model::Llama;
 use strata::train::ids_tensor;
 
 use crate::backend::BackendArgs;
+use crate::bench::median;
 use crate::dispatch;
 
 #[derive(clap::Args)]
@@ -126,11 +127,6 @@ fn run_with<B: Backend>(
         atomic_write(out, |f| f.write_all(csv.as_bytes()))?;
     }
     Ok(())
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 /// CPU model and logical core count, for the results file.

@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod gguf;
 pub mod infer;
 pub mod io;
 pub mod model;

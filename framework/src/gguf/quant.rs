@@ -1,0 +1,215 @@
+//! ggml tensor types and their block formats (ggml-common.h), with quantizers that reproduce
+//! ggml's reference ones bit for bit (checked against the `gguf` Python package, whose numpy
+//! quantizers are ggml's reference code ported) and the matching dequantizers.
+//!
+//! A quantized row is a sequence of blocks of `block_size()` values; rows must hold a whole
+//! number of blocks.
+
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    /// 32 values: f16 scale d, 32 × i8; x = d·q.
+    Q8_0,
+    /// 32 values: f16 scale d, 16 bytes of nibbles; x = d·(q − 8).
+    Q4_0,
+    /// 32 values: f16 scale d, f16 minimum m, 16 bytes of nibbles; x = d·q + m.
+    Q4_1,
+}
+
+impl GgmlType {
+    /// The `ggml_type` id stored in GGUF tensor infos.
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q8_0 => 8,
+            GgmlType::BF16 => 30,
+        }
+    }
+
+    pub fn from_id(id: u32) -> Option<Self> {
+        [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+        ]
+        .into_iter()
+        .find(|t| t.id() == id)
+    }
+
+    /// The lower-case name llama.cpp uses (`q8_0`), also accepted by [`GgmlType::parse`].
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "f32",
+            GgmlType::F16 => "f16",
+            GgmlType::BF16 => "bf16",
+            GgmlType::Q8_0 => "q8_0",
+            GgmlType::Q4_0 => "q4_0",
+            GgmlType::Q4_1 => "q4_1",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+        ]
+        .into_iter()
+        .find(|t| t.name().eq_ignore_ascii_case(name))
+    }
+
+    /// Values per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 => 32,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::Q8_0 => 34,
+            GgmlType::Q4_0 => 18,
+            GgmlType::Q4_1 => 20,
+        }
+    }
+
+    /// Bytes that `values` values take; an error unless they fill whole blocks.
+    pub fn bytes_for(self, values: usize) -> Result<usize> {
+        if !values.is_multiple_of(self.block_size()) {
+            return Err(Error::Data(format!(
+                "{} stores blocks of {} values; {values} values do not fill whole blocks",
+                self.name(),
+                self.block_size()
+            )));
+        }
+        Ok(values / self.block_size() * self.block_bytes())
+    }
+}
+
+/// Encodes `values` (a whole number of blocks) as `ty`.
+pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(ty.bytes_for(values.len())?);
+    match ty {
+        GgmlType::F32 => values.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        GgmlType::F16 => values
+            .iter()
+            .for_each(|v| out.extend(f16::from_f32(*v).to_le_bytes())),
+        GgmlType::BF16 => values
+            .iter()
+            .for_each(|v| out.extend(to_bf16(*v).to_le_bytes())),
+        GgmlType::Q8_0 => values.chunks(32).for_each(|b| quantize_q8_0(b, &mut out)),
+        GgmlType::Q4_0 => values.chunks(32).for_each(|b| quantize_q4_0(b, &mut out)),
+        GgmlType::Q4_1 => values.chunks(32).for_each(|b| quantize_q4_1(b, &mut out)),
+    }
+    Ok(out)
+}
+
+/// Decodes `bytes` of type `ty` into f32 values.
+pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
+    if !bytes.len().is_multiple_of(ty.block_bytes()) {
+        return Err(Error::Data(format!(
+            "{} data must be whole blocks of {} bytes, got {} bytes",
+            ty.name(),
+            ty.block_bytes(),
+            bytes.len()
+        )));
+    }
+    let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let mut out = Vec::with_capacity(bytes.len() / ty.block_bytes() * ty.block_size());
+    for block in bytes.chunks(ty.block_bytes()) {
+        match ty {
+            GgmlType::F32 => out.push(f32::from_le_bytes([block[0], block[1], block[2], block[3]])),
+            GgmlType::F16 => out.push(half(block)),
+            GgmlType::BF16 => out.push(bf16::from_le_bytes([block[0], block[1]]).to_f32()),
+            GgmlType::Q8_0 => {
+                let d = half(block);
+                out.extend(block[2..].iter().map(|&q| d * f32::from(q as i8)));
+            }
+            GgmlType::Q4_0 => {
+                let d = half(block);
+                let nibbles = &block[2..];
+                out.extend(nibbles.iter().map(|&q| d * (f32::from(q & 0x0f) - 8.0)));
+                out.extend(nibbles.iter().map(|&q| d * (f32::from(q >> 4) - 8.0)));
+            }
+            GgmlType::Q4_1 => {
+                let (d, m) = (half(block), half(&block[2..]));
+                let nibbles = &block[4..];
+                out.extend(nibbles.iter().map(|&q| d * f32::from(q & 0x0f) + m));
+                out.extend(nibbles.iter().map(|&q| d * f32::from(q >> 4) + m));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// ggml_compute_fp32_to_bf16: round to nearest even; NaN stays a (quiet) NaN.
+fn to_bf16(v: f32) -> u16 {
+    let bits = v.to_bits();
+    if bits & 0x7fff_ffff > 0x7f80_0000 {
+        return ((bits >> 16) | 64) as u16;
+    }
+    ((u64::from(bits) + 0x7fff + u64::from((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// Round half away from zero, as ggml's `roundf`.
+fn round_away(x: f32) -> f32 {
+    let a = x.abs();
+    let floored = a.floor();
+    let rounded = floored + (2.0 * (a - floored)).floor();
+    if x < 0.0 { -rounded } else { rounded }
+}
+
+/// `1/d`, or 0 for an all-zero block.
+fn inverse(d: f32) -> f32 {
+    if d == 0.0 { 0.0 } else { 1.0 / d }
+}
+
+fn quantize_q8_0(block: &[f32], out: &mut Vec<u8>) {
+    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = inverse(d);
+    out.extend(f16::from_f32(d).to_le_bytes());
+    out.extend(block.iter().map(|v| round_away(v * id) as i8 as u8));
+}
+
+fn quantize_q4_0(block: &[f32], out: &mut Vec<u8>) {
+    // The value of largest magnitude, with its sign, maps to −8.
+    let max = block
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let d = max / -8.0;
+    let id = inverse(d);
+    let q = |v: f32| ((v * id + 8.5).trunc() as u8).min(15);
+    out.extend(f16::from_f32(d).to_le_bytes());
+    out.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
+}
+
+fn quantize_q4_1(block: &[f32], out: &mut Vec<u8>) {
+    let max = block.iter().fold(f32::MIN, |m, &v| m.max(v));
+    let min = block.iter().fold(f32::MAX, |m, &v| m.min(v));
+    let d = (max - min) / 15.0;
+    let id = inverse(d);
+    let q = |v: f32| (((v - min) * id + 0.5).trunc() as u8).min(15);
+    out.extend(f16::from_f32(d).to_le_bytes());
+    out.extend(f16::from_f32(min).to_le_bytes());
+    out.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
+}
