@@ -5,6 +5,7 @@ mod bench;
 mod bench_attention;
 mod bench_decode;
 mod eval;
+mod export;
 mod generate;
 mod memory;
 mod report;
@@ -44,6 +45,8 @@ enum Command {
     Train(train::Args),
     /// Validation loss, perplexity and bits per byte of a checkpoint.
     Eval(eval::Args),
+    /// Write a trained model as a GGUF file for llama.cpp.
+    Export(export::Args),
     /// Sample text from a checkpoint.
     Generate(generate::Args),
     /// Training throughput (tokens/s) of a config's model on random tokens, as JSON.
@@ -66,6 +69,7 @@ fn main() {
         Command::BenchTrain(args) => bench::run(args),
         Command::BenchDecode(args) => bench_decode::run(args),
         Command::Report(args) => report::run(args),
+        Command::Export(args) => export::run(args),
         Command::BenchAttention(args) => bench_attention::run(args),
     };
     if let Err(err) = result {

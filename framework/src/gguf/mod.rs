@@ -1,6 +1,7 @@
 //! GGUF, the file format of llama.cpp: the container ([`format`]) and ggml's tensor types
 //! ([`quant`]).
 
+pub mod export;
 pub mod format;
 pub mod quant;
 

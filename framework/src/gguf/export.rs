@@ -1,0 +1,293 @@
+//! Export of a Llama-architecture model to GGUF in the layout llama.cpp loads as
+//! `general.architecture = "llama"` (tensor names, metadata keys and their exact types as
+//! llama.cpp's loader checks them).
+//!
+//! Two things to know: llama.cpp's `llama` RoPE rotates adjacent pairs, while our RoPE uses Hugging
+//! Face's rotate-half layout, so the rows of the query and key projections are permuted on the way
+//! out (as llama.cpp's `convert_hf_to_gguf.py` does); and the byte tokenizer is written as a
+//! GPT-2-style byte-level BPE vocabulary without merges, which llama.cpp tokenizes byte for byte.
+
+use std::path::Path;
+
+use burn::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::gguf::format::{TensorInfo, Value, ValueType, write_gguf};
+use crate::gguf::quant::{GgmlType, quantize};
+use crate::io::params::{HostTensor, named_params};
+use crate::model::{AttentionKind, Llama, ModelConfig, ResidualMode};
+use crate::tokenizer::{ByteTokenizer, TokenizerConfig};
+
+/// What an export wrote: each tensor's GGUF name and type.
+#[derive(Debug, Clone)]
+pub struct ExportSummary {
+    pub tensors: Vec<(String, GgmlType)>,
+    pub bytes: u64,
+}
+
+/// Writes `model` to `path` with its matrices stored as `ty` (norm gains stay F32; a matrix whose
+/// rows do not fill whole blocks of `ty` falls back to F16).
+pub fn export_llama<B: Backend>(
+    model: &Llama<B>,
+    config: &ModelConfig,
+    tokenizer: &TokenizerConfig,
+    name: &str,
+    ty: GgmlType,
+    path: &Path,
+) -> Result<ExportSummary> {
+    if config.residual != ResidualMode::Standard || config.attention != AttentionKind::Dense {
+        return Err(Error::config(
+            "model.residual / model.attention",
+            format!("{:?} / {:?}", config.residual, config.attention),
+            "standard / dense: llama.cpp's `llama` architecture has no other residual or attention \
+             (exporting custom architectures under Strata's own name is not implemented yet)",
+        ));
+    }
+    if *tokenizer != TokenizerConfig::Byte {
+        return Err(Error::config(
+            "tokenizer.kind",
+            format!("{tokenizer:?}"),
+            "byte (exporting Hugging Face tokenizers to GGUF is not implemented yet)",
+        ));
+    }
+    let params = named_params(model);
+    let get = |key: &str| {
+        params
+            .get(key)
+            .ok_or_else(|| Error::Data(format!("the model has no parameter {key}")))
+    };
+    let head_dim = config.head_dim();
+
+    // (GGUF name, values as rows of the GGUF matrix, GGUF dims, type)
+    let mut plan: Vec<(String, HostTensor, GgmlType)> = Vec::new();
+    let matrix_type = |cols: usize| {
+        if cols.is_multiple_of(ty.block_size()) {
+            ty
+        } else {
+            GgmlType::F16
+        }
+    };
+    let embed = get("embed.weight")?.clone(); // [vocab, d]: already one row per token
+    plan.push((
+        "token_embd.weight".into(),
+        embed.clone(),
+        matrix_type(config.d_model),
+    ));
+    for i in 0..config.n_layers {
+        let p = format!("blocks.{i}");
+        let linear =
+            |key: &str| -> Result<HostTensor> { Ok(get(&format!("{p}.{key}"))?.transposed()) };
+        let q = permute_rotary(&linear("attn.wq.weight")?, config.n_heads, head_dim);
+        let k = permute_rotary(&linear("attn.wk.weight")?, config.kv_heads(), head_dim);
+        let blk = format!("blk.{i}");
+        plan.push((
+            format!("{blk}.attn_norm.weight"),
+            get(&format!("{p}.attn_norm.gamma"))?.clone(),
+            GgmlType::F32,
+        ));
+        plan.push((
+            format!("{blk}.attn_q.weight"),
+            q,
+            matrix_type(config.d_model),
+        ));
+        plan.push((
+            format!("{blk}.attn_k.weight"),
+            k,
+            matrix_type(config.d_model),
+        ));
+        plan.push((
+            format!("{blk}.attn_v.weight"),
+            linear("attn.wv.weight")?,
+            matrix_type(config.d_model),
+        ));
+        plan.push((
+            format!("{blk}.attn_output.weight"),
+            linear("attn.wo.weight")?,
+            matrix_type(config.d_model),
+        ));
+        plan.push((
+            format!("{blk}.ffn_norm.weight"),
+            get(&format!("{p}.mlp_norm.gamma"))?.clone(),
+            GgmlType::F32,
+        ));
+        plan.push((
+            format!("{blk}.ffn_gate.weight"),
+            linear("mlp.w_gate.weight")?,
+            matrix_type(config.d_model),
+        ));
+        plan.push((
+            format!("{blk}.ffn_up.weight"),
+            linear("mlp.w_up.weight")?,
+            matrix_type(config.d_model),
+        ));
+        plan.push((
+            format!("{blk}.ffn_down.weight"),
+            linear("mlp.w_down.weight")?,
+            matrix_type(config.ffn_hidden),
+        ));
+    }
+    plan.push((
+        "output_norm.weight".into(),
+        get("norm.gamma")?.clone(),
+        GgmlType::F32,
+    ));
+    if !config.tie_embeddings {
+        plan.push((
+            "output.weight".into(),
+            get("lm_head.weight")?.transposed(),
+            matrix_type(config.d_model),
+        ));
+    }
+
+    let infos: Vec<TensorInfo> = plan
+        .iter()
+        .map(|(name, t, ty)| TensorInfo {
+            name: name.clone(),
+            // Row-major [rows, cols] is ggml's [cols, rows].
+            dims: t.shape.iter().rev().map(|&d| d as u64).collect(),
+            ty: *ty,
+        })
+        .collect();
+    let metadata = llama_metadata(config, name, ty);
+    write_gguf(path, &metadata, &infos, |i| {
+        quantize(plan[i].2, &plan[i].1.values)
+    })?;
+    Ok(ExportSummary {
+        tensors: infos.iter().map(|t| (t.name.clone(), t.ty)).collect(),
+        bytes: std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len(),
+    })
+}
+
+/// HF → GGUF row order of a query or key projection (`[heads·head_dim, d_in]` rows): within each
+/// head, row `t·head_dim/2 + i` (rotate-half pair member t of pair i) moves to `2i + t`
+/// (adjacent pairs), the permutation of llama.cpp's `convert_hf_to_gguf.py`.
+pub fn permute_rotary(w: &HostTensor, heads: usize, head_dim: usize) -> HostTensor {
+    let cols = w.shape[1];
+    let half = head_dim / 2;
+    let mut values = vec![0f32; w.values.len()];
+    for h in 0..heads {
+        for t in 0..2 {
+            for i in 0..half {
+                let from = h * head_dim + t * half + i;
+                let to = h * head_dim + 2 * i + t;
+                values[to * cols..(to + 1) * cols]
+                    .copy_from_slice(&w.values[from * cols..(from + 1) * cols]);
+            }
+        }
+    }
+    HostTensor {
+        shape: w.shape.clone(),
+        values,
+    }
+}
+
+fn llama_metadata(config: &ModelConfig, name: &str, ty: GgmlType) -> Vec<(String, Value)> {
+    let u32v = |v: usize| Value::U32(v as u32);
+    let file_type = match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
+        GgmlType::Q8_0 => 7,
+        GgmlType::BF16 => 32,
+    };
+    let mut kv: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("general.name", Value::String(name.into())),
+        ("general.file_type", Value::U32(file_type)),
+        ("general.alignment", Value::U32(32)),
+        ("llama.context_length", u32v(config.max_seq_len)),
+        ("llama.embedding_length", u32v(config.d_model)),
+        ("llama.block_count", u32v(config.n_layers)),
+        ("llama.feed_forward_length", u32v(config.ffn_hidden)),
+        ("llama.attention.head_count", u32v(config.n_heads)),
+        ("llama.attention.head_count_kv", u32v(config.kv_heads())),
+        // llama.cpp rejects these as f64: they must be f32.
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(config.norm_eps as f32),
+        ),
+        ("llama.rope.freq_base", Value::F32(config.rope_theta as f32)),
+        ("llama.rope.dimension_count", u32v(config.head_dim())),
+        ("llama.vocab_size", u32v(config.vocab_size)),
+    ];
+    if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
+        kv.push(("general.quantization_version", Value::U32(2)));
+    }
+    let mut out: Vec<(String, Value)> = kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    out.extend(byte_tokenizer_metadata(config.vocab_size));
+    out
+}
+
+/// The byte tokenizer as a GPT-2-style byte-level BPE vocabulary with no merges: token b is
+/// GPT-2's printable stand-in for byte b, so llama.cpp maps text to exactly our ids; BOS, EOS
+/// and PAD are control tokens, and ids past them (a larger model vocabulary) are unused.
+fn byte_tokenizer_metadata(vocab_size: usize) -> Vec<(String, Value)> {
+    const NORMAL: i32 = 1;
+    const CONTROL: i32 = 3;
+    const UNUSED: i32 = 5;
+    let stand_in = gpt2_byte_chars();
+    let mut tokens: Vec<Value> = (0..256)
+        .map(|b| Value::String(stand_in[b].to_string()))
+        .collect();
+    let mut types: Vec<Value> = vec![Value::I32(NORMAL); 256];
+    for special in ["<s>", "</s>", "<pad>"] {
+        tokens.push(Value::String(special.into()));
+        types.push(Value::I32(CONTROL));
+    }
+    for i in tokens.len()..vocab_size {
+        tokens.push(Value::String(format!("<unused{i}>")));
+        types.push(Value::I32(UNUSED));
+    }
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(ValueType::String, tokens),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(ValueType::I32, types),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(ValueType::String, Vec::new()),
+        ),
+        (
+            "tokenizer.ggml.bos_token_id".into(),
+            Value::U32(ByteTokenizer::BOS),
+        ),
+        (
+            "tokenizer.ggml.eos_token_id".into(),
+            Value::U32(ByteTokenizer::EOS),
+        ),
+        (
+            "tokenizer.ggml.padding_token_id".into(),
+            Value::U32(ByteTokenizer::PAD),
+        ),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
+        ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
+    ]
+}
+
+/// GPT-2's `bytes_to_unicode`: printable bytes stand for themselves, the others for code points
+/// from 256 up, in byte order.
+fn gpt2_byte_chars() -> Vec<char> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap_or('?')
+            } else {
+                let c = char::from_u32(next).unwrap_or('?');
+                next += 1;
+                c
+            }
+        })
+        .collect()
+}

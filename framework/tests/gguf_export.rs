@@ -1,0 +1,229 @@
+//! Export to GGUF: the file has what llama.cpp's `llama` loader requires, and its weights, read
+//! back with our reader and un-permuted, give the logits of the exported model. The exported
+//! files and our logits are left in `target/gguf-check/` for `scripts/check/gguf_reference.py`
+//! (an independent numpy forward pass over the GGUF in llama.cpp's conventions), which `.ci/run`
+//! runs after the tests.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use strata::backend::Cpu;
+use strata::gguf::export::{export_llama, permute_rotary};
+use strata::gguf::{GgmlType, Value, dequantize, read_header};
+use strata::io::params::{HostTensor, assign_params, named_params};
+use strata::model::{Llama, ModelConfig};
+use strata::tokenizer::TokenizerConfig;
+use strata::train::ids_tensor;
+
+type B = Cpu;
+
+fn config() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 259,
+        d_model: 64,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: Some(2),
+        ffn_hidden: 128,
+        max_seq_len: 64,
+        tie_embeddings: false,
+        // Weights large enough for logits with a spread of a few units, as in a trained model.
+        init_std: 0.15,
+        ..ModelConfig::default()
+    }
+}
+
+/// BOS, then the bytes of a sentence: what llama.cpp's tokenizer gives for it with our vocabulary.
+fn prompt() -> Vec<u32> {
+    std::iter::once(256)
+        .chain("Hello, world! The quick brown fox.".bytes().map(u32::from))
+        .collect()
+}
+
+fn logits(model: &Llama<B>, ids: &[u32]) -> Vec<f32> {
+    let out = model.forward(ids_tensor(ids, [1, ids.len()], &Default::default()));
+    out.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+fn rms(v: &[f32]) -> f32 {
+    (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt()
+}
+
+fn out_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/gguf-check");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Rebuilds a model of `config` from an exported file: dequantize, undo the layout changes.
+fn reimport(config: &ModelConfig, bytes: &[u8], path: &std::path::Path) -> Llama<B> {
+    let header = read_header(bytes, path).unwrap();
+    let mut tensors: HashMap<String, HostTensor> = HashMap::new();
+    for (i, (info, _)) in header.tensors.iter().enumerate() {
+        let values = dequantize(info.ty, header.tensor_bytes(bytes, i).unwrap()).unwrap();
+        let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+        tensors.insert(info.name.clone(), HostTensor { shape, values });
+    }
+    let unpermute = |t: &HostTensor, heads: usize| {
+        // The inverse of the export permutation: apply it head_dim/2 - 1 more times would work,
+        // but reading rows back directly is clearer.
+        let hd = config.head_dim();
+        let cols = t.shape[1];
+        let mut values = vec![0f32; t.values.len()];
+        for h in 0..heads {
+            for i in 0..hd / 2 {
+                for s in 0..2 {
+                    let (gguf_row, hf_row) = (h * hd + 2 * i + s, h * hd + s * hd / 2 + i);
+                    values[hf_row * cols..(hf_row + 1) * cols]
+                        .copy_from_slice(&t.values[gguf_row * cols..(gguf_row + 1) * cols]);
+                }
+            }
+        }
+        HostTensor {
+            shape: t.shape.clone(),
+            values,
+        }
+    };
+    let mut params = HashMap::new();
+    params.insert(
+        "embed.weight".to_owned(),
+        tensors["token_embd.weight"].clone(),
+    );
+    params.insert(
+        "norm.gamma".to_owned(),
+        tensors["output_norm.weight"].clone(),
+    );
+    params.insert(
+        "lm_head.weight".to_owned(),
+        tensors["output.weight"].transposed(),
+    );
+    for l in 0..config.n_layers {
+        let t = |name: &str| tensors[&format!("blk.{l}.{name}.weight")].clone();
+        let p = |name: &str| format!("blocks.{l}.{name}");
+        params.insert(p("attn_norm.gamma"), t("attn_norm"));
+        params.insert(p("mlp_norm.gamma"), t("ffn_norm"));
+        params.insert(
+            p("attn.wq.weight"),
+            unpermute(&t("attn_q"), config.n_heads).transposed(),
+        );
+        params.insert(
+            p("attn.wk.weight"),
+            unpermute(&t("attn_k"), config.kv_heads()).transposed(),
+        );
+        params.insert(p("attn.wv.weight"), t("attn_v").transposed());
+        params.insert(p("attn.wo.weight"), t("attn_output").transposed());
+        params.insert(p("mlp.w_gate.weight"), t("ffn_gate").transposed());
+        params.insert(p("mlp.w_up.weight"), t("ffn_up").transposed());
+        params.insert(p("mlp.w_down.weight"), t("ffn_down").transposed());
+    }
+    assign_params(config.init::<B>(&Default::default()), &params, path).unwrap()
+}
+
+#[test]
+fn exports_load_back_to_the_same_model_in_every_type() {
+    let config = config();
+    let model = config.init::<B>(&Default::default());
+    let ids = prompt();
+    let want = logits(&model, &ids);
+    let spread = rms(&want);
+    assert!(spread > 0.5, "logits too flat to test anything ({spread})");
+    let dir = out_dir();
+    let mut expected = serde_json::Map::new();
+    expected.insert("ids".into(), serde_json::json!(ids));
+    expected.insert("logits".into(), serde_json::json!(want));
+    expected.insert("vocab".into(), serde_json::json!(config.vocab_size));
+    for (ty, tolerance) in [
+        // RMS of the logit error over the RMS of the logits. f32 is exact up to summation order;
+        // the others carry their weights' rounding through two layers of a random model, whose
+        // logits have no margin to absorb it (measured: 1e-3 f16, 9e-3 bf16, 3e-2 q8_0).
+        (GgmlType::F32, 1e-6),
+        (GgmlType::F16, 5e-3),
+        (GgmlType::BF16, 2e-2),
+        (GgmlType::Q8_0, 6e-2),
+        // 4-bit weights (~12% relative error each) move a random model's logits by 35-45%;
+        // scrambled blocks (a wrong nibble order, say) would give about 140%.
+        (GgmlType::Q4_0, 0.6),
+        (GgmlType::Q4_1, 0.6),
+    ] {
+        let path = dir.join(format!("tiny-{}.gguf", ty.name()));
+        let summary =
+            export_llama(&model, &config, &TokenizerConfig::Byte, "tiny", ty, &path).unwrap();
+        assert_eq!(summary.tensors.len(), 1 + 2 * 9 + 2);
+        let bytes = std::fs::read(&path).unwrap();
+        let header = read_header(&bytes, &path).unwrap();
+        // The keys and types llama.cpp's loader checks strictly.
+        assert_eq!(
+            header.get("general.architecture").and_then(Value::as_str),
+            Some("llama")
+        );
+        for key in [
+            "llama.context_length",
+            "llama.embedding_length",
+            "llama.block_count",
+            "llama.feed_forward_length",
+            "llama.attention.head_count",
+            "llama.attention.head_count_kv",
+            "llama.rope.dimension_count",
+        ] {
+            assert!(
+                header.get(key).and_then(Value::as_u32).is_some(),
+                "{key} must be a u32"
+            );
+        }
+        assert!(matches!(
+            header.get("llama.attention.layer_norm_rms_epsilon"),
+            Some(Value::F32(_))
+        ));
+        match header.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(_, tokens)) => assert_eq!(tokens.len(), config.vocab_size),
+            other => panic!("tokens: {other:?}"),
+        }
+        let back = reimport(&config, &bytes, &path);
+        let got = logits(&back, &ids);
+        let err: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
+        let relative = rms(&err) / rms(&want);
+        eprintln!("{}: relative RMS logit error {relative:.2e}", ty.name());
+        assert!(
+            relative <= tolerance,
+            "{}: relative RMS logit error {relative}",
+            ty.name()
+        );
+    }
+    let json = serde_json::to_string(&serde_json::Value::Object(expected)).unwrap();
+    std::fs::write(dir.join("tiny-logits.json"), json).unwrap();
+}
+
+#[test]
+fn the_rotary_permutation_moves_rotate_half_pairs_next_to_each_other() {
+    // One head of dim 4, one input column: HF rows [x0, x1, y0, y1] pair (x_i, y_i).
+    let w = HostTensor {
+        shape: vec![4, 1],
+        values: vec![0.0, 1.0, 2.0, 3.0],
+    };
+    assert_eq!(permute_rotary(&w, 1, 4).values, vec![0.0, 2.0, 1.0, 3.0]);
+}
+
+#[test]
+fn custom_architectures_are_refused_with_the_reason() {
+    let mut config = config();
+    config.residual = strata::model::ResidualMode::AttnresBlock;
+    config.attnres_blocks = 2;
+    let model = config.init::<B>(&Default::default());
+    let path = out_dir().join("refused.gguf");
+    let err = export_llama(
+        &model,
+        &config,
+        &TokenizerConfig::Byte,
+        "x",
+        GgmlType::F32,
+        &path,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("model.residual") && err.contains("llama"),
+        "{err}"
+    );
+    assert!(!path.exists());
+    let _ = named_params(&model);
+}
