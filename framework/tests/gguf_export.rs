@@ -132,6 +132,7 @@ fn exports_load_back_to_the_same_model_in_every_type() {
     expected.insert("ids".into(), serde_json::json!(ids));
     expected.insert("logits".into(), serde_json::json!(want));
     expected.insert("vocab".into(), serde_json::json!(config.vocab_size));
+    expected.insert("greedy".into(), serde_json::json!(greedy(&model, &ids, 16)));
     for (ty, tolerance) in [
         // RMS of the logit error over the RMS of the logits. f32 is exact up to summation order;
         // the others carry their weights' rounding through two layers of a random model, whose
@@ -191,6 +192,21 @@ fn exports_load_back_to_the_same_model_in_every_type() {
     }
     let json = serde_json::to_string(&serde_json::Value::Object(expected)).unwrap();
     std::fs::write(dir.join("tiny-logits.json"), json).unwrap();
+}
+
+/// `n` greedy tokens after `ids`, recomputing the whole sequence each step.
+fn greedy(model: &Llama<B>, ids: &[u32], n: usize) -> Vec<u32> {
+    let mut seq = ids.to_vec();
+    let vocab = model.embed.weight.dims()[0];
+    for _ in 0..n {
+        let all = logits(model, &seq);
+        let last = &all[all.len() - vocab..];
+        let next = (0..vocab)
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+            .unwrap_or(0);
+        seq.push(next as u32);
+    }
+    seq[ids.len()..].to_vec()
 }
 
 #[test]

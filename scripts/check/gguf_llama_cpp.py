@@ -1,0 +1,70 @@
+"""Strata's GGUF exports in a real llama.cpp (through llama-cpp-python): each file loads; llama.cpp
+tokenizes text into the ids Strata's byte tokenizer gives and back; its logits for the test
+prompt match Strata's within each type's tolerance; and the F32 file's greedy continuation is
+Strata's token for token.
+
+    scripts/check/llama_cpp.sh target/llama-cpp
+    LLAMA_CPP_LIB_PATH=target/llama-cpp/build/bin target/llama-cpp/venv/bin/python \
+        scripts/check/gguf_llama_cpp.py target/gguf-check
+
+Reads DIR/tiny-logits.json and DIR/tiny-TYPE.gguf, written by `cargo test --test gguf_export`.
+"""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+from llama_cpp import Llama
+
+# Relative RMS logit error allowed: llama.cpp keeps its KV cache in f16 and quantizes
+# activations to 8 bits inside quantized matrix products, on top of the weights' own rounding.
+TOLERANCE = {"f32": 5e-3, "f16": 1e-2, "bf16": 3e-2, "q8_0": 8e-2, "q4_0": 0.6, "q4_1": 0.6}
+
+
+def main() -> None:
+    folder = pathlib.Path(sys.argv[1])
+    expected = json.loads((folder / "tiny-logits.json").read_text())
+    ids = expected["ids"]
+    want = np.array(expected["logits"]).reshape(len(ids), -1)
+    failures = []
+    for name, tolerance in TOLERANCE.items():
+        llm = Llama(str(folder / f"tiny-{name}.gguf"), n_ctx=128, n_batch=128, n_threads=2,
+                    logits_all=True, seed=0, verbose=False)
+        llm.reset()
+        llm.eval(ids)
+        got = np.array(llm.scores[: llm.n_tokens], dtype=np.float64)
+        relative = np.sqrt(((got - want) ** 2).mean()) / np.sqrt((want**2).mean())
+        agree = np.mean(got.argmax(-1) == want.argmax(-1))
+        ok = relative <= tolerance
+        print(f"{name}: relative RMS logit error {relative:.2e} (allowed {tolerance:.0e}), "
+              f"argmax agreement {agree:.2f} {'ok' if ok else 'FAILED'}")
+        if not ok:
+            failures.append(name)
+        if name == "f32":
+            text = "Hi there, ünïcode!\n\ttabs & <tags>"
+            tokens = llm.tokenize(text.encode(), add_bos=True)
+            if tokens != [256] + list(text.encode()):
+                failures.append("tokenize")
+                print(f"tokenize: llama.cpp gives {tokens[:12]}..., Strata [256] + the bytes")
+            if llm.detokenize(tokens[1:]) != text.encode():
+                failures.append("detokenize")
+                print("detokenize: the text does not come back")
+            llm.reset()
+            llm.eval(ids)
+            greedy = []
+            for _ in range(len(expected["greedy"])):
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                greedy.append(token)
+                llm.eval([token])
+            same = greedy == expected["greedy"]
+            print(f"f32 greedy continuation: {'identical' if same else 'DIFFERENT'} "
+                  f"({greedy} vs Strata {expected['greedy']})")
+            if not same:
+                failures.append("greedy")
+    if failures:
+        sys.exit(f"failed: {', '.join(failures)}")
+
+
+if __name__ == "__main__":
+    main()
