@@ -132,7 +132,9 @@ fn exports_load_back_to_the_same_model_in_every_type() {
     expected.insert("ids".into(), serde_json::json!(ids));
     expected.insert("logits".into(), serde_json::json!(want));
     expected.insert("vocab".into(), serde_json::json!(config.vocab_size));
-    expected.insert("greedy".into(), serde_json::json!(greedy(&model, &ids, 16)));
+    let (continuation, margins) = greedy(&model, &ids, 16);
+    expected.insert("greedy".into(), serde_json::json!(continuation));
+    expected.insert("greedy_margins".into(), serde_json::json!(margins));
     for (ty, tolerance) in [
         // RMS of the logit error over the RMS of the logits. f32 is exact up to summation order;
         // the others carry their weights' rounding through two layers of a random model, whose
@@ -194,19 +196,24 @@ fn exports_load_back_to_the_same_model_in_every_type() {
     std::fs::write(dir.join("tiny-logits.json"), json).unwrap();
 }
 
-/// `n` greedy tokens after `ids`, recomputing the whole sequence each step.
-fn greedy(model: &Llama<B>, ids: &[u32], n: usize) -> Vec<u32> {
+/// `n` greedy tokens after `ids` (recomputing the whole sequence each step), with the gap
+/// between the chosen token's logit and the runner-up's at each step.
+fn greedy(model: &Llama<B>, ids: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
     let mut seq = ids.to_vec();
+    let mut margins = Vec::new();
     let vocab = model.embed.weight.dims()[0];
     for _ in 0..n {
         let all = logits(model, &seq);
-        let last = &all[all.len() - vocab..];
-        let next = (0..vocab)
-            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
-            .unwrap_or(0);
-        seq.push(next as u32);
+        let mut last: Vec<(usize, f32)> = all[all.len() - vocab..]
+            .iter()
+            .copied()
+            .enumerate()
+            .collect();
+        last.sort_by(|a, b| b.1.total_cmp(&a.1));
+        margins.push(last[0].1 - last[1].1);
+        seq.push(last[0].0 as u32);
     }
-    seq[ids.len()..].to_vec()
+    (seq[ids.len()..].to_vec(), margins)
 }
 
 #[test]

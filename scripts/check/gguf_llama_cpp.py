@@ -1,7 +1,8 @@
 """Strata's GGUF exports in a real llama.cpp (through llama-cpp-python): each file loads; llama.cpp
 tokenizes text into the ids Strata's byte tokenizer gives and back; its logits for the test
-prompt match Strata's within each type's tolerance; and the F32 file's greedy continuation is
-Strata's token for token.
+prompt match Strata's within each type's tolerance; and along Strata's greedy continuation of the
+F32 file, llama.cpp picks the same token at every step where Strata's best token leads the
+runner-up by more than llama.cpp's own rounding (its KV cache is f16) could move it.
 
     scripts/check/llama_cpp.sh target/llama-cpp
     LLAMA_CPP_LIB_PATH=target/llama-cpp/build/bin target/llama-cpp/venv/bin/python \
@@ -50,17 +51,23 @@ def main() -> None:
             if llm.detokenize(tokens[1:]) != text.encode():
                 failures.append("detokenize")
                 print("detokenize: the text does not come back")
+            if "tokenize" not in failures and "detokenize" not in failures:
+                print(f"tokenizer: {len(tokens)} ids identical to Strata's, text round-trips")
+            # Teacher-forced along Strata's greedy path, so one near-tie cannot derail the rest.
             llm.reset()
             llm.eval(ids)
-            greedy = []
-            for _ in range(len(expected["greedy"])):
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                greedy.append(token)
+            scale = np.sqrt((want**2).mean())
+            disagree, near_ties = [], 0
+            for step, (token, margin) in enumerate(zip(expected["greedy"], expected["greedy_margins"])):
+                choice = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                if margin < 0.01 * scale:
+                    near_ties += 1
+                elif choice != token:
+                    disagree.append((step, choice, token, margin))
                 llm.eval([token])
-            same = greedy == expected["greedy"]
-            print(f"f32 greedy continuation: {'identical' if same else 'DIFFERENT'} "
-                  f"({greedy} vs Strata {expected['greedy']})")
-            if not same:
+            print(f"f32 greedy continuation: {len(expected['greedy']) - near_ties} decisive steps, "
+                  f"{len(disagree)} disagreements {disagree}; {near_ties} near-ties not compared")
+            if disagree:
                 failures.append("greedy")
     if failures:
         sys.exit(f"failed: {', '.join(failures)}")
