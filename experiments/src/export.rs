@@ -12,7 +12,7 @@ use strata::io::load_model;
 pub struct Args {
     /// A run directory or a checkpoint folder.
     model: PathBuf,
-    /// Storage type of the weight matrices: f32, f16, bf16, q8_0, q4_0 or q4_1.
+    /// Storage type of the weight matrices: f32, f16, bf16, q8_0, q5_0, q5_1, q4_0 or q4_1.
     #[arg(long = "type", default_value = "q8_0")]
     ty: String,
     /// The GGUF file to write.

@@ -17,12 +17,14 @@ fn fixture_f32(name: &str) -> Vec<f32> {
         .collect()
 }
 
-const TYPES: [(&str, GgmlType); 5] = [
+const TYPES: [(&str, GgmlType); 7] = [
     ("f16", GgmlType::F16),
     ("bf16", GgmlType::BF16),
     ("q8_0", GgmlType::Q8_0),
     ("q4_0", GgmlType::Q4_0),
     ("q4_1", GgmlType::Q4_1),
+    ("q5_0", GgmlType::Q5_0),
+    ("q5_1", GgmlType::Q5_1),
 ];
 
 #[test]
@@ -63,12 +65,14 @@ fn quantization_error_is_what_each_type_allows() {
     for (ty, bound) in [
         // f16: 11-bit significand; bf16: 8-bit; Q8_0: 8 bits per value with a shared scale;
         // Q4_0/Q4_1: 16 levels per block of 32 (relative RMS error ~ 1/(2·√3·7.5) for a
-        // normal block spanning ±2.5σ, plus scale rounding).
+        // normal block spanning ±2.5σ, plus scale rounding); Q5: 32 levels, half that.
         (GgmlType::F16, 5e-4),
         (GgmlType::BF16, 4e-3),
         (GgmlType::Q8_0, 1e-2),
         (GgmlType::Q4_0, 0.12),
         (GgmlType::Q4_1, 0.12),
+        (GgmlType::Q5_0, 0.06),
+        (GgmlType::Q5_1, 0.06),
     ] {
         let back = dequantize(ty, &quantize(ty, input).unwrap()).unwrap();
         let err: Vec<f32> = back.iter().zip(input).map(|(a, b)| a - b).collect();

@@ -147,6 +147,8 @@ fn exports_load_back_to_the_same_model_in_every_type() {
         // scrambled blocks (a wrong nibble order, say) would give about 140%.
         (GgmlType::Q4_0, 0.6),
         (GgmlType::Q4_1, 0.6),
+        (GgmlType::Q5_0, 0.4),
+        (GgmlType::Q5_1, 0.4),
     ] {
         let path = dir.join(format!("tiny-{}.gguf", ty.name()));
         let summary =

@@ -20,7 +20,7 @@ from llama_cpp import Llama
 
 # Relative RMS logit error allowed: llama.cpp keeps its KV cache in f16 and quantizes
 # activations to 8 bits inside quantized matrix products, on top of the weights' own rounding.
-TOLERANCE = {"f32": 5e-3, "f16": 1e-2, "bf16": 3e-2, "q8_0": 8e-2, "q4_0": 0.6, "q4_1": 0.6}
+TOLERANCE = {"f32": 5e-3, "f16": 1e-2, "bf16": 3e-2, "q8_0": 8e-2, "q4_0": 0.6, "q4_1": 0.6, "q5_0": 0.4, "q5_1": 0.4}
 
 
 def main() -> None:

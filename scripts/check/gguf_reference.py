@@ -20,7 +20,7 @@ from gguf.quants import dequantize
 
 # Relative RMS logit error allowed per type: f32 checks the layout exactly (f32 vs f64); the
 # others add their weight rounding (the same bounds as framework/tests/gguf_export.rs).
-TOLERANCE = {"f32": 1e-5, "f16": 5e-3, "bf16": 2e-2, "q8_0": 6e-2, "q4_0": 0.6, "q4_1": 0.6}
+TOLERANCE = {"f32": 1e-5, "f16": 5e-3, "bf16": 2e-2, "q8_0": 6e-2, "q4_0": 0.6, "q4_1": 0.6, "q5_0": 0.4, "q5_1": 0.4}
 
 
 def forward(path: pathlib.Path, ids: list[int]) -> np.ndarray:

@@ -191,6 +191,8 @@ fn llama_metadata(config: &ModelConfig, name: &str, ty: GgmlType) -> Vec<(String
         GgmlType::Q4_0 => 2,
         GgmlType::Q4_1 => 3,
         GgmlType::Q8_0 => 7,
+        GgmlType::Q5_0 => 8,
+        GgmlType::Q5_1 => 9,
         GgmlType::BF16 => 32,
     };
     let mut kv: Vec<(&str, Value)> = vec![
@@ -213,7 +215,7 @@ fn llama_metadata(config: &ModelConfig, name: &str, ty: GgmlType) -> Vec<(String
         ("llama.rope.dimension_count", u32v(config.head_dim())),
         ("llama.vocab_size", u32v(config.vocab_size)),
     ];
-    if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
+    if ty.block_size() > 1 {
         kv.push(("general.quantization_version", Value::U32(2)));
     }
     let mut out: Vec<(String, Value)> = kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();

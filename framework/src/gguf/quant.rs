@@ -20,7 +20,22 @@ pub enum GgmlType {
     Q4_0,
     /// 32 values: f16 scale d, f16 minimum m, 16 bytes of nibbles; x = d·q + m.
     Q4_1,
+    /// 32 values: f16 scale d, 4 bytes of fifth bits, 16 bytes of nibbles; x = d·(q − 16).
+    Q5_0,
+    /// 32 values: f16 scale d, f16 minimum m, 4 bytes of fifth bits, nibbles; x = d·q + m.
+    Q5_1,
 }
+
+const ALL: [GgmlType; 8] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+];
 
 impl GgmlType {
     /// The `ggml_type` id stored in GGUF tensor infos.
@@ -30,22 +45,15 @@ impl GgmlType {
             GgmlType::F16 => 1,
             GgmlType::Q4_0 => 2,
             GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
             GgmlType::BF16 => 30,
         }
     }
 
     pub fn from_id(id: u32) -> Option<Self> {
-        [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q8_0,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-        ]
-        .into_iter()
-        .find(|t| t.id() == id)
+        ALL.into_iter().find(|t| t.id() == id)
     }
 
     /// The lower-case name llama.cpp uses (`q8_0`), also accepted by [`GgmlType::parse`].
@@ -57,27 +65,23 @@ impl GgmlType {
             GgmlType::Q8_0 => "q8_0",
             GgmlType::Q4_0 => "q4_0",
             GgmlType::Q4_1 => "q4_1",
+            GgmlType::Q5_0 => "q5_0",
+            GgmlType::Q5_1 => "q5_1",
         }
     }
 
     pub fn parse(name: &str) -> Option<Self> {
-        [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q8_0,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-        ]
-        .into_iter()
-        .find(|t| t.name().eq_ignore_ascii_case(name))
+        ALL.into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
     /// Values per block.
     pub fn block_size(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 => 32,
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                32
+            }
         }
     }
 
@@ -89,6 +93,8 @@ impl GgmlType {
             GgmlType::Q8_0 => 34,
             GgmlType::Q4_0 => 18,
             GgmlType::Q4_1 => 20,
+            GgmlType::Q5_0 => 22,
+            GgmlType::Q5_1 => 24,
         }
     }
 
@@ -119,6 +125,8 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
         GgmlType::Q8_0 => values.chunks(32).for_each(|b| quantize_q8_0(b, &mut out)),
         GgmlType::Q4_0 => values.chunks(32).for_each(|b| quantize_q4_0(b, &mut out)),
         GgmlType::Q4_1 => values.chunks(32).for_each(|b| quantize_q4_1(b, &mut out)),
+        GgmlType::Q5_0 => values.chunks(32).for_each(|b| quantize_q5_0(b, &mut out)),
+        GgmlType::Q5_1 => values.chunks(32).for_each(|b| quantize_q5_1(b, &mut out)),
     }
     Ok(out)
 }
@@ -156,9 +164,39 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
                 out.extend(nibbles.iter().map(|&q| d * f32::from(q & 0x0f) + m));
                 out.extend(nibbles.iter().map(|&q| d * f32::from(q >> 4) + m));
             }
+            GgmlType::Q5_0 => {
+                let d = half(block);
+                out.extend(five_bit_values(&block[2..]).map(|q| d * (f32::from(q) - 16.0)));
+            }
+            GgmlType::Q5_1 => {
+                let (d, m) = (half(block), half(&block[2..]));
+                out.extend(five_bit_values(&block[4..]).map(|q| d * f32::from(q) + m));
+            }
         }
     }
     Ok(out)
+}
+
+/// The 32 five-bit values of a Q5 block from its 4 bytes of fifth bits (bit j of the
+/// little-endian u32 is value j's) followed by 16 bytes of low nibbles (as in Q4).
+fn five_bit_values(bytes: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    let high = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let nibbles = &bytes[4..20];
+    (0..32).map(move |j| {
+        let low = if j < 16 {
+            nibbles[j] & 0x0f
+        } else {
+            nibbles[j - 16] >> 4
+        };
+        low | ((((high >> j) & 1) as u8) << 4)
+    })
+}
+
+/// Writes Q5 fifth bits and nibbles for 32 five-bit values.
+fn push_five_bit(q: &[u8; 32], out: &mut Vec<u8>) {
+    let high = (0..32).fold(0u32, |acc, j| acc | (u32::from(q[j] >> 4) << j));
+    out.extend(high.to_le_bytes());
+    out.extend((0..16).map(|j| (q[j] & 0x0f) | ((q[j + 16] & 0x0f) << 4)));
 }
 
 /// ggml_compute_fp32_to_bf16: round to nearest even; NaN stays a (quiet) NaN.
@@ -212,4 +250,32 @@ fn quantize_q4_1(block: &[f32], out: &mut Vec<u8>) {
     out.extend(f16::from_f32(d).to_le_bytes());
     out.extend(f16::from_f32(min).to_le_bytes());
     out.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
+}
+
+fn quantize_q5_0(block: &[f32], out: &mut Vec<u8>) {
+    let max = block
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let d = max / -16.0;
+    let id = inverse(d);
+    let mut q = [0u8; 32];
+    for (q, &v) in q.iter_mut().zip(block) {
+        *q = ((v * id + 16.5).trunc() as u8).min(31);
+    }
+    out.extend(f16::from_f32(d).to_le_bytes());
+    push_five_bit(&q, out);
+}
+
+fn quantize_q5_1(block: &[f32], out: &mut Vec<u8>) {
+    let max = block.iter().fold(f32::MIN, |m, &v| m.max(v));
+    let min = block.iter().fold(f32::MAX, |m, &v| m.min(v));
+    let d = (max - min) / 31.0;
+    let id = inverse(d);
+    let mut q = [0u8; 32];
+    for (q, &v) in q.iter_mut().zip(block) {
+        *q = (((v - min) * id + 0.5).trunc() as u8).min(31);
+    }
+    out.extend(f16::from_f32(d).to_le_bytes());
+    out.extend(f16::from_f32(min).to_le_bytes());
+    push_five_bit(&q, out);
 }
