@@ -23,7 +23,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let Some(ty) = GgmlType::parse(&args.ty) else {
         bail!(
-            "--type {}: expected one of f32, f16, bf16, q8_0, q4_0, q4_1",
+            "--type {}: expected one of f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1",
             args.ty
         );
     };
