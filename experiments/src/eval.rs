@@ -52,7 +52,7 @@ fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         ),
         (None, Some(exp)) => (exp.data.clone(), Split::Validation),
         (None, None) => bail!(
-            "{} is a Hugging Face checkpoint: give --data FILE",
+            "{} has no training config (a Hugging Face checkpoint or a GGUF file): give --data FILE",
             args.model.display()
         ),
     };

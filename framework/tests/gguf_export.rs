@@ -1,16 +1,16 @@
-//! Export to GGUF: the file has what llama.cpp's `llama` loader requires, and its weights, read
-//! back with our reader and un-permuted, give the logits of the exported model. The exported
+//! Export to GGUF: the file has what llama.cpp's `llama` loader requires, and loading it back
+//! (dequantized, permutation undone) gives the logits of the exported model. The exported
 //! files and our logits are left in `target/gguf-check/` for `scripts/check/gguf_reference.py`
 //! (an independent numpy forward pass over the GGUF in llama.cpp's conventions), which `.ci/run`
 //! runs after the tests.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use strata::backend::Cpu;
 use strata::gguf::export::{export_llama, permute_rotary};
-use strata::gguf::{GgmlType, Value, dequantize, read_header};
-use strata::io::params::{HostTensor, assign_params, named_params};
+use strata::gguf::import::{load_llama_gguf, unpermute_rotary};
+use strata::gguf::{GgmlType, Value, read_header};
+use strata::io::params::{HostTensor, named_params};
 use strata::model::{Llama, ModelConfig};
 use strata::tokenizer::TokenizerConfig;
 use strata::train::ids_tensor;
@@ -53,70 +53,6 @@ fn out_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/gguf-check");
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// Rebuilds a model of `config` from an exported file: dequantize, undo the layout changes.
-fn reimport(config: &ModelConfig, bytes: &[u8], path: &std::path::Path) -> Llama<B> {
-    let header = read_header(bytes, path).unwrap();
-    let mut tensors: HashMap<String, HostTensor> = HashMap::new();
-    for (i, (info, _)) in header.tensors.iter().enumerate() {
-        let values = dequantize(info.ty, header.tensor_bytes(bytes, i).unwrap()).unwrap();
-        let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
-        tensors.insert(info.name.clone(), HostTensor { shape, values });
-    }
-    let unpermute = |t: &HostTensor, heads: usize| {
-        // The inverse of the export permutation: apply it head_dim/2 - 1 more times would work,
-        // but reading rows back directly is clearer.
-        let hd = config.head_dim();
-        let cols = t.shape[1];
-        let mut values = vec![0f32; t.values.len()];
-        for h in 0..heads {
-            for i in 0..hd / 2 {
-                for s in 0..2 {
-                    let (gguf_row, hf_row) = (h * hd + 2 * i + s, h * hd + s * hd / 2 + i);
-                    values[hf_row * cols..(hf_row + 1) * cols]
-                        .copy_from_slice(&t.values[gguf_row * cols..(gguf_row + 1) * cols]);
-                }
-            }
-        }
-        HostTensor {
-            shape: t.shape.clone(),
-            values,
-        }
-    };
-    let mut params = HashMap::new();
-    params.insert(
-        "embed.weight".to_owned(),
-        tensors["token_embd.weight"].clone(),
-    );
-    params.insert(
-        "norm.gamma".to_owned(),
-        tensors["output_norm.weight"].clone(),
-    );
-    params.insert(
-        "lm_head.weight".to_owned(),
-        tensors["output.weight"].transposed(),
-    );
-    for l in 0..config.n_layers {
-        let t = |name: &str| tensors[&format!("blk.{l}.{name}.weight")].clone();
-        let p = |name: &str| format!("blocks.{l}.{name}");
-        params.insert(p("attn_norm.gamma"), t("attn_norm"));
-        params.insert(p("mlp_norm.gamma"), t("ffn_norm"));
-        params.insert(
-            p("attn.wq.weight"),
-            unpermute(&t("attn_q"), config.n_heads).transposed(),
-        );
-        params.insert(
-            p("attn.wk.weight"),
-            unpermute(&t("attn_k"), config.kv_heads()).transposed(),
-        );
-        params.insert(p("attn.wv.weight"), t("attn_v").transposed());
-        params.insert(p("attn.wo.weight"), t("attn_output").transposed());
-        params.insert(p("mlp.w_gate.weight"), t("ffn_gate").transposed());
-        params.insert(p("mlp.w_up.weight"), t("ffn_up").transposed());
-        params.insert(p("mlp.w_down.weight"), t("ffn_down").transposed());
-    }
-    assign_params(config.init::<B>(&Default::default()), &params, path).unwrap()
 }
 
 #[test]
@@ -183,7 +119,15 @@ fn exports_load_back_to_the_same_model_in_every_type() {
             Some(Value::Array(_, tokens)) => assert_eq!(tokens.len(), config.vocab_size),
             other => panic!("tokens: {other:?}"),
         }
-        let back = reimport(&config, &bytes, &path);
+        let (loaded_config, back, _) = load_llama_gguf::<B>(&path, &Default::default()).unwrap();
+        assert_eq!(
+            (
+                loaded_config.d_model,
+                loaded_config.kv_heads(),
+                loaded_config.tie_embeddings
+            ),
+            (config.d_model, config.kv_heads(), config.tie_embeddings)
+        );
         let got = logits(&back, &ids);
         let err: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
         let relative = rms(&err) / rms(&want);
@@ -226,6 +170,12 @@ fn the_rotary_permutation_moves_rotate_half_pairs_next_to_each_other() {
         values: vec![0.0, 1.0, 2.0, 3.0],
     };
     assert_eq!(permute_rotary(&w, 1, 4).values, vec![0.0, 2.0, 1.0, 3.0]);
+    // And back, for two heads of dim 8 over three columns.
+    let w = HostTensor {
+        shape: vec![16, 3],
+        values: (0..48).map(|v| v as f32).collect(),
+    };
+    assert_eq!(unpermute_rotary(&permute_rotary(&w, 2, 8), 2, 8), w);
 }
 
 #[test]

@@ -275,6 +275,13 @@ fn byte_tokenizer_metadata(vocab_size: usize) -> Vec<(String, Value)> {
     ]
 }
 
+/// The 259 token strings of the byte tokenizer in GGUF: the 256 byte stand-ins, then BOS, EOS, PAD.
+pub fn byte_tokenizer_tokens() -> Vec<String> {
+    let mut tokens: Vec<String> = gpt2_byte_chars().iter().map(|c| c.to_string()).collect();
+    tokens.extend(["<s>", "</s>", "<pad>"].map(String::from));
+    tokens
+}
+
 /// GPT-2's `bytes_to_unicode`: printable bytes stand for themselves, the others for code points
 /// from 256 up, in byte order.
 fn gpt2_byte_chars() -> Vec<char> {

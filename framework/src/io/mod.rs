@@ -53,12 +53,25 @@ pub struct LoadedModel<B: burn::prelude::Backend> {
     pub experiment: Option<crate::config::ExperimentConfig>,
 }
 
-/// Loads a Hugging Face checkpoint folder (it has `config.json`), a Strata checkpoint folder, or
-/// a run directory (its latest checkpoint).
+/// Loads a Hugging Face checkpoint folder (it has `config.json`), a Strata checkpoint folder, a
+/// run directory (its latest checkpoint), or a `.gguf` file (dequantized).
 pub fn load_model<B: burn::prelude::Backend>(
     path: &Path,
     device: &B::Device,
 ) -> Result<LoadedModel<B>> {
+    if path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        let (model_config, model, tokenizer) = crate::gguf::import::load_llama_gguf(path, device)?;
+        return Ok(LoadedModel {
+            model,
+            model_config,
+            tokenizer,
+            experiment: None,
+        });
+    }
     if path.join("config.json").is_file() {
         let (model_config, model) = hf::load_llama::<B>(path, device)?;
         let tokenizer_path = path.join("tokenizer.json");

@@ -1,0 +1,190 @@
+//! Loading a `llama`-architecture GGUF file into a Strata model: every tensor is dequantized to
+//! f32 and put back in Strata's layout (the export's query/key row permutation undone), so
+//! `generate` and `eval` run GGUF files, and a GGUF model can be trained further. Quantized
+//! kernels that compute on the blocks directly are not implemented yet.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::gguf::format::{GgufHeader, Value, read_header};
+use crate::gguf::quant::dequantize;
+use crate::io::params::{HostTensor, assign_params};
+use crate::model::{Llama, ModelConfig};
+use crate::tokenizer::{ByteTokenizer, Tokenizer};
+
+/// The model, its config, and its tokenizer (Strata's byte vocabulary is the one recognised).
+pub fn load_llama_gguf<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+) -> Result<(ModelConfig, Llama<B>, Box<dyn Tokenizer>)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // Safety: read-only map of a file we do not modify while it is open.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let header = read_header(&bytes, path)?;
+    let config = llama_config(&header, path)?;
+    check_byte_vocabulary(&header, path)?;
+
+    let mut tensors: HashMap<String, HostTensor> = HashMap::new();
+    for (i, (info, _)) in header.tensors.iter().enumerate() {
+        let values = dequantize(info.ty, header.tensor_bytes(&bytes, i)?)?;
+        let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+        tensors.insert(info.name.clone(), HostTensor { shape, values });
+    }
+    let mut take = |name: &str| {
+        tensors
+            .remove(name)
+            .ok_or_else(|| Error::file(path, format!("has no tensor {name}")))
+    };
+    let head_dim = config.head_dim();
+    let mut params = HashMap::new();
+    params.insert("embed.weight".to_owned(), take("token_embd.weight")?);
+    params.insert("norm.gamma".to_owned(), take("output_norm.weight")?);
+    if !config.tie_embeddings {
+        params.insert(
+            "lm_head.weight".to_owned(),
+            take("output.weight")?.transposed(),
+        );
+    }
+    for l in 0..config.n_layers {
+        let blk = |name: &str| format!("blk.{l}.{name}.weight");
+        let ours = |name: &str| format!("blocks.{l}.{name}");
+        params.insert(ours("attn_norm.gamma"), take(&blk("attn_norm"))?);
+        params.insert(ours("mlp_norm.gamma"), take(&blk("ffn_norm"))?);
+        let q = unpermute_rotary(&take(&blk("attn_q"))?, config.n_heads, head_dim);
+        let k = unpermute_rotary(&take(&blk("attn_k"))?, config.kv_heads(), head_dim);
+        params.insert(ours("attn.wq.weight"), q.transposed());
+        params.insert(ours("attn.wk.weight"), k.transposed());
+        for (gguf, strata) in [
+            ("attn_v", "attn.wv.weight"),
+            ("attn_output", "attn.wo.weight"),
+            ("ffn_gate", "mlp.w_gate.weight"),
+            ("ffn_up", "mlp.w_up.weight"),
+            ("ffn_down", "mlp.w_down.weight"),
+        ] {
+            params.insert(ours(strata), take(&blk(gguf))?.transposed());
+        }
+    }
+    let model = assign_params(config.init::<B>(device), &params, path)?;
+    Ok((config, model, Box::new(ByteTokenizer)))
+}
+
+/// The inverse of [`super::export::permute_rotary`]: adjacent pairs back to rotate-half rows.
+pub fn unpermute_rotary(w: &HostTensor, heads: usize, head_dim: usize) -> HostTensor {
+    let cols = w.shape[1];
+    let half = head_dim / 2;
+    let mut values = vec![0f32; w.values.len()];
+    for h in 0..heads {
+        for t in 0..2 {
+            for i in 0..half {
+                let (gguf_row, our_row) = (h * head_dim + 2 * i + t, h * head_dim + t * half + i);
+                values[our_row * cols..(our_row + 1) * cols]
+                    .copy_from_slice(&w.values[gguf_row * cols..(gguf_row + 1) * cols]);
+            }
+        }
+    }
+    HostTensor {
+        shape: w.shape.clone(),
+        values,
+    }
+}
+
+fn llama_config(header: &GgufHeader, path: &Path) -> Result<ModelConfig> {
+    let arch = header.get("general.architecture").and_then(Value::as_str);
+    if arch != Some("llama") {
+        return Err(Error::file(
+            path,
+            format!("general.architecture is {arch:?}; only \"llama\" is read"),
+        ));
+    }
+    let number = |key: &str| -> Result<usize> {
+        match header.get(key) {
+            Some(Value::U32(v)) => Ok(*v as usize),
+            Some(Value::U64(v)) => Ok(*v as usize),
+            other => Err(Error::file(
+                path,
+                format!("metadata {key} is {other:?}; expected an unsigned integer"),
+            )),
+        }
+    };
+    let float = |key: &str, default: f64| -> Result<f64> {
+        match header.get(key) {
+            None => Ok(default),
+            Some(Value::F32(v)) => Ok(f64::from(*v)),
+            Some(Value::F64(v)) => Ok(*v),
+            Some(other) => Err(Error::file(
+                path,
+                format!("metadata {key} is {other:?}; expected a float"),
+            )),
+        }
+    };
+    let n_heads = number("llama.attention.head_count")?;
+    let vocab_size = match header.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(_, tokens)) => tokens.len(),
+        _ => number("llama.vocab_size")?,
+    };
+    let config = ModelConfig {
+        vocab_size,
+        d_model: number("llama.embedding_length")?,
+        n_layers: number("llama.block_count")?,
+        n_heads,
+        n_kv_heads: Some(match header.get("llama.attention.head_count_kv") {
+            None => n_heads,
+            Some(_) => number("llama.attention.head_count_kv")?,
+        }),
+        ffn_hidden: number("llama.feed_forward_length")?,
+        max_seq_len: number("llama.context_length")?,
+        rope_theta: float("llama.rope.freq_base", 10_000.0)?,
+        norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5)?,
+        tie_embeddings: !header
+            .tensors
+            .iter()
+            .any(|(t, _)| t.name == "output.weight"),
+        ..ModelConfig::default()
+    };
+    config.validate("").map_err(|e| {
+        Error::file(
+            path,
+            format!("its hyper-parameters are not a valid model: {e}"),
+        )
+    })?;
+    if let Some(Value::U32(rope_dims)) = header.get("llama.rope.dimension_count")
+        && *rope_dims as usize != config.head_dim()
+    {
+        return Err(Error::file(
+            path,
+            format!(
+                "llama.rope.dimension_count is {rope_dims}, but only full-head RoPE (head_dim {}) \
+                 is implemented",
+                config.head_dim()
+            ),
+        ));
+    }
+    Ok(config)
+}
+
+/// Accepts the byte vocabulary that `export` writes; anything else is refused by name.
+fn check_byte_vocabulary(header: &GgufHeader, path: &Path) -> Result<()> {
+    let expected = super::export::byte_tokenizer_tokens();
+    let matches = match header.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(_, tokens)) => {
+            tokens.len() >= expected.len()
+                && tokens
+                    .iter()
+                    .zip(&expected)
+                    .all(|(t, e)| t.as_str() == Some(e.as_str()))
+        }
+        _ => false,
+    };
+    if matches {
+        Ok(())
+    } else {
+        Err(Error::file(
+            path,
+            "its tokenizer is not Strata's byte vocabulary; reading other GGUF tokenizers \
+             (BPE merges, SentencePiece) is not implemented yet",
+        ))
+    }
+}
