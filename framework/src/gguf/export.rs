@@ -14,7 +14,7 @@ use burn::prelude::*;
 use crate::error::{Error, Result};
 use crate::gguf::format::{TensorInfo, Value, ValueType, write_gguf};
 use crate::gguf::quant::{GgmlType, quantize};
-use crate::io::params::{HostTensor, named_params};
+use crate::io::params::{HostTensor, named_param};
 use crate::model::{AttentionKind, Llama, ModelConfig, ResidualMode};
 use crate::tokenizer::{ByteTokenizer, TokenizerConfig};
 
@@ -50,107 +50,146 @@ pub fn export_llama<B: Backend>(
             "byte (exporting Hugging Face tokenizers to GGUF is not implemented yet)",
         ));
     }
-    let params = named_params(model);
-    let get = |key: &str| {
-        params
-            .get(key)
-            .ok_or_else(|| Error::Data(format!("the model has no parameter {key}")))
-    };
+    // Each tensor is fetched from the model and converted only when the writer reaches it, so
+    // the host holds one tensor at a time besides the model itself.
     let head_dim = config.head_dim();
-
-    // (GGUF name, values as rows of the GGUF matrix, GGUF dims, type)
-    let mut plan: Vec<(String, HostTensor, GgmlType)> = Vec::new();
-    let matrix_type = |cols: usize| {
-        if cols.is_multiple_of(ty.block_size()) {
-            ty
-        } else {
-            GgmlType::F16
-        }
+    let d = config.d_model;
+    let (q_heads, kv_heads) = (config.n_heads, config.kv_heads());
+    let mut plan: Vec<Planned> = Vec::new();
+    let mut add = |gguf: String, ours: String, layout: Layout, rows: usize, cols: usize| {
+        let ty = match layout {
+            Layout::Vector => GgmlType::F32,
+            _ if cols.is_multiple_of(ty.block_size()) => ty,
+            _ => GgmlType::F16,
+        };
+        plan.push(Planned {
+            gguf,
+            ours,
+            layout,
+            dims: if rows == 0 {
+                vec![cols as u64]
+            } else {
+                vec![cols as u64, rows as u64]
+            },
+            ty,
+        });
     };
-    let embed = get("embed.weight")?.clone(); // [vocab, d]: already one row per token
-    plan.push((
+    let (vocab, ffn, kv) = (config.vocab_size, config.ffn_hidden, kv_heads * head_dim);
+    add(
         "token_embd.weight".into(),
-        embed.clone(),
-        matrix_type(config.d_model),
-    ));
+        "embed.weight".into(),
+        Layout::AsIs,
+        vocab,
+        d,
+    );
     for i in 0..config.n_layers {
-        let p = format!("blocks.{i}");
-        let linear =
-            |key: &str| -> Result<HostTensor> { Ok(get(&format!("{p}.{key}"))?.transposed()) };
-        let q = permute_rotary(&linear("attn.wq.weight")?, config.n_heads, head_dim);
-        let k = permute_rotary(&linear("attn.wk.weight")?, config.kv_heads(), head_dim);
-        let blk = format!("blk.{i}");
-        plan.push((
+        let (blk, p) = (format!("blk.{i}"), format!("blocks.{i}"));
+        add(
             format!("{blk}.attn_norm.weight"),
-            get(&format!("{p}.attn_norm.gamma"))?.clone(),
-            GgmlType::F32,
-        ));
-        plan.push((
+            format!("{p}.attn_norm.gamma"),
+            Layout::Vector,
+            0,
+            d,
+        );
+        add(
             format!("{blk}.attn_q.weight"),
-            q,
-            matrix_type(config.d_model),
-        ));
-        plan.push((
+            format!("{p}.attn.wq.weight"),
+            Layout::Rotary(q_heads),
+            q_heads * head_dim,
+            d,
+        );
+        add(
             format!("{blk}.attn_k.weight"),
-            k,
-            matrix_type(config.d_model),
-        ));
-        plan.push((
+            format!("{p}.attn.wk.weight"),
+            Layout::Rotary(kv_heads),
+            kv,
+            d,
+        );
+        add(
             format!("{blk}.attn_v.weight"),
-            linear("attn.wv.weight")?,
-            matrix_type(config.d_model),
-        ));
-        plan.push((
+            format!("{p}.attn.wv.weight"),
+            Layout::Transposed,
+            kv,
+            d,
+        );
+        add(
             format!("{blk}.attn_output.weight"),
-            linear("attn.wo.weight")?,
-            matrix_type(config.d_model),
-        ));
-        plan.push((
+            format!("{p}.attn.wo.weight"),
+            Layout::Transposed,
+            d,
+            q_heads * head_dim,
+        );
+        add(
             format!("{blk}.ffn_norm.weight"),
-            get(&format!("{p}.mlp_norm.gamma"))?.clone(),
-            GgmlType::F32,
-        ));
-        plan.push((
+            format!("{p}.mlp_norm.gamma"),
+            Layout::Vector,
+            0,
+            d,
+        );
+        add(
             format!("{blk}.ffn_gate.weight"),
-            linear("mlp.w_gate.weight")?,
-            matrix_type(config.d_model),
-        ));
-        plan.push((
+            format!("{p}.mlp.w_gate.weight"),
+            Layout::Transposed,
+            ffn,
+            d,
+        );
+        add(
             format!("{blk}.ffn_up.weight"),
-            linear("mlp.w_up.weight")?,
-            matrix_type(config.d_model),
-        ));
-        plan.push((
+            format!("{p}.mlp.w_up.weight"),
+            Layout::Transposed,
+            ffn,
+            d,
+        );
+        add(
             format!("{blk}.ffn_down.weight"),
-            linear("mlp.w_down.weight")?,
-            matrix_type(config.ffn_hidden),
-        ));
+            format!("{p}.mlp.w_down.weight"),
+            Layout::Transposed,
+            d,
+            ffn,
+        );
     }
-    plan.push((
+    add(
         "output_norm.weight".into(),
-        get("norm.gamma")?.clone(),
-        GgmlType::F32,
-    ));
+        "norm.gamma".into(),
+        Layout::Vector,
+        0,
+        d,
+    );
     if !config.tie_embeddings {
-        plan.push((
+        add(
             "output.weight".into(),
-            get("lm_head.weight")?.transposed(),
-            matrix_type(config.d_model),
-        ));
+            "lm_head.weight".into(),
+            Layout::Transposed,
+            vocab,
+            d,
+        );
     }
 
     let infos: Vec<TensorInfo> = plan
         .iter()
-        .map(|(name, t, ty)| TensorInfo {
-            name: name.clone(),
-            // Row-major [rows, cols] is ggml's [cols, rows].
-            dims: t.shape.iter().rev().map(|&d| d as u64).collect(),
-            ty: *ty,
+        .map(|p| TensorInfo {
+            name: p.gguf.clone(),
+            dims: p.dims.clone(),
+            ty: p.ty,
         })
         .collect();
     let metadata = llama_metadata(config, name, ty);
     write_gguf(path, &metadata, &infos, |i| {
-        quantize(plan[i].2, &plan[i].1.values)
+        let p = &plan[i];
+        let tensor = named_param(model, &p.ours)
+            .ok_or_else(|| Error::Data(format!("the model has no parameter {}", p.ours)))?;
+        let rows = match p.layout {
+            Layout::Vector | Layout::AsIs => tensor,
+            Layout::Transposed => tensor.transposed(),
+            Layout::Rotary(heads) => permute_rotary(&tensor.transposed(), heads, head_dim),
+        };
+        if rows.values.len() as u64 != p.dims.iter().product::<u64>() {
+            return Err(Error::Data(format!(
+                "parameter {} has shape {:?}, the GGUF tensor {} needs {:?} (ggml order)",
+                p.ours, rows.shape, p.gguf, p.dims
+            )));
+        }
+        quantize(p.ty, &rows.values)
     })?;
     Ok(ExportSummary {
         tensors: infos.iter().map(|t| (t.name.clone(), t.ty)).collect(),
@@ -158,6 +197,28 @@ pub fn export_llama<B: Backend>(
             .map_err(|e| Error::io(path, e))?
             .len(),
     })
+}
+
+/// How a Strata parameter becomes the rows of a GGUF tensor.
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    /// A norm gain: stays a vector, in f32.
+    Vector,
+    /// Already one row per output (the embedding).
+    AsIs,
+    /// A Burn `Linear` weight `[in, out]`: transposed to one row per output.
+    Transposed,
+    /// A query or key projection: transposed, then its rows permuted for llama.cpp's RoPE.
+    Rotary(usize),
+}
+
+struct Planned {
+    gguf: String,
+    ours: String,
+    layout: Layout,
+    /// ggml order: `[cols, rows]`, or `[len]` for a vector.
+    dims: Vec<u64>,
+    ty: GgmlType,
 }
 
 /// HF → GGUF row order of a query or key projection (`[heads·head_dim, d_in]` rows): within each

@@ -51,12 +51,14 @@ impl HostTensor {
     }
 }
 
-struct Collect {
+/// Collects the float parameters whose path `wanted` accepts.
+struct Collect<'a> {
     path: Vec<String>,
+    wanted: &'a dyn Fn(&str) -> bool,
     out: BTreeMap<String, HostTensor>,
 }
 
-impl<B: Backend> ModuleVisitor<B> for Collect {
+impl<B: Backend> ModuleVisitor<B> for Collect<'_> {
     fn enter_module(&mut self, name: &str, _: &str) {
         self.path.push(name.to_owned());
     }
@@ -66,8 +68,10 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.out
-            .insert(self.path.join("."), HostTensor::from_tensor(&param.val()));
+        let path = self.path.join(".");
+        if (self.wanted)(&path) {
+            self.out.insert(path, HostTensor::from_tensor(&param.val()));
+        }
     }
 }
 
@@ -75,10 +79,23 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
 pub fn named_params<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, HostTensor> {
     let mut visitor = Collect {
         path: Vec::new(),
+        wanted: &|_| true,
         out: BTreeMap::new(),
     };
     module.visit(&mut visitor);
     visitor.out
+}
+
+/// One float parameter of `module` by path, copied to the host; the others are not touched, so
+/// a writer can stream a large model one tensor at a time.
+pub fn named_param<B: Backend, M: Module<B>>(module: &M, path: &str) -> Option<HostTensor> {
+    let mut visitor = Collect {
+        path: Vec::new(),
+        wanted: &|p| p == path,
+        out: BTreeMap::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.out.remove(path)
 }
 
 struct Assign<'a> {
