@@ -201,8 +201,8 @@ fn group_table(groups: &[(String, Vec<&Run>)], baseline: usize) -> String {
         "## Results by configuration\n\nFinal validation loss (nats per token) over the runs of \
          each configuration (seeds), mean ± sample standard deviation. Δ is the difference to \
          `{}`; a difference counts as real only where it exceeds twice the larger of the two \
-         standard deviations (groups of one run borrow the other group's). Tokens/s are as run \
-         (several runs shared one GPU); the benchmark tables give each mode's speed alone.\n\n\
+         standard deviations (groups of one run borrow the other group's). Tokens/s are as measured \
+         during the runs, on whatever else the machine was running then.\n\n\
          | configuration | runs | tokens | val loss | Δ vs baseline | beyond 2σ | bits/byte | tokens/s |\n\
          |---|---|---|---|---|---|---|---|\n",
         groups[baseline].0
