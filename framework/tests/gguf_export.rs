@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use strata::backend::Cpu;
 use strata::gguf::export::{export_llama, permute_rotary};
 use strata::gguf::import::{load_llama_gguf, unpermute_rotary};
-use strata::gguf::{GgmlType, Value, read_header};
+use strata::gguf::{GgmlType, Value, ValueType, read_header};
 
 use strata::io::params::{HostTensor, assign_params, named_params};
 use strata::model::{Llama, ModelConfig};
@@ -230,4 +230,61 @@ fn custom_architectures_are_refused_with_the_reason() {
     );
     assert!(!path.exists());
     let _ = named_params(&model);
+}
+
+#[test]
+fn loading_a_file_with_missing_or_foreign_metadata_names_the_key() {
+    let config = config();
+    let model = deterministic_model(&config);
+    let path = out_dir().join("edit-source.gguf");
+    export_llama(
+        &model,
+        &config,
+        &TokenizerConfig::Byte,
+        "x",
+        GgmlType::F32,
+        &path,
+    )
+    .unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let header = read_header(&bytes, &path).unwrap();
+    // Rewrite the file with one metadata entry changed or dropped, the tensors unchanged.
+    let rewrite = |edit: &dyn Fn(&mut Vec<(String, Value)>), name: &str| {
+        let mut metadata = header.metadata.clone();
+        edit(&mut metadata);
+        let infos: Vec<_> = header.tensors.iter().map(|(t, _)| t.clone()).collect();
+        let out = out_dir().join(name);
+        strata::gguf::write_gguf(&out, &metadata, &infos, |i| {
+            Ok(header.tensor_bytes(&bytes, i).unwrap().to_vec())
+        })
+        .unwrap();
+        match load_llama_gguf::<B>(&out, &Default::default()) {
+            Ok(_) => panic!("{name} loaded"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let err = rewrite(
+        &|m| m.retain(|(k, _)| k != "llama.block_count"),
+        "no-blocks.gguf",
+    );
+    assert!(
+        err.contains("llama.block_count") && err.contains("no-blocks.gguf"),
+        "{err}"
+    );
+    let err = rewrite(&|m| m[0].1 = Value::String("mamba".into()), "mamba.gguf");
+    assert!(
+        err.contains("general.architecture") && err.contains("mamba"),
+        "{err}"
+    );
+    let err = rewrite(
+        &|m| {
+            for (k, v) in m.iter_mut() {
+                if k == "tokenizer.ggml.tokens" {
+                    *v = Value::Array(ValueType::String, vec![Value::String("a".into()); 259]);
+                }
+            }
+        },
+        "other-vocab.gguf",
+    );
+    assert!(err.contains("tokenizer"), "{err}");
 }
