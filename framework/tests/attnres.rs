@@ -43,13 +43,7 @@ fn with_weights(config: &ModelConfig, donor: &Llama<B>, random_queries: bool) ->
     let device = Default::default();
     let model = config.init::<B>(&device);
     let donor = named_params(donor);
-    let mut rng = 0x9e3779b97f4a7c15u64;
-    let mut uniform = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
-    };
+    let mut uniform = common::uniform(0x9e3779b97f4a7c15);
     let params: HashMap<String, HostTensor> = named_params(&model)
         .into_iter()
         .map(|(name, mut tensor)| {

@@ -1,17 +1,18 @@
 //! Export to GGUF: the file has what llama.cpp's `llama` loader requires, and loading it back
 //! (dequantized, permutation undone) gives the logits of the exported model. The exported
 //! files and our logits are left in `target/gguf-check/` for `scripts/check/gguf_reference.py`
-//! (an independent numpy forward pass over the GGUF in llama.cpp's conventions), which `.ci/run`
-//! runs after the tests.
+//! (an independent numpy forward pass over the GGUF in llama.cpp's conventions) and
+//! `scripts/check/gguf_llama_cpp.py` (a real llama.cpp), which `.ci/run` runs after the tests.
 
-use std::path::PathBuf;
+mod common;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+
 use strata::backend::Cpu;
 use strata::gguf::export::{export_llama, permute_rotary};
 use strata::gguf::import::{load_llama_gguf, unpermute_rotary};
 use strata::gguf::{GgmlType, Value, ValueType, read_header};
-
 use strata::io::params::{HostTensor, assign_params, named_params};
 use strata::model::{Llama, ModelConfig};
 use strata::tokenizer::TokenizerConfig;
@@ -50,13 +51,7 @@ fn logits(model: &Llama<B>, ids: &[u32]) -> Vec<f32> {
 /// errors below are fixed numbers rather than draws.
 fn deterministic_model(config: &ModelConfig) -> Llama<B> {
     let model = config.init::<B>(&Default::default());
-    let mut state = 0x853c49e6748fea9bu64;
-    let mut uniform = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
-    };
+    let mut uniform = common::uniform(0x853c49e6748fea9b);
     let params: HashMap<String, HostTensor> = named_params(&model)
         .into_iter()
         .map(|(name, mut t)| {

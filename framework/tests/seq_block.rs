@@ -1,6 +1,8 @@
 //! Sequence-block attention against a scalar reference written from its definition, and the
 //! decoder built with it: causal, cache-consistent, and composable with every residual mode.
 
+mod common;
+
 use burn::prelude::*;
 use strata::backend::Cpu;
 use strata::io::params::{assign_params, named_params};
@@ -11,14 +13,9 @@ use strata::train::ids_tensor;
 type B = Cpu;
 
 fn random(shape: [usize; 4], seed: u64) -> (Vec<f32>, Tensor<B, 4>) {
-    let mut state = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    let mut uniform = common::uniform(seed.wrapping_mul(0x9e3779b97f4a7c15) | 1);
     let values: Vec<f32> = (0..shape.iter().product::<usize>())
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f32 / (1u64 << 53) as f32 * 4.0 - 2.0
-        })
+        .map(|_| 2.0 * uniform())
         .collect();
     let tensor = Tensor::from_data(TensorData::new(values.clone(), shape), &Default::default());
     (values, tensor)

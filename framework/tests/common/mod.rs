@@ -63,3 +63,15 @@ pub fn text_corpus(test: &str) -> PathBuf {
     }
     dir
 }
+
+/// A xorshift64 stream of uniform values in [-1, 1) from a non-zero `state`: fixed test data
+/// without an RNG crate or the backend's global RNG (which tests running in parallel share).
+#[allow(dead_code)]
+pub fn uniform(mut state: u64) -> impl FnMut() -> f32 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
+    }
+}
