@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use strata::gguf::{
-    GgmlType, TensorInfo, Value, ValueType, dequantize, quantize, read_header, write_gguf,
+    GgmlType, Metadata, TensorInfo, Value, ValueType, dequantize, quantize, read_header, write_gguf,
 };
 
 fn fixture_f32(name: &str) -> Vec<f32> {
@@ -98,7 +98,7 @@ fn partial_blocks_are_rejected() {
     assert!(err.contains("q8_0") && err.contains("40"), "{err}");
 }
 
-fn sample_file(path: &Path) -> (Vec<(String, Value)>, Vec<TensorInfo>, Vec<Vec<u8>>) {
+fn sample_file(path: &Path) -> (Metadata, Vec<TensorInfo>, Vec<Vec<u8>>) {
     let metadata = vec![
         (
             "general.architecture".to_owned(),
@@ -129,17 +129,7 @@ fn sample_file(path: &Path) -> (Vec<(String, Value)>, Vec<TensorInfo>, Vec<Vec<u
     ];
     let mut tensors = Vec::new();
     let mut data = Vec::new();
-    for (i, ty) in [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, ty) in GgmlType::ALL.into_iter().enumerate() {
         let (cols, rows) = (64, 3 + i);
         let values: Vec<f32> = (0..cols * rows)
             .map(|j| ((j * 37 + i) % 101) as f32 / 50.0 - 1.0)
@@ -184,8 +174,12 @@ fn corrupted_files_give_errors_never_panics() {
     sample_file(&path);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
-    // Every truncation: the last tensor no longer fits, or the header itself is cut.
-    for len in 0..bytes.len() {
+    // Every truncation before the end of the last tensor's data (what follows is alignment
+    // padding): the last tensor no longer fits, or the header itself is cut.
+    let header = read_header(&bytes, &path).unwrap();
+    let (last, start) = header.tensors.last().unwrap();
+    let data_end = *start as usize + last.bytes().unwrap();
+    for len in 0..data_end {
         let result = read_header(&bytes[..len], &path);
         assert!(
             result.is_err(),
@@ -193,7 +187,7 @@ fn corrupted_files_give_errors_never_panics() {
             bytes.len()
         );
     }
-    let err = read_header(&bytes[..bytes.len() - 1], &path)
+    let err = read_header(&bytes[..data_end - 1], &path)
         .unwrap_err()
         .to_string();
     assert!(
@@ -212,7 +206,7 @@ fn corrupted_files_give_errors_never_panics() {
     );
     // Random byte changes anywhere in the header: any outcome but a panic.
     let mut state = 0x2545f4914f6cdd1du64;
-    let header_len = read_header(&bytes, &path).unwrap().tensors[0].1 as usize;
+    let header_len = header.tensors[0].1 as usize;
     for _ in 0..3000 {
         state ^= state << 13;
         state ^= state >> 7;

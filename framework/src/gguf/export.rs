@@ -2,10 +2,9 @@
 //! `general.architecture = "llama"` (tensor names, metadata keys and their exact types as
 //! llama.cpp's loader checks them).
 //!
-//! Two things to know: llama.cpp's `llama` RoPE rotates adjacent pairs, while our RoPE uses Hugging
-//! Face's rotate-half layout, so the rows of the query and key projections are permuted on the way
-//! out (as llama.cpp's `convert_hf_to_gguf.py` does); and the byte tokenizer is written as a
-//! GPT-2-style byte-level BPE vocabulary without merges, which llama.cpp tokenizes byte for byte.
+//! Tensor names and layouts come from [`super::layout`] (query/key rows permuted for llama.cpp's
+//! RoPE); the byte tokenizer is written as a GPT-2-style byte-level BPE vocabulary without
+//! merges, which llama.cpp tokenizes byte for byte.
 
 use std::path::Path;
 
@@ -13,8 +12,9 @@ use burn::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::gguf::format::{TensorInfo, Value, ValueType, write_gguf};
+use crate::gguf::layout::{Layout, llama_tensors};
 use crate::gguf::quant::{GgmlType, quantize};
-use crate::io::params::{HostTensor, named_param};
+use crate::io::params::named_param;
 use crate::model::{AttentionKind, Llama, ModelConfig, ResidualMode};
 use crate::tokenizer::{ByteTokenizer, TokenizerConfig};
 
@@ -52,144 +52,33 @@ pub fn export_llama<B: Backend>(
     }
     // Each tensor is fetched from the model and converted only when the writer reaches it, so
     // the host holds one tensor at a time besides the model itself.
+    let plan = llama_tensors(config);
     let head_dim = config.head_dim();
-    let d = config.d_model;
-    let (q_heads, kv_heads) = (config.n_heads, config.kv_heads());
-    let mut plan: Vec<Planned> = Vec::new();
-    let mut add = |gguf: String, ours: String, layout: Layout, rows: usize, cols: usize| {
-        let ty = match layout {
-            Layout::Vector => GgmlType::F32,
-            _ if cols.is_multiple_of(ty.block_size()) => ty,
-            _ => GgmlType::F16,
-        };
-        plan.push(Planned {
-            gguf,
-            ours,
-            layout,
-            dims: if rows == 0 {
-                vec![cols as u64]
-            } else {
-                vec![cols as u64, rows as u64]
-            },
-            ty,
-        });
-    };
-    let (vocab, ffn, kv) = (config.vocab_size, config.ffn_hidden, kv_heads * head_dim);
-    add(
-        "token_embd.weight".into(),
-        "embed.weight".into(),
-        Layout::AsIs,
-        vocab,
-        d,
-    );
-    for i in 0..config.n_layers {
-        let (blk, p) = (format!("blk.{i}"), format!("blocks.{i}"));
-        add(
-            format!("{blk}.attn_norm.weight"),
-            format!("{p}.attn_norm.gamma"),
-            Layout::Vector,
-            0,
-            d,
-        );
-        add(
-            format!("{blk}.attn_q.weight"),
-            format!("{p}.attn.wq.weight"),
-            Layout::Rotary(q_heads),
-            q_heads * head_dim,
-            d,
-        );
-        add(
-            format!("{blk}.attn_k.weight"),
-            format!("{p}.attn.wk.weight"),
-            Layout::Rotary(kv_heads),
-            kv,
-            d,
-        );
-        add(
-            format!("{blk}.attn_v.weight"),
-            format!("{p}.attn.wv.weight"),
-            Layout::Transposed,
-            kv,
-            d,
-        );
-        add(
-            format!("{blk}.attn_output.weight"),
-            format!("{p}.attn.wo.weight"),
-            Layout::Transposed,
-            d,
-            q_heads * head_dim,
-        );
-        add(
-            format!("{blk}.ffn_norm.weight"),
-            format!("{p}.mlp_norm.gamma"),
-            Layout::Vector,
-            0,
-            d,
-        );
-        add(
-            format!("{blk}.ffn_gate.weight"),
-            format!("{p}.mlp.w_gate.weight"),
-            Layout::Transposed,
-            ffn,
-            d,
-        );
-        add(
-            format!("{blk}.ffn_up.weight"),
-            format!("{p}.mlp.w_up.weight"),
-            Layout::Transposed,
-            ffn,
-            d,
-        );
-        add(
-            format!("{blk}.ffn_down.weight"),
-            format!("{p}.mlp.w_down.weight"),
-            Layout::Transposed,
-            d,
-            ffn,
-        );
-    }
-    add(
-        "output_norm.weight".into(),
-        "norm.gamma".into(),
-        Layout::Vector,
-        0,
-        d,
-    );
-    if !config.tie_embeddings {
-        add(
-            "output.weight".into(),
-            "lm_head.weight".into(),
-            Layout::Transposed,
-            vocab,
-            d,
-        );
-    }
-
     let infos: Vec<TensorInfo> = plan
         .iter()
-        .map(|p| TensorInfo {
-            name: p.gguf.clone(),
-            dims: p.dims.clone(),
-            ty: p.ty,
+        .map(|t| TensorInfo {
+            name: t.gguf.clone(),
+            dims: t.dims.clone(),
+            ty: match t.layout {
+                Layout::Vector => GgmlType::F32,
+                _ if (t.dims[0] as usize).is_multiple_of(ty.block_size()) => ty,
+                _ => GgmlType::F16,
+            },
         })
         .collect();
     let metadata = llama_metadata(config, name, ty);
     write_gguf(path, &metadata, &infos, |i| {
-        let p = &plan[i];
-        let tensor = named_param(model, &p.ours)
-            .ok_or_else(|| Error::Data(format!("the model has no parameter {}", p.ours)))?;
-        let rows = match p.layout {
-            Layout::Vector | Layout::AsIs => tensor,
-            Layout::Transposed => tensor.transposed(),
-            Layout::Rotary(heads) => permute_rotary(&tensor.transposed(), heads, head_dim),
-        };
-        if rows.values.len() as u64 != p.dims.iter().product::<u64>() {
+        let t = &plan[i];
+        let tensor = named_param(model, &t.ours)
+            .ok_or_else(|| Error::Data(format!("the model has no parameter {}", t.ours)))?;
+        let rows = t.layout.to_gguf(tensor, head_dim);
+        if rows.values.len() as u64 != t.dims.iter().product::<u64>() {
             return Err(Error::Data(format!(
                 "parameter {} has shape {:?}, the GGUF tensor {} needs {:?} (ggml order)",
-                p.ours, rows.shape, p.gguf, p.dims
+                t.ours, rows.shape, t.gguf, t.dims
             )));
         }
-        quantize(p.ty, &rows.values)
+        quantize(infos[i].ty, &rows.values)
     })?;
     Ok(ExportSummary {
         tensors: infos.iter().map(|t| (t.name.clone(), t.ty)).collect(),
@@ -197,51 +86,6 @@ pub fn export_llama<B: Backend>(
             .map_err(|e| Error::io(path, e))?
             .len(),
     })
-}
-
-/// How a Strata parameter becomes the rows of a GGUF tensor.
-#[derive(Debug, Clone, Copy)]
-enum Layout {
-    /// A norm gain: stays a vector, in f32.
-    Vector,
-    /// Already one row per output (the embedding).
-    AsIs,
-    /// A Burn `Linear` weight `[in, out]`: transposed to one row per output.
-    Transposed,
-    /// A query or key projection: transposed, then its rows permuted for llama.cpp's RoPE.
-    Rotary(usize),
-}
-
-struct Planned {
-    gguf: String,
-    ours: String,
-    layout: Layout,
-    /// ggml order: `[cols, rows]`, or `[len]` for a vector.
-    dims: Vec<u64>,
-    ty: GgmlType,
-}
-
-/// HF → GGUF row order of a query or key projection (`[heads·head_dim, d_in]` rows): within each
-/// head, row `t·head_dim/2 + i` (rotate-half pair member t of pair i) moves to `2i + t`
-/// (adjacent pairs), the permutation of llama.cpp's `convert_hf_to_gguf.py`.
-pub fn permute_rotary(w: &HostTensor, heads: usize, head_dim: usize) -> HostTensor {
-    let cols = w.shape[1];
-    let half = head_dim / 2;
-    let mut values = vec![0f32; w.values.len()];
-    for h in 0..heads {
-        for t in 0..2 {
-            for i in 0..half {
-                let from = h * head_dim + t * half + i;
-                let to = h * head_dim + 2 * i + t;
-                values[to * cols..(to + 1) * cols]
-                    .copy_from_slice(&w.values[from * cols..(from + 1) * cols]);
-            }
-        }
-    }
-    HostTensor {
-        shape: w.shape.clone(),
-        values,
-    }
 }
 
 fn llama_metadata(config: &ModelConfig, name: &str, ty: GgmlType) -> Vec<(String, Value)> {

@@ -17,6 +17,9 @@ const MAGIC: u32 = 0x4655_4747; // "GGUF"
 const VERSION: u32 = 3;
 pub const DEFAULT_ALIGNMENT: u32 = 32;
 
+/// The metadata of a file: keys and values, in file order.
+pub type Metadata = Vec<(String, Value)>;
+
 /// A metadata value. Arrays carry their element type so that empty arrays can be written.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -153,6 +156,16 @@ impl TensorInfo {
     }
 }
 
+/// `general.alignment`, or the default when absent; the offending value when it is not a
+/// power-of-two u32.
+fn alignment(metadata: &[(String, Value)]) -> std::result::Result<u32, String> {
+    match metadata.iter().find(|(k, _)| k == "general.alignment") {
+        None => Ok(DEFAULT_ALIGNMENT),
+        Some((_, Value::U32(a))) if a.is_power_of_two() => Ok(*a),
+        Some((_, other)) => Err(format!("{other:?}")),
+    }
+}
+
 fn padding(offset: u64, alignment: u64) -> u64 {
     offset.next_multiple_of(alignment) - offset
 }
@@ -166,17 +179,8 @@ pub fn write_gguf(
     tensors: &[TensorInfo],
     mut tensor_data: impl FnMut(usize) -> Result<Vec<u8>>,
 ) -> Result<()> {
-    let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
-        None => DEFAULT_ALIGNMENT,
-        Some((_, Value::U32(a))) if a.is_power_of_two() => *a,
-        Some((_, other)) => {
-            return Err(Error::config(
-                "general.alignment",
-                format!("{other:?}"),
-                "a power of two stored as u32",
-            ));
-        }
-    };
+    let alignment = alignment(metadata)
+        .map_err(|got| Error::config("general.alignment", got, "a power of two stored as u32"))?;
     let sizes = tensors
         .iter()
         .map(|t| {
@@ -272,7 +276,7 @@ impl<W: Write> Write for Counting<W> {
 #[derive(Debug, Clone)]
 pub struct GgufHeader {
     pub version: u32,
-    pub metadata: Vec<(String, Value)>,
+    pub metadata: Metadata,
     pub tensors: Vec<(TensorInfo, u64)>,
     pub alignment: u32,
 }
@@ -323,15 +327,11 @@ pub fn read_header(bytes: &[u8], origin: &Path) -> Result<GgufHeader> {
         let value = r.value(kind, 0)?;
         metadata.push((key, value));
     }
-    let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
-        None => DEFAULT_ALIGNMENT,
-        Some((_, Value::U32(a))) if a.is_power_of_two() => *a,
-        Some((_, other)) => {
-            return Err(r.error(format!(
-                "general.alignment is {other:?}; expected a power of two stored as u32"
-            )));
-        }
-    };
+    let alignment = alignment(&metadata).map_err(|got| {
+        r.error(format!(
+            "general.alignment is {got}; expected a power of two stored as u32"
+        ))
+    })?;
     let mut infos = Vec::with_capacity(n_tensors as usize);
     for _ in 0..n_tensors {
         let name = r.string()?;

@@ -1,5 +1,5 @@
 //! Loading a `llama`-architecture GGUF file into a Strata model: every tensor is dequantized to
-//! f32 and put back in Strata's layout (the export's query/key row permutation undone), so
+//! f32 and put back in Strata's layout ([`super::layout`], the query/key permutation undone), so
 //! `generate` and `eval` run GGUF files, and a GGUF model can be trained further. Quantized
 //! kernels that compute on the blocks directly are not implemented yet.
 
@@ -10,6 +10,7 @@ use burn::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::gguf::format::{GgufHeader, Value, read_header};
+use crate::gguf::layout::llama_tensors;
 use crate::gguf::quant::dequantize;
 use crate::io::params::{HostTensor, assign_params};
 use crate::model::{Llama, ModelConfig};
@@ -33,62 +34,16 @@ pub fn load_llama_gguf<B: Backend>(
         let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
         tensors.insert(info.name.clone(), HostTensor { shape, values });
     }
-    let mut take = |name: &str| {
-        tensors
-            .remove(name)
-            .ok_or_else(|| Error::file(path, format!("has no tensor {name}")))
-    };
     let head_dim = config.head_dim();
     let mut params = HashMap::new();
-    params.insert("embed.weight".to_owned(), take("token_embd.weight")?);
-    params.insert("norm.gamma".to_owned(), take("output_norm.weight")?);
-    if !config.tie_embeddings {
-        params.insert(
-            "lm_head.weight".to_owned(),
-            take("output.weight")?.transposed(),
-        );
-    }
-    for l in 0..config.n_layers {
-        let blk = |name: &str| format!("blk.{l}.{name}.weight");
-        let ours = |name: &str| format!("blocks.{l}.{name}");
-        params.insert(ours("attn_norm.gamma"), take(&blk("attn_norm"))?);
-        params.insert(ours("mlp_norm.gamma"), take(&blk("ffn_norm"))?);
-        let q = unpermute_rotary(&take(&blk("attn_q"))?, config.n_heads, head_dim);
-        let k = unpermute_rotary(&take(&blk("attn_k"))?, config.kv_heads(), head_dim);
-        params.insert(ours("attn.wq.weight"), q.transposed());
-        params.insert(ours("attn.wk.weight"), k.transposed());
-        for (gguf, strata) in [
-            ("attn_v", "attn.wv.weight"),
-            ("attn_output", "attn.wo.weight"),
-            ("ffn_gate", "mlp.w_gate.weight"),
-            ("ffn_up", "mlp.w_up.weight"),
-            ("ffn_down", "mlp.w_down.weight"),
-        ] {
-            params.insert(ours(strata), take(&blk(gguf))?.transposed());
-        }
+    for t in llama_tensors(&config) {
+        let found = tensors
+            .remove(&t.gguf)
+            .ok_or_else(|| Error::file(path, format!("has no tensor {}", t.gguf)))?;
+        params.insert(t.ours, t.layout.from_gguf(found, head_dim));
     }
     let model = assign_params(config.init::<B>(device), &params, path)?;
     Ok((config, model, Box::new(ByteTokenizer)))
-}
-
-/// The inverse of [`super::export::permute_rotary`]: adjacent pairs back to rotate-half rows.
-pub fn unpermute_rotary(w: &HostTensor, heads: usize, head_dim: usize) -> HostTensor {
-    let cols = w.shape[1];
-    let half = head_dim / 2;
-    let mut values = vec![0f32; w.values.len()];
-    for h in 0..heads {
-        for t in 0..2 {
-            for i in 0..half {
-                let (gguf_row, our_row) = (h * head_dim + 2 * i + t, h * head_dim + t * half + i);
-                values[our_row * cols..(our_row + 1) * cols]
-                    .copy_from_slice(&w.values[gguf_row * cols..(gguf_row + 1) * cols]);
-            }
-        }
-    }
-    HostTensor {
-        shape: w.shape.clone(),
-        values,
-    }
 }
 
 fn llama_config(header: &GgufHeader, path: &Path) -> Result<ModelConfig> {

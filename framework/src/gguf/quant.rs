@@ -26,18 +26,19 @@ pub enum GgmlType {
     Q5_1,
 }
 
-const ALL: [GgmlType; 8] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q8_0,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-];
-
 impl GgmlType {
+    /// Every type this module reads and writes.
+    pub const ALL: [GgmlType; 8] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+    ];
+
     /// The `ggml_type` id stored in GGUF tensor infos.
     pub fn id(self) -> u32 {
         match self {
@@ -53,7 +54,7 @@ impl GgmlType {
     }
 
     pub fn from_id(id: u32) -> Option<Self> {
-        ALL.into_iter().find(|t| t.id() == id)
+        Self::ALL.into_iter().find(|t| t.id() == id)
     }
 
     /// The lower-case name llama.cpp uses (`q8_0`), also accepted by [`GgmlType::parse`].
@@ -71,7 +72,8 @@ impl GgmlType {
     }
 
     pub fn parse(name: &str) -> Option<Self> {
-        ALL.into_iter()
+        Self::ALL
+            .into_iter()
             .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
