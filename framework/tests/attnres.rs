@@ -143,7 +143,7 @@ fn plain_forward(model: &Llama<B>, block_len: usize, tokens: &[u32]) -> Vec<f32>
             Some(p) => p + out,
             None => out,
         };
-        if (layer + 1) % block_len == 0 {
+        if (layer + 1).is_multiple_of(block_len) {
             blocks.push(sum);
         } else {
             *partial = Some(sum);

@@ -170,11 +170,8 @@ fn sublayer_name(layer: usize, sublayers: usize) -> String {
 /// What each source of sub-layer `layer` is: the embedding, a completed block (under Full
 /// AttnRes, the output of one sub-layer), or the current block's partial sum.
 fn source_names(block_len: usize, layer: usize, count: usize) -> Vec<String> {
-    let completed = if block_len == 0 {
-        0
-    } else {
-        1 + layer / block_len
-    };
+    // Not AttnRes (block length 0): no sources.
+    let completed = layer.checked_div(block_len).map_or(0, |n| n + 1);
     (0..count)
         .map(|s| match s {
             0 => "embedding".into(),

@@ -9,6 +9,7 @@ use burn::tensor::activation::{log_softmax, silu};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::io::params::HostTensor;
 use crate::nn::attention::{Attention, LayerKvCache, Mixing};
 use crate::nn::attnres::{DepthAttention, DepthStream};
 use crate::nn::rope::Rope;
@@ -525,7 +526,7 @@ impl<B: Backend> Llama<B> {
             (Stream::Depth(depth), Some(read)) => {
                 let (_, weights) = read.forward_with_weights(&depth.sources());
                 let [batch, seq, n] = weights.dims();
-                host_values(weights.reshape([batch * seq, n]).mean_dim(0))
+                HostTensor::from_tensor(&weights.reshape([batch * seq, n]).mean_dim(0)).values
             }
             _ => Vec::new(),
         }
@@ -544,10 +545,6 @@ impl<B: Backend> Llama<B> {
 
 fn rms<B: Backend>(x: &Tensor<B, 3>) -> f32 {
     x.clone().square().mean().sqrt().into_scalar().elem::<f32>()
-}
-
-fn host_values<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
-    x.into_data().convert::<f32>().to_vec().unwrap_or_default()
 }
 
 /// Mean of −log softmax(logits)[target] over all positions.

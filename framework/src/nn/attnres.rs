@@ -152,7 +152,7 @@ impl<'a, B: Backend> DepthStream<'a, B> {
             Some(partial) => partial + output,
             None => output,
         };
-        if (layer + 1) % self.block_len == 0 {
+        if (layer + 1).is_multiple_of(self.block_len) {
             self.close_block(partial);
         } else {
             self.partial = Some(partial);
