@@ -51,6 +51,12 @@ struct Run {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if args.out.extension().is_none_or(|e| e != "md") {
+        bail!(
+            "-o {}: expected a Markdown file path ending in .md",
+            args.out.display()
+        );
+    }
     let mut dirs = Vec::new();
     for path in &args.runs {
         if path.join("summary.json").exists() {
@@ -94,12 +100,6 @@ pub fn run(args: Args) -> Result<()> {
         None => 0,
     };
 
-    if args.out.extension().is_none_or(|e| e != "md") {
-        bail!(
-            "-o {}: expected a Markdown file path ending in .md",
-            args.out.display()
-        );
-    }
     let figures = args.out.with_extension("");
     std::fs::create_dir_all(&figures).with_context(|| format!("creating {}", figures.display()))?;
     let figures_link = figures
@@ -133,6 +133,19 @@ fn read_run(dir: &Path) -> Result<Run> {
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json"))?)?;
     let config = ExperimentConfig::load(&dir.join("config.toml"), &[])?;
     let metrics = read_csv(&dir.join("metrics.csv"))?;
+    // The columns the figures plot.
+    for column in [
+        "tokens",
+        "elapsed_sec",
+        "lr",
+        "train_loss",
+        "val_loss",
+        "grad_norm",
+    ] {
+        if !metrics.contains_key(column) {
+            bail!("{}: no column {column}", dir.join("metrics.csv").display());
+        }
+    }
     let depth = if dir.join("depth.csv").exists() {
         read_csv(&dir.join("depth.csv"))?
     } else {

@@ -157,3 +157,92 @@ fn bad_input_gets_a_clear_error() {
         assert!(!text(&out).contains("panicked"), "{args:?} panicked");
     }
 }
+
+#[test]
+fn report_export_and_their_errors() {
+    let dir = workspace("report");
+    for seed in ["1", "2"] {
+        let out = strata(
+            &[
+                "train",
+                "tiny.toml",
+                "--set",
+                &format!("train.seed={seed}"),
+                "--run-dir",
+                &format!("runs/s{seed}"),
+            ],
+            &dir,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    }
+
+    // Two seeds of one config form one group.
+    let out = strata(
+        &["report", "runs", "-o", "rep/report.md", "--title", "Tiny"],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let report = std::fs::read_to_string(dir.join("rep/report.md")).unwrap();
+    assert!(
+        report.starts_with("# Tiny") && report.contains("| tiny | 2 |"),
+        "{report}"
+    );
+    for figure in [
+        "val_loss_tokens.svg",
+        "val_loss_time.svg",
+        "depth_input_rms.svg",
+    ] {
+        let svg = std::fs::read_to_string(dir.join("rep/report").join(figure)).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("</svg>"), "{figure}");
+        assert!(
+            report.contains(&format!("(report/{figure})")),
+            "{figure} not linked"
+        );
+    }
+
+    let out = strata(
+        &["export", "runs/s1", "--type", "q8_0", "-o", "tiny.gguf"],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = strata(
+        &[
+            "generate",
+            "tiny.gguf",
+            "--prompt",
+            "What",
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("What"));
+
+    let out = strata(
+        &["export", "runs/s1", "--type", "q3_k", "-o", "x.gguf"],
+        &dir,
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("--type q3_k"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.join("x.gguf").exists());
+
+    std::fs::write(dir.join("runs/s2/metrics.csv"), "step,tokens\n1,2\n").unwrap();
+    let out = strata(&["report", "runs", "-o", "rep2/report.md"], &dir);
+    assert!(
+        !out.status.success() && text(&out).contains("metrics.csv: no column elapsed_sec"),
+        "{}",
+        text(&out)
+    );
+    let out = strata(&["report", "runs", "-o", "rep3/report.html"], &dir);
+    assert!(
+        !out.status.success() && text(&out).contains(".md"),
+        "{}",
+        text(&out)
+    );
+}
