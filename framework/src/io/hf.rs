@@ -118,34 +118,47 @@ fn read_shards(dir: &Path) -> Result<HashMap<String, HostTensor>> {
     Ok(all)
 }
 
+/// Per-layer tensors: HF's name under `model.layers.N.`, ours under `blocks.N.`, and whether it
+/// is a linear weight (stored transposed).
+const LAYER_TENSORS: [(&str, &str, bool); 9] = [
+    ("self_attn.q_proj.weight", "attn.wq.weight", true),
+    ("self_attn.k_proj.weight", "attn.wk.weight", true),
+    ("self_attn.v_proj.weight", "attn.wv.weight", true),
+    ("self_attn.o_proj.weight", "attn.wo.weight", true),
+    ("mlp.gate_proj.weight", "mlp.w_gate.weight", true),
+    ("mlp.up_proj.weight", "mlp.w_up.weight", true),
+    ("mlp.down_proj.weight", "mlp.w_down.weight", true),
+    ("input_layernorm.weight", "attn_norm.gamma", false),
+    ("post_attention_layernorm.weight", "mlp_norm.gamma", false),
+];
+
+/// Whole-model tensors: HF's name, ours, transposed.
+const MODEL_TENSORS: [(&str, &str, bool); 3] = [
+    ("model.embed_tokens.weight", "embed.weight", false),
+    ("model.norm.weight", "norm.gamma", false),
+    ("lm_head.weight", "lm_head.weight", true),
+];
+
 /// HF tensor name → our parameter path, and whether the tensor is a linear weight to transpose.
-fn our_name(hf: &str) -> Option<(String, bool)> {
-    let map_layer = |rest: &str| -> Option<(&str, bool)> {
-        Some(match rest {
-            "self_attn.q_proj.weight" => ("attn.wq.weight", true),
-            "self_attn.k_proj.weight" => ("attn.wk.weight", true),
-            "self_attn.v_proj.weight" => ("attn.wv.weight", true),
-            "self_attn.o_proj.weight" => ("attn.wo.weight", true),
-            "mlp.gate_proj.weight" => ("mlp.w_gate.weight", true),
-            "mlp.up_proj.weight" => ("mlp.w_up.weight", true),
-            "mlp.down_proj.weight" => ("mlp.w_down.weight", true),
-            "input_layernorm.weight" => ("attn_norm.gamma", false),
-            "post_attention_layernorm.weight" => ("mlp_norm.gamma", false),
-            _ => return None,
-        })
-    };
-    match hf {
-        "model.embed_tokens.weight" => Some(("embed.weight".into(), false)),
-        "model.norm.weight" => Some(("norm.gamma".into(), false)),
-        "lm_head.weight" => Some(("lm_head.weight".into(), true)),
-        _ => {
-            let rest = hf.strip_prefix("model.layers.")?;
-            let (index, rest) = rest.split_once('.')?;
-            let index: usize = index.parse().ok()?;
-            let (name, transpose) = map_layer(rest)?;
-            Some((format!("blocks.{index}.{name}"), transpose))
-        }
+pub fn our_name(hf: &str) -> Option<(String, bool)> {
+    if let Some((_, ours, t)) = MODEL_TENSORS.iter().find(|(name, _, _)| *name == hf) {
+        return Some((ours.to_string(), *t));
     }
+    let (index, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let index: usize = index.parse().ok()?;
+    let (_, ours, t) = LAYER_TENSORS.iter().find(|(name, _, _)| *name == rest)?;
+    Some((format!("blocks.{index}.{ours}"), *t))
+}
+
+/// Our parameter path → HF's tensor name (the inverse of [`our_name`]).
+pub fn hf_name(ours: &str) -> Option<String> {
+    if let Some((hf, _, _)) = MODEL_TENSORS.iter().find(|(_, name, _)| *name == ours) {
+        return Some(hf.to_string());
+    }
+    let (index, rest) = ours.strip_prefix("blocks.")?.split_once('.')?;
+    let index: usize = index.parse().ok()?;
+    let (hf, _, _) = LAYER_TENSORS.iter().find(|(_, name, _)| *name == rest)?;
+    Some(format!("model.layers.{index}.{hf}"))
 }
 
 /// Loads a HF Llama checkpoint folder as a model on `device`.

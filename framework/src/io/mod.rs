@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod hf;
 pub mod params;
+pub mod peft;
 
 use std::fs::File;
 use std::path::Path;

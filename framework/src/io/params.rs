@@ -77,9 +77,17 @@ impl<B: Backend> ModuleVisitor<B> for Collect<'_> {
 
 /// Every float parameter of `module`, by path.
 pub fn named_params<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, HostTensor> {
+    named_params_where(module, &|_| true)
+}
+
+/// The float parameters of `module` whose path `wanted` accepts.
+pub fn named_params_where<B: Backend, M: Module<B>>(
+    module: &M,
+    wanted: &dyn Fn(&str) -> bool,
+) -> BTreeMap<String, HostTensor> {
     let mut visitor = Collect {
         path: Vec::new(),
-        wanted: &|_| true,
+        wanted,
         out: BTreeMap::new(),
     };
     module.visit(&mut visitor);
@@ -100,6 +108,7 @@ pub fn named_param<B: Backend, M: Module<B>>(module: &M, path: &str) -> Option<H
 
 struct Assign<'a> {
     path: Vec<String>,
+    wanted: &'a dyn Fn(&str) -> bool,
     source: &'a HashMap<String, HostTensor>,
     errors: Vec<String>,
     used: usize,
@@ -116,6 +125,9 @@ impl<B: Backend> ModuleMapper<B> for Assign<'_> {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let name = self.path.join(".");
+        if !(self.wanted)(&name) {
+            return param;
+        }
         let (id, tensor, mapper) = param.consume();
         let tensor = match self.source.get(&name) {
             None => {
@@ -151,15 +163,26 @@ pub fn assign_params<B: Backend, M: Module<B>>(
     source: &HashMap<String, HostTensor>,
     origin: &Path,
 ) -> Result<M> {
+    assign_params_where(module, source, origin, &|_| true)
+}
+
+/// [`assign_params`] for the parameters whose path `wanted` accepts; the others keep their values.
+pub fn assign_params_where<B: Backend, M: Module<B>>(
+    module: M,
+    source: &HashMap<String, HostTensor>,
+    origin: &Path,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<M> {
     let mut mapper = Assign {
         path: Vec::new(),
+        wanted,
         source,
         errors: Vec::new(),
         used: 0,
     };
     let module = module.map(&mut mapper);
     if mapper.used < source.len() && mapper.errors.is_empty() {
-        let expected = named_params::<B, M>(&module);
+        let expected = named_params_where::<B, M>(&module, wanted);
         let unused: Vec<&String> = source
             .keys()
             .filter(|k| !expected.contains_key(*k))

@@ -1,9 +1,7 @@
 //! A Llama-style decoder: token embedding, pre-norm blocks of rotary grouped-query attention and
 //! a SwiGLU MLP, final RMSNorm, LM head (tied to the embedding or not).
 
-use burn::nn::{
-    Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
-};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, silu};
 use serde::{Deserialize, Serialize};
@@ -12,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::io::params::HostTensor;
 use crate::nn::attention::{Attention, LayerKvCache, Mixing};
 use crate::nn::attnres::{DepthAttention, DepthStream};
+use crate::nn::lora::{LoraConfig, LoraLinear};
 use crate::nn::rope::Rope;
 
 /// How the input of each sub-layer (attention or MLP) is formed from the embedding and the
@@ -283,18 +282,15 @@ fn linear<B: Backend>(
     d_out: usize,
     init: &Initializer,
     device: &B::Device,
-) -> Linear<B> {
-    LinearConfig::new(d_in, d_out)
-        .with_bias(false)
-        .with_initializer(init.clone())
-        .init(device)
+) -> LoraLinear<B> {
+    LoraLinear::new(d_in, d_out, init, device)
 }
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub w_gate: Linear<B>,
-    pub w_up: Linear<B>,
-    pub w_down: Linear<B>,
+    pub w_gate: LoraLinear<B>,
+    pub w_up: LoraLinear<B>,
+    pub w_down: LoraLinear<B>,
 }
 
 impl<B: Backend> Mlp<B> {
@@ -389,7 +385,7 @@ pub struct Llama<B: Backend> {
     /// AttnRes: the read that forms the final hidden state from every block.
     pub output_res: Option<DepthAttention<B>>,
     pub norm: RmsNorm<B>,
-    pub lm_head: Option<Linear<B>>,
+    pub lm_head: Option<LoraLinear<B>>,
     pub rope: Rope<B>,
     #[module(skip)]
     pub residual: ResidualMode,
@@ -530,6 +526,66 @@ impl<B: Backend> Llama<B> {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// Freezes every weight and attaches fresh adapters (B = 0, so the outputs are unchanged)
+    /// to the projections `config` targets; only the adapters then receive gradients.
+    pub fn with_lora(self, config: &LoraConfig) -> Result<Self> {
+        config.validate("lora.")?;
+        if config.targets("lm_head") && self.lm_head.is_none() {
+            return Err(Error::config(
+                "lora.targets",
+                "\"lm_head\"",
+                "an untied LM head (this model ties it to the embedding)",
+            ));
+        }
+        Ok(self.no_grad().map_projections(|target, p| {
+            if config.targets(target) {
+                p.with_lora(config)
+            } else {
+                p
+            }
+        }))
+    }
+
+    /// Folds every adapter into its base weight (adapters kept, marked merged).
+    pub fn merge_lora(self) -> Self {
+        self.map_projections(|_, p| p.merge())
+    }
+
+    /// Undoes [`Self::merge_lora`].
+    pub fn unmerge_lora(self) -> Self {
+        self.map_projections(|_, p| p.unmerge())
+    }
+
+    /// The model with adapters folded in and removed: a plain model to save or export.
+    pub fn merged_plain(self) -> Self {
+        self.map_projections(|_, p| p.merged_plain())
+    }
+
+    /// Applies `f` to every projection, with its LoRA target name.
+    fn map_projections(
+        mut self,
+        f: impl Fn(&'static str, LoraLinear<B>) -> LoraLinear<B>,
+    ) -> Self {
+        self.blocks = self
+            .blocks
+            .into_iter()
+            .map(|mut block| {
+                let attn = &mut block.attn;
+                attn.wq = f("q", attn.wq.clone());
+                attn.wk = f("k", attn.wk.clone());
+                attn.wv = f("v", attn.wv.clone());
+                attn.wo = f("o", attn.wo.clone());
+                let mlp = &mut block.mlp;
+                mlp.w_gate = f("gate", mlp.w_gate.clone());
+                mlp.w_up = f("up", mlp.w_up.clone());
+                mlp.w_down = f("down", mlp.w_down.clone());
+                block
+            })
+            .collect();
+        self.lm_head = self.lm_head.map(|head| f("lm_head", head));
+        self
     }
 
     pub fn max_seq_len(&self) -> usize {

@@ -1,10 +1,11 @@
 //! Causal grouped-query self-attention with rotary positions and an optional KV cache.
 
-use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::nn::Initializer;
 use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use super::lora::LoraLinear;
 use super::rope::Rope;
 use super::seq_block::{seq_block_attention, seq_block_attention_at};
 
@@ -26,10 +27,10 @@ pub struct LayerKvCache<B: Backend> {
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub wq: Linear<B>,
-    pub wk: Linear<B>,
-    pub wv: Linear<B>,
-    pub wo: Linear<B>,
+    pub wq: LoraLinear<B>,
+    pub wk: LoraLinear<B>,
+    pub wv: LoraLinear<B>,
+    pub wo: LoraLinear<B>,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -48,12 +49,7 @@ impl<B: Backend> Attention<B> {
         device: &B::Device,
     ) -> Self {
         let head_dim = d_model / n_heads;
-        let linear = |d_in, d_out, init: &Initializer| {
-            LinearConfig::new(d_in, d_out)
-                .with_bias(false)
-                .with_initializer(init.clone())
-                .init(device)
-        };
+        let linear = |d_in, d_out, init: &Initializer| LoraLinear::new(d_in, d_out, init, device);
         Self {
             wq: linear(d_model, n_heads * head_dim, &init),
             wk: linear(d_model, n_kv_heads * head_dim, &init),

@@ -2,5 +2,6 @@
 
 pub mod attention;
 pub mod attnres;
+pub mod lora;
 pub mod rope;
 pub mod seq_block;
