@@ -56,6 +56,7 @@ fn run_with<B: AutodiffBackend>(
         let batch = Batch {
             inputs: ids.clone(),
             targets: ids,
+            loss_mask: Vec::new(),
             batch: tc.batch_size,
             seq: tc.seq_len,
         };

@@ -1,4 +1,4 @@
-//! `strata export RUN_DIR|CHECKPOINT --type q8_0 -o model.gguf`: a GGUF file llama.cpp serves.
+//! `strata export RUN_DIR|CHECKPOINT [--adapter DIR] --type q8_0 -o model.gguf`: a GGUF file llama.cpp serves.
 
 use std::path::PathBuf;
 
@@ -7,6 +7,7 @@ use strata::backend::Cpu;
 use strata::gguf::GgmlType;
 use strata::gguf::export::export_llama;
 use strata::io::load_model;
+use strata::io::peft::load_adapter;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -15,6 +16,9 @@ pub struct Args {
     /// Storage type of the weight matrices: f32, f16, bf16, q8_0, q5_0, q5_1, q4_0 or q4_1.
     #[arg(long = "type", default_value = "q8_0")]
     ty: String,
+    /// A PEFT adapter folder to merge into the model before export.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The GGUF file to write.
     #[arg(short, long)]
     out: PathBuf,
@@ -28,7 +32,14 @@ pub fn run(args: Args) -> Result<()> {
         );
     };
     // Export only reads weights: the CPU backend is enough.
-    let loaded = load_model::<Cpu>(&args.model, &Default::default())?;
+    let mut loaded = load_model::<Cpu>(&args.model, &Default::default())?;
+    if let Some(dir) = &args.adapter {
+        loaded.model = load_adapter(loaded.model, dir)
+            .with_context(|| format!("loading the adapter in {}", dir.display()))?
+            .1;
+    }
+    // Adapters (of a LoRA run, or from --adapter) are folded into the weights llama.cpp reads.
+    loaded.model = loaded.model.merged_plain();
     let Some(experiment) = &loaded.experiment else {
         bail!(
             "{}: exporting Hugging Face checkpoints is not implemented yet; export a Strata run",

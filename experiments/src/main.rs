@@ -6,8 +6,10 @@ mod bench_attention;
 mod bench_decode;
 mod eval;
 mod export;
+mod finetune;
 mod generate;
 mod memory;
+mod merge;
 mod report;
 mod train;
 
@@ -43,6 +45,10 @@ struct Cli {
 enum Command {
     /// Train a model from a TOML config.
     Train(train::Args),
+    /// Fine-tune a trained model (LoRA adapters or every weight) from a TOML config.
+    Finetune(train::Args),
+    /// Fold LoRA adapters into their base model and save it as a run directory.
+    Merge(merge::Args),
     /// Validation loss, perplexity and bits per byte of a checkpoint.
     Eval(eval::Args),
     /// Write a trained model as a GGUF file for llama.cpp.
@@ -64,6 +70,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train::run(args),
+        Command::Finetune(args) => finetune::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::BenchTrain(args) => bench::run(args),

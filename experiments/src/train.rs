@@ -33,14 +33,24 @@ pub struct Args {
     backend: BackendArgs,
 }
 
+impl Args {
+    pub fn load_config(&self) -> Result<ExperimentConfig> {
+        Ok(match (&self.config, &self.resume) {
+            (Some(path), _) => ExperimentConfig::load(path, &self.overrides)?,
+            (None, Some(run_dir)) => {
+                ExperimentConfig::load(&run_dir.join("config.toml"), &self.overrides)?
+            }
+            (None, None) => bail!("give a config file, or --resume RUN_DIR"),
+        })
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
-    let config = match (&args.config, &args.resume) {
-        (Some(path), _) => ExperimentConfig::load(path, &args.overrides)?,
-        (None, Some(run_dir)) => {
-            ExperimentConfig::load(&run_dir.join("config.toml"), &args.overrides)?
-        }
-        (None, None) => bail!("give a config file, or --resume RUN_DIR"),
-    };
+    let config = args.load_config()?;
+    run_config(args, config)
+}
+
+pub fn run_config(args: Args, config: ExperimentConfig) -> Result<()> {
     let run_dir = match (&args.resume, &args.run_dir) {
         (Some(dir), _) => dir.clone(),
         (None, Some(dir)) => dir.clone(),
@@ -70,11 +80,17 @@ fn run_with<B: AutodiffBackend>(
             start_step,
             max_steps,
             params,
+            trainable_params,
             train_tokens,
             val_tokens,
         } => {
+            let trained = if trainable_params < params {
+                format!(" ({trainable_params} trained)")
+            } else {
+                String::new()
+            };
             println!(
-                "run {} | {params} parameters | {train_tokens} train / {val_tokens} validation tokens | backend {backend}",
+                "run {} | {params} parameters{trained} | {train_tokens} train / {val_tokens} validation tokens | backend {backend}",
                 run_dir.display()
             );
             if start_step > 0 {

@@ -2,13 +2,14 @@
 //! `[train]`. The file, the `--set key.path=value` overrides and the config saved in a run
 //! directory are the same struct, validated the same way.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::data::DataConfig;
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
+use crate::nn::lora::LoraConfig;
 use crate::tokenizer::TokenizerConfig;
 use crate::train::TrainConfig;
 
@@ -21,6 +22,18 @@ pub struct ExperimentConfig {
     pub tokenizer: TokenizerConfig,
     pub data: DataConfig,
     pub train: TrainConfig,
+    /// Start from a trained model instead of random weights.
+    pub finetune: Option<FinetuneConfig>,
+    /// Train LoRA adapters on the frozen `finetune.base` instead of every weight.
+    pub lora: Option<LoraConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    /// A Strata run or checkpoint folder, a Hugging Face Llama folder, or a `.gguf` file. Its
+    /// architecture and tokenizer replace `[model]` and `[tokenizer]`.
+    pub base: PathBuf,
 }
 
 impl Default for ExperimentConfig {
@@ -31,6 +44,8 @@ impl Default for ExperimentConfig {
             tokenizer: TokenizerConfig::default(),
             data: DataConfig::default(),
             train: TrainConfig::default(),
+            finetune: None,
+            lora: None,
         }
     }
 }
@@ -60,8 +75,9 @@ impl ExperimentConfig {
         }
         // Re-parse the merged text so that errors point at the offending line and key.
         let merged = toml::to_string(&value).map_err(|e| Error::Toml(e.to_string()))?;
-        let config: ExperimentConfig =
+        let mut config: ExperimentConfig =
             toml::from_str(&merged).map_err(|e| Error::Toml(e.to_string()))?;
+        config.resolve_base()?;
         config.validate()?;
         Ok(config)
     }
@@ -76,6 +92,16 @@ impl ExperimentConfig {
         }
         self.model.validate("model.")?;
         self.data.validate("data.")?;
+        if let Some(lora) = &self.lora {
+            lora.validate("lora.")?;
+            if self.finetune.is_none() {
+                return Err(Error::config(
+                    "lora",
+                    "a [lora] section",
+                    "a [finetune] section with the base model the adapters train on",
+                ));
+            }
+        }
         self.train.validate("train.")?;
         if self.train.seq_len > self.model.max_seq_len {
             return Err(Error::config(
@@ -87,6 +113,44 @@ impl ExperimentConfig {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// For a fine-tuning config, takes `[model]` and `[tokenizer]` from `finetune.base`. A
+    /// `[model]` or `[tokenizer]` that disagrees with the base is an error, never overridden
+    /// silently.
+    fn resolve_base(&mut self) -> Result<()> {
+        let Some(finetune) = &self.finetune else {
+            return Ok(());
+        };
+        let (model, tokenizer) = crate::io::describe_model(&finetune.base)?;
+        for (key, given, default, base) in [
+            (
+                "model",
+                format!("{:?}", self.model),
+                format!("{:?}", ModelConfig::default()),
+                format!("{model:?}"),
+            ),
+            (
+                "tokenizer",
+                format!("{:?}", self.tokenizer),
+                format!("{:?}", TokenizerConfig::default()),
+                format!("{tokenizer:?}"),
+            ),
+        ] {
+            if given != default && given != base {
+                return Err(Error::config(
+                    key,
+                    format!("a [{key}] section"),
+                    format!(
+                        "none: a fine-tuning run takes its {key} from finetune.base ({})",
+                        finetune.base.display()
+                    ),
+                ));
+            }
+        }
+        self.model = model;
+        self.tokenizer = tokenizer;
         Ok(())
     }
 

@@ -66,7 +66,10 @@ fn check_peft_fixture(name: &str) {
         .zip(&base_logits)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(moved > 1e-2, "{name}: the adapter barely changes the logits ({moved})");
+    assert!(
+        moved > 1e-2,
+        "{name}: the adapter barely changes the logits ({moved})"
+    );
 
     let merged = adapted.merge_lora();
     assert_close(
@@ -205,7 +208,10 @@ fn adapters_saved_in_peft_layout_load_back_identically() {
     let dir = std::env::temp_dir().join(format!("strata-lora-roundtrip-{}", std::process::id()));
     save_adapter(&adapted, &config, "tiny", &dir).unwrap();
     let text = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
-    assert!(text.contains("\"v_proj\"") && text.contains("\"lm_head\""), "{text}");
+    assert!(
+        text.contains("\"v_proj\"") && text.contains("\"lm_head\""),
+        "{text}"
+    );
     let (loaded_config, loaded) = load_adapter(base, &dir).unwrap();
     assert_eq!(loaded_config.rank, 2);
     assert_eq!(loaded_config.scale(), 2.5);
@@ -254,6 +260,66 @@ fn unsupported_peft_options_and_bad_targets_are_named() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("lora.targets") && err.contains("untied"), "{err}");
+    assert!(
+        err.contains("lora.targets") && err.contains("untied"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An adapter written here, on the HF fixture base, with the logits we compute for it, left in
+/// `target/peft-check/` for `scripts/check/peft_load.py` (which loads it with PEFT).
+#[test]
+fn adapter_for_the_peft_check() {
+    let device = Default::default();
+    let (_, base) = load_llama::<B>(&fixture("tiny_llama"), &device).unwrap();
+    let config = LoraConfig {
+        rank: 4,
+        alpha: 12.0,
+        targets: vec!["k".into(), "o".into(), "gate".into(), "down".into()],
+        ..LoraConfig::default()
+    };
+    let mut adapted = base.with_lora(&config).unwrap();
+    let mut next = common::uniform(7);
+    for block in &mut adapted.blocks {
+        for lora in [
+            &mut block.attn.wk.lora,
+            &mut block.attn.wo.lora,
+            &mut block.mlp.w_gate.lora,
+            &mut block.mlp.w_down.lora,
+        ] {
+            let lora = lora.as_mut().unwrap();
+            lora.b = lora.b.clone().map(|t| {
+                let dims = t.dims();
+                let values: Vec<f32> = (0..dims[0] * dims[1]).map(|_| 0.2 * next()).collect();
+                Tensor::from_data(TensorData::new(values, dims), &Default::default())
+            });
+        }
+    }
+    let ids: Vec<u32> = (0..16).map(|i| (i * 37 + 5) % 256).collect();
+    let want = logits(&adapted, &ids);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/peft-check");
+    save_adapter(&adapted, &config, "tiny_llama", &dir.join("adapter")).unwrap();
+    let expected = std::collections::BTreeMap::from([
+        (
+            "input_ids".to_owned(),
+            strata::io::params::HostTensor {
+                shape: vec![1, ids.len()],
+                values: ids.iter().map(|&i| i as f32).collect(),
+            },
+        ),
+        (
+            "logits".to_owned(),
+            strata::io::params::HostTensor {
+                shape: vec![1, ids.len(), 256],
+                values: want,
+            },
+        ),
+    ]);
+    strata::io::params::save_safetensors(
+        &dir.join("expected.safetensors"),
+        &expected,
+        Default::default(),
+    )
+    .unwrap();
 }

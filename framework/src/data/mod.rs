@@ -12,9 +12,23 @@ use memmap2::Mmap;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
+pub mod instruct;
+
 use crate::error::{Error, Result};
 use crate::io::atomic_write;
 use crate::tokenizer::{Tokenizer, fnv1a64};
+pub use instruct::{ChatTemplate, PackedRows, load_instructions};
+
+/// What the data file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// Plain text (a file, a folder, or JSONL with `text_field`): every token is trained.
+    #[default]
+    Text,
+    /// JSONL instruction data (see [`instruct`]): only response tokens are trained.
+    Instruction,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -32,6 +46,11 @@ pub struct DataConfig {
     pub val_fraction: f64,
     /// Where token caches go; default: `<path>.strata-cache` beside the data.
     pub cache_dir: Option<PathBuf>,
+    pub format: DataFormat,
+    /// How instruction examples are rendered: `chatml` or `alpaca`.
+    pub chat_template: ChatTemplate,
+    /// Skip (and count) malformed instruction lines instead of stopping at the first.
+    pub skip_malformed: bool,
 }
 
 impl Default for DataConfig {
@@ -43,6 +62,9 @@ impl Default for DataConfig {
             validation: Vec::new(),
             val_fraction: 0.1,
             cache_dir: None,
+            format: DataFormat::Text,
+            chat_template: ChatTemplate::Chatml,
+            skip_malformed: false,
         }
     }
 }
@@ -54,6 +76,15 @@ impl DataConfig {
                 format!("{prefix}val_fraction"),
                 self.val_fraction,
                 "must be in (0, 1)",
+            ));
+        }
+        if self.format == DataFormat::Instruction
+            && self.path.extension().is_none_or(|e| e != "jsonl")
+        {
+            return Err(Error::config(
+                format!("{prefix}path"),
+                self.path.display(),
+                "a .jsonl file when data.format = \"instruction\"",
             ));
         }
         if self.path.as_os_str().is_empty() {
@@ -431,6 +462,8 @@ fn open_cache(path: &Path, key: &str) -> Result<Option<TokenSplit>> {
 pub struct Batch {
     pub inputs: Vec<u32>,
     pub targets: Vec<u32>,
+    /// Which targets count in the loss; empty: all of them.
+    pub loss_mask: Vec<bool>,
     pub batch: usize,
     pub seq: usize,
 }
@@ -447,8 +480,70 @@ impl Batch {
         Batch {
             inputs,
             targets,
+            loss_mask: Vec::new(),
             batch: starts.len(),
             seq,
+        }
+    }
+}
+
+/// One split as training reads it: a token stream cut into random windows, or instruction
+/// examples packed into rows.
+pub enum Dataset {
+    Stream(TokenSplit),
+    Rows(PackedRows),
+}
+
+impl Dataset {
+    /// Loads `split` in the form `config.format` asks for (`seq_len` sets the row length of
+    /// packed instruction data).
+    pub fn load(
+        config: &DataConfig,
+        tokenizer: &dyn Tokenizer,
+        split: Split,
+        seq_len: usize,
+    ) -> Result<Self> {
+        Ok(match config.format {
+            DataFormat::Text => Dataset::Stream(load_split(config, tokenizer, split)?),
+            DataFormat::Instruction => {
+                Dataset::Rows(load_instructions(config, tokenizer, split, seq_len)?)
+            }
+        })
+    }
+
+    pub fn train_batch(
+        &self,
+        seed: u64,
+        step: usize,
+        micro: usize,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Batch> {
+        match self {
+            Dataset::Stream(split) => train_batch(split, seed, step, micro, batch, seq),
+            Dataset::Rows(rows) => Ok(rows.train_batch(seed, step, micro, batch)),
+        }
+    }
+
+    pub fn validation_batches(&self, count: usize, batch: usize, seq: usize) -> Result<Vec<Batch>> {
+        match self {
+            Dataset::Stream(split) => validation_batches(split, count, batch, seq),
+            Dataset::Rows(rows) => Ok(rows.validation_batches(count, batch)),
+        }
+    }
+
+    /// Tokens (stream) or trained tokens (rows).
+    pub fn tokens(&self) -> usize {
+        match self {
+            Dataset::Stream(split) => split.len(),
+            Dataset::Rows(rows) => rows.trained_tokens(),
+        }
+    }
+
+    pub fn bytes_per_token(&self) -> f64 {
+        match self {
+            Dataset::Stream(split) => split.bytes_per_token(),
+            Dataset::Rows(rows) => rows.bytes_per_token(),
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::data::Batch;
 use crate::error::Result;
 use crate::io::atomic_write;
 use crate::model::Llama;
-use crate::train::batch_tensors;
+use crate::train::{batch_loss, batch_tensors};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalReport {
@@ -32,9 +32,8 @@ pub fn evaluate<B: Backend>(
     let mut total = 0.0;
     let mut tokens = 0;
     for batch in batches {
-        let (inputs, targets) = batch_tensors::<B>(batch, &device);
-        let n = batch.batch * batch.seq;
-        total += model.loss(inputs, targets).into_scalar().elem::<f64>() * n as f64;
+        let (loss, n) = batch_loss(model, batch, &device);
+        total += loss.into_scalar().elem::<f64>() * n as f64;
         tokens += n;
     }
     let loss = total / tokens.max(1) as f64;

@@ -46,6 +46,16 @@ pub fn load_llama_gguf<B: Backend>(
     Ok((config, model, Box::new(ByteTokenizer)))
 }
 
+/// The model config of a GGUF file that [`load_llama_gguf`] accepts, without reading its tensors.
+pub fn read_config(path: &Path) -> Result<ModelConfig> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // Safety: read-only map of a file we do not modify while it is open.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let header = read_header(&bytes, path)?;
+    check_byte_vocabulary(&header, path)?;
+    llama_config(&header, path)
+}
+
 fn llama_config(header: &GgufHeader, path: &Path) -> Result<ModelConfig> {
     let arch = header.get("general.architecture").and_then(Value::as_str);
     if arch != Some("llama") {

@@ -14,7 +14,8 @@ use crate::config::ExperimentConfig;
 use crate::error::{Error, Result};
 use crate::io::atomic_write;
 use crate::io::params::{
-    HostTensor, assign_params, load_safetensors, named_params, save_safetensors,
+    HostTensor, assign_params, assign_params_where, load_safetensors, named_params,
+    named_params_where, save_safetensors,
 };
 use crate::model::Llama;
 
@@ -128,10 +129,18 @@ pub fn read(dir: &Path) -> Result<Checkpoint> {
 }
 
 impl Checkpoint {
+    /// The model this checkpoint holds; for a LoRA run, its base (loaded from `finetune.base`)
+    /// with the checkpoint's adapters.
     pub fn load_model<B: Backend>(&self, device: &B::Device) -> Result<Llama<B>> {
         let path = self.dir.join("model.safetensors");
         let (tensors, _) = load_safetensors(&path)?;
-        assign_params(self.config.model.init::<B>(device), &tensors, &path)
+        match (&self.config.finetune, &self.config.lora) {
+            (Some(finetune), Some(lora)) => {
+                let base = crate::io::load_model::<B>(&finetune.base, device)?.model;
+                assign_params_where(base.with_lora(lora)?, &tensors, &path, &is_adapter)
+            }
+            _ => assign_params(self.config.model.init::<B>(device), &tensors, &path),
+        }
     }
 
     pub fn optimizer_tensors(&self) -> Result<HashMap<String, HostTensor>> {
@@ -139,7 +148,19 @@ impl Checkpoint {
     }
 }
 
-/// Host copies of every parameter of a model (what `save` writes).
-pub fn model_tensors<B: Backend>(model: &Llama<B>) -> BTreeMap<String, HostTensor> {
-    named_params::<B, _>(model)
+/// Host copies of the parameters a checkpoint keeps: the adapters of a LoRA run (its base is
+/// frozen and read from `finetune.base`), every parameter otherwise.
+pub fn model_tensors<B: Backend>(
+    model: &Llama<B>,
+    config: &ExperimentConfig,
+) -> BTreeMap<String, HostTensor> {
+    if config.lora.is_some() {
+        named_params_where::<B, _>(model, &is_adapter)
+    } else {
+        named_params::<B, _>(model)
+    }
+}
+
+fn is_adapter(path: &str) -> bool {
+    path.contains(".lora.")
 }

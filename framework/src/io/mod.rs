@@ -50,8 +50,47 @@ pub struct LoadedModel<B: burn::prelude::Backend> {
     pub model: crate::model::Llama<B>,
     pub model_config: crate::model::ModelConfig,
     pub tokenizer: Box<dyn crate::tokenizer::Tokenizer>,
+    /// Where the tokenizer comes from, for configs that must load it again.
+    pub tokenizer_config: crate::tokenizer::TokenizerConfig,
     /// The experiment config, for Strata checkpoints.
     pub experiment: Option<crate::config::ExperimentConfig>,
+}
+
+fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// The architecture and tokenizer of what [`load_model`] would load from `path`, without the
+/// weights. A LoRA fine-tuning run is refused: merge it first (`strata merge`).
+pub fn describe_model(
+    path: &Path,
+) -> Result<(crate::model::ModelConfig, crate::tokenizer::TokenizerConfig)> {
+    use crate::tokenizer::TokenizerConfig;
+    if is_gguf(path) {
+        return Ok((
+            crate::gguf::import::read_config(path)?,
+            TokenizerConfig::Byte,
+        ));
+    }
+    if path.join("config.json").is_file() {
+        let config = hf::HfLlamaConfig::read(&path.join("config.json"))?.to_model_config();
+        let tokenizer = path.join("tokenizer.json");
+        if !tokenizer.is_file() {
+            return Err(Error::file(path, "has config.json but no tokenizer.json"));
+        }
+        return Ok((config, TokenizerConfig::Hf { path: tokenizer }));
+    }
+    let ckpt = checkpoint::read(&checkpoint::resolve(path)?)?;
+    if ckpt.config.lora.is_some() {
+        return Err(Error::file(
+            path,
+            "is a LoRA fine-tuning run; merge its adapters first (strata merge) to use it as a base",
+        ));
+    }
+    Ok((ckpt.config.model, ckpt.config.tokenizer))
 }
 
 /// Loads a Hugging Face checkpoint folder (it has `config.json`), a Strata checkpoint folder, a
@@ -60,16 +99,13 @@ pub fn load_model<B: burn::prelude::Backend>(
     path: &Path,
     device: &B::Device,
 ) -> Result<LoadedModel<B>> {
-    if path.is_file()
-        && path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-    {
+    if is_gguf(path) {
         let (model_config, model, tokenizer) = crate::gguf::import::load_llama_gguf(path, device)?;
         return Ok(LoadedModel {
             model,
             model_config,
             tokenizer,
+            tokenizer_config: crate::tokenizer::TokenizerConfig::Byte,
             experiment: None,
         });
     }
@@ -84,6 +120,9 @@ pub fn load_model<B: burn::prelude::Backend>(
             model,
             model_config,
             tokenizer: Box::new(tokenizer),
+            tokenizer_config: crate::tokenizer::TokenizerConfig::Hf {
+                path: tokenizer_path,
+            },
             experiment: None,
         });
     }
@@ -94,6 +133,7 @@ pub fn load_model<B: burn::prelude::Backend>(
         model,
         model_config: ckpt.config.model.clone(),
         tokenizer,
+        tokenizer_config: ckpt.config.tokenizer.clone(),
         experiment: Some(ckpt.config),
     })
 }

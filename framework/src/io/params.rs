@@ -106,6 +106,42 @@ pub fn named_param<B: Backend, M: Module<B>>(module: &M, path: &str) -> Option<H
     visitor.out.remove(path)
 }
 
+struct Count<'a> {
+    path: Vec<String>,
+    wanted: &'a dyn Fn(&str) -> bool,
+    total: usize,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Count<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_owned());
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if (self.wanted)(&self.path.join(".")) {
+            self.total += param.shape().num_elements();
+        }
+    }
+}
+
+/// How many float values the parameters whose path `wanted` accepts hold (nothing is copied).
+pub fn count_params_where<B: Backend, M: Module<B>>(
+    module: &M,
+    wanted: &dyn Fn(&str) -> bool,
+) -> usize {
+    let mut visitor = Count {
+        path: Vec::new(),
+        wanted,
+        total: 0,
+    };
+    module.visit(&mut visitor);
+    visitor.total
+}
+
 struct Assign<'a> {
     path: Vec<String>,
     wanted: &'a dyn Fn(&str) -> bool,

@@ -124,7 +124,9 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         .and_then(Value::as_f64)
         .ok_or_else(|| bad("lora_alpha", "a number"))?;
     let dropout = field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
-    let rslora = field("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+    let rslora = field("use_rslora")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let targets = match field("target_modules") {
         Some(Value::Array(items)) => items
             .iter()
@@ -205,7 +207,14 @@ pub fn load_adapter<B: Backend>(model: Llama<B>, dir: &Path) -> Result<(LoraConf
                 format!("tensor `{name}` has shape {:?}; expected 2-D", tensor.shape),
             ));
         }
-        ours.insert(our, if transpose { tensor.transposed() } else { tensor });
+        ours.insert(
+            our,
+            if transpose {
+                tensor.transposed()
+            } else {
+                tensor
+            },
+        );
     }
     let model = model.with_lora(&config)?;
     let wanted = |p: &str| is_adapter(p) || ours.contains_key(p);

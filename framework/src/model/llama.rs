@@ -564,10 +564,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Applies `f` to every projection, with its LoRA target name.
-    fn map_projections(
-        mut self,
-        f: impl Fn(&'static str, LoraLinear<B>) -> LoraLinear<B>,
-    ) -> Self {
+    fn map_projections(mut self, f: impl Fn(&'static str, LoraLinear<B>) -> LoraLinear<B>) -> Self {
         self.blocks = self
             .blocks
             .into_iter()
@@ -601,6 +598,23 @@ impl<B: Backend> Llama<B> {
 
 fn rms<B: Backend>(x: &Tensor<B, 3>) -> f32 {
     x.clone().square().mean().sqrt().into_scalar().elem::<f32>()
+}
+
+/// Mean of −log softmax(logits)[target] over the positions where `mask` is 1 (`[batch, seq]`,
+/// 0 or 1); 0 when no position counts.
+pub fn cross_entropy_masked<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let [batch, seq, vocab] = logits.dims();
+    let log_probs = log_softmax(logits.reshape([batch * seq, vocab]), 1);
+    let picked = log_probs
+        .gather(1, targets.reshape([batch * seq, 1]))
+        .reshape([batch * seq]);
+    let mask = mask.reshape([batch * seq]);
+    let counted = mask.clone().sum().clamp_min(1.0);
+    (picked * mask).sum().neg() / counted
 }
 
 /// Mean of −log softmax(logits)[target] over all positions.

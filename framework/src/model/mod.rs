@@ -2,4 +2,7 @@
 
 pub mod llama;
 
-pub use llama::{AttentionKind, KvCache, Llama, ModelConfig, ResidualMode, SublayerTrace};
+pub use llama::{
+    AttentionKind, KvCache, Llama, ModelConfig, ResidualMode, SublayerTrace, cross_entropy,
+    cross_entropy_masked,
+};

@@ -81,7 +81,11 @@ impl LoraConfig {
             ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::config(key("dropout"), self.dropout, "must be in [0, 1)"));
+            return Err(Error::config(
+                key("dropout"),
+                self.dropout,
+                "must be in [0, 1)",
+            ));
         }
         if self.targets.is_empty() {
             return Err(Error::config(
@@ -255,9 +259,16 @@ mod tests {
             alpha: 6.0,
             ..Default::default()
         };
-        let mut layer =
-            LoraLinear::<B>::new(8, 5, &Initializer::Normal { mean: 0.0, std: 0.3 }, &device)
-                .with_lora(&config);
+        let mut layer = LoraLinear::<B>::new(
+            8,
+            5,
+            &Initializer::Normal {
+                mean: 0.0,
+                std: 0.3,
+            },
+            &device,
+        )
+        .with_lora(&config);
         let lora = layer.lora.as_mut().unwrap();
         lora.b = Param::from_tensor(sample(3, [3, 5]));
         layer
@@ -348,11 +359,13 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("lora.rank"), "{e}");
-        assert!(LoraConfig {
-            targets: vec!["q_proj".into(), "down".into()],
-            ..Default::default()
-        }
-        .validate("lora.")
-        .is_ok());
+        assert!(
+            LoraConfig {
+                targets: vec!["q_proj".into(), "down".into()],
+                ..Default::default()
+            }
+            .validate("lora.")
+            .is_ok()
+        );
     }
 }

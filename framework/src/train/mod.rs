@@ -16,11 +16,12 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ExperimentConfig;
-use crate::data::{self, Batch, Split};
+use crate::data::{Batch, Dataset, Split};
 use crate::error::{Error, Result};
 use crate::eval::{self, EvalReport};
+use crate::io::params::count_params_where;
 use crate::io::{atomic_write, checkpoint};
-use crate::model::Llama;
+use crate::model::{Llama, cross_entropy_masked};
 use crate::tokenizer::Tokenizer;
 use optim::{AdamW, AdamWConfig, global_grad_norm, grad_squares_by_path, learning_rate};
 
@@ -160,6 +161,9 @@ pub enum Event {
         start_step: usize,
         max_steps: usize,
         params: usize,
+        /// Parameters the optimizer updates (the adapters of a LoRA run).
+        trainable_params: usize,
+        /// Tokens the loss counts (response tokens of instruction data).
         train_tokens: usize,
         val_tokens: usize,
     },
@@ -226,13 +230,21 @@ pub fn train<B: AutodiffBackend>(
         ));
     }
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-    let train_split = data::load_split(&config.data, tokenizer, Split::Train)?;
-    let val_split = data::load_split(&config.data, tokenizer, Split::Validation)?;
-    let val_batches =
-        data::validation_batches(&val_split, tc.eval_batches, tc.batch_size, tc.seq_len)?;
+    let train_split = Dataset::load(&config.data, tokenizer, Split::Train, tc.seq_len)?;
+    let val_split = Dataset::load(&config.data, tokenizer, Split::Validation, tc.seq_len)?;
+    let val_batches = val_split.validation_batches(tc.eval_batches, tc.batch_size, tc.seq_len)?;
 
     B::seed(device, tc.seed);
-    let mut model: Llama<B> = config.model.init(device);
+    let mut model: Llama<B> = match &config.finetune {
+        None => config.model.init(device),
+        Some(finetune) => {
+            let base = crate::io::load_model::<B>(&finetune.base, device)?.model;
+            match &config.lora {
+                Some(lora) => base.with_lora(lora)?,
+                None => base,
+            }
+        }
+    };
     let mut optimizer = AdamW::<B::InnerBackend>::new(tc.adamw());
     let mut state = checkpoint::TrainState {
         step: 0,
@@ -267,8 +279,9 @@ pub fn train<B: AutodiffBackend>(
         start_step: state.step,
         max_steps: tc.max_steps,
         params: config.model.num_params(),
-        train_tokens: train_split.len(),
-        val_tokens: val_split.len(),
+        trainable_params: trainable_params(&model, config),
+        train_tokens: train_split.tokens(),
+        val_tokens: val_split.tokens(),
     });
 
     let session_start = Instant::now();
@@ -285,16 +298,10 @@ pub fn train<B: AutodiffBackend>(
         let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
         let mut loss_sum = 0.0;
         for micro in 0..tc.grad_accum {
-            let batch = data::train_batch(
-                &train_split,
-                tc.seed,
-                state.step,
-                micro,
-                tc.batch_size,
-                tc.seq_len,
-            )?;
-            let (inputs, targets) = batch_tensors::<B>(&batch, device);
-            let loss = model.loss(inputs, targets).div_scalar(tc.grad_accum as f64);
+            let batch =
+                train_split.train_batch(tc.seed, state.step, micro, tc.batch_size, tc.seq_len)?;
+            let (loss, _) = batch_loss(&model, &batch, device);
+            let loss = loss.div_scalar(tc.grad_accum as f64);
             loss_sum += loss.clone().into_scalar().elem::<f64>();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulator.accumulate(&model, grads);
@@ -363,7 +370,7 @@ pub fn train<B: AutodiffBackend>(
         if state.step.is_multiple_of(tc.checkpoint_interval) || state.step == tc.max_steps {
             let dir = checkpoint::save(
                 run_dir,
-                &checkpoint::model_tensors(&model),
+                &checkpoint::model_tensors(&model, config),
                 &optimizer.state_tensors(),
                 &state,
                 config,
@@ -397,11 +404,42 @@ pub fn train<B: AutodiffBackend>(
     let mut depth = eval::depth_profile(&model, &val_batches);
     depth.set_gradients(&last_grad_squares);
     depth.write(run_dir)?;
+    if let (Some(finetune), Some(lora)) = (&config.finetune, &config.lora) {
+        let base = finetune.base.display().to_string();
+        crate::io::peft::save_adapter(&model, lora, &base, &run_dir.join("adapter"))?;
+    }
     let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::file(run_dir, e))?;
     atomic_write(&run_dir.join("summary.json"), |f| {
         f.write_all(json.as_bytes())
     })?;
     Ok((model, summary))
+}
+
+/// Parameters that train: the adapters of a LoRA run, all of them otherwise.
+fn trainable_params<B: Backend>(model: &Llama<B>, config: &ExperimentConfig) -> usize {
+    let lora = config.lora.is_some();
+    count_params_where(model, &|path| !lora || path.contains(".lora."))
+}
+
+/// The batch's mean loss over the targets it counts, and how many it counts.
+pub fn batch_loss<B: Backend>(
+    model: &Llama<B>,
+    batch: &Batch,
+    device: &B::Device,
+) -> (Tensor<B, 1>, usize) {
+    let (inputs, targets) = batch_tensors::<B>(batch, device);
+    if batch.loss_mask.is_empty() {
+        return (model.loss(inputs, targets), batch.batch * batch.seq);
+    }
+    let counted = batch.loss_mask.iter().filter(|&&m| m).count();
+    let mask: Vec<f32> = batch
+        .loss_mask
+        .iter()
+        .map(|&m| f32::from(u8::from(m)))
+        .collect();
+    let mask = Tensor::from_data(TensorData::new(mask, [batch.batch, batch.seq]), device);
+    let logits = model.forward(inputs);
+    (cross_entropy_masked(logits, targets, mask), counted)
 }
 
 /// Turns a batch of ids into `[batch, seq]` input and target tensors.
