@@ -1,11 +1,11 @@
-//! `strata eval RUN_DIR|CHECKPOINT|HF_DIR [--data FILE]`
+//! `strata eval RUN_DIR|CHECKPOINT|HF_DIR [--data FILE [--instruction TEMPLATE] [--split S]]`
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use burn::prelude::Backend;
-use strata::data::{DataConfig, Split, load_split, sequential_batches};
+use strata::data::{ChatTemplate, DataConfig, DataFormat, Dataset, Split, sequential_batches};
 use strata::eval::evaluate;
 use strata::io::{atomic_write, load_model};
 
@@ -19,6 +19,13 @@ pub struct Args {
     /// Evaluate on this text file, folder or JSONL file instead of the run's validation split.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// With --data: the file is instruction JSONL in this chat template (chatml or alpaca);
+    /// only response tokens are scored.
+    #[arg(long, value_name = "TEMPLATE")]
+    instruction: Option<String>,
+    /// With --data: which part to score (all, train or validation, split as training does).
+    #[arg(long, default_value = "all")]
+    split: String,
     /// Tokens to score at most.
     #[arg(long, default_value_t = 1_000_000)]
     max_tokens: usize,
@@ -43,13 +50,27 @@ pub fn run(args: Args) -> Result<()> {
 fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let loaded = load_model::<B>(&args.model, device)?;
     let (data, split) = match (&args.data, &loaded.experiment) {
-        (Some(path), _) => (
-            DataConfig {
+        (Some(path), _) => {
+            let mut data = DataConfig {
                 path: path.clone(),
                 ..DataConfig::default()
-            },
-            Split::All,
-        ),
+            };
+            if let Some(template) = &args.instruction {
+                data.format = DataFormat::Instruction;
+                data.chat_template = match template.as_str() {
+                    "chatml" => ChatTemplate::Chatml,
+                    "alpaca" => ChatTemplate::Alpaca,
+                    other => bail!("--instruction {other}: expected chatml or alpaca"),
+                };
+            }
+            let split = match args.split.as_str() {
+                "all" => Split::All,
+                "train" => Split::Train,
+                "validation" => Split::Validation,
+                other => bail!("--split {other}: expected all, train or validation"),
+            };
+            (data, split)
+        }
         (None, Some(exp)) => (exp.data.clone(), Split::Validation),
         (None, None) => bail!(
             "{} has no training config (a Hugging Face checkpoint or a GGUF file): give --data FILE",
@@ -61,8 +82,13 @@ fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         .or(loaded.experiment.as_ref().map(|e| e.train.seq_len))
         .unwrap_or(512)
         .min(loaded.model.max_seq_len());
-    let tokens = load_split(&data, loaded.tokenizer.as_ref(), split)?;
-    let batches = sequential_batches(&tokens, args.max_tokens, args.batch_size, seq_len);
+    let dataset = Dataset::load(&data, loaded.tokenizer.as_ref(), split, seq_len)?;
+    let batches = match &dataset {
+        Dataset::Stream(tokens) => {
+            sequential_batches(tokens, args.max_tokens, args.batch_size, seq_len)
+        }
+        Dataset::Rows(rows) => rows.validation_batches(usize::MAX, args.batch_size),
+    };
     if batches.is_empty() {
         bail!(
             "{}: fewer than {} tokens to evaluate",
@@ -70,7 +96,7 @@ fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
             seq_len + 1
         );
     }
-    let report = evaluate(&loaded.model, &batches, tokens.bytes_per_token());
+    let report = evaluate(&loaded.model, &batches, dataset.bytes_per_token());
     println!(
         "{}: loss {:.4} nats/token | perplexity {:.3} | bits/byte {:.4} | {} tokens",
         args.model.display(),

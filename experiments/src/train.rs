@@ -107,6 +107,21 @@ fn run_with<B: AutodiffBackend>(
                 bar = Some(b);
             }
         }
+        Event::Packed {
+            examples,
+            truncated,
+            skipped,
+        } => {
+            let mut line = format!("instruction data: {examples} training examples");
+            if truncated > 0 {
+                line.push_str(&format!(", {truncated} cut to fit train.seq_len"));
+            }
+            if skipped > 0 {
+                let s = if skipped == 1 { "" } else { "s" };
+                line.push_str(&format!(", {skipped} malformed line{s} skipped"));
+            }
+            println!("{line}");
+        }
         Event::Step(m) => match &bar {
             Some(b) => {
                 b.set_position(m.step as u64);

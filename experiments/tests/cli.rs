@@ -246,3 +246,171 @@ fn report_export_and_their_errors() {
         text(&out)
     );
 }
+
+#[test]
+fn finetune_merge_export() {
+    let dir = workspace("finetune");
+    let out = strata(
+        &[
+            "train",
+            "tiny.toml",
+            "--set",
+            "model.max_seq_len=64",
+            "--run-dir",
+            "base",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let mut lines = String::new();
+    for word in [
+        "be", "not", "stage", "name", "world", "question", "all", "what",
+    ] {
+        lines.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": format!("upper: {word}"), "response": word.to_uppercase()})
+        ));
+    }
+    std::fs::write(dir.join("clean.jsonl"), &lines).unwrap();
+    lines.push_str("{\"prompt\": \"missing response\"}\n");
+    std::fs::write(dir.join("upper.jsonl"), lines).unwrap();
+    std::fs::write(
+        dir.join("lora.toml"),
+        r#"
+name = "lora"
+[finetune]
+base = "base"
+[lora]
+rank = 2
+targets = ["q", "v", "down"]
+[data]
+path = "upper.jsonl"
+format = "instruction"
+chat_template = "alpaca"
+val_fraction = 0.25
+[train]
+batch_size = 2
+seq_len = 64
+max_steps = 4
+warmup_steps = 1
+eval_interval = 2
+eval_batches = 1
+checkpoint_interval = 2
+sample_tokens = 5
+"#,
+    )
+    .unwrap();
+
+    // The malformed last line is named, then skipped when asked.
+    let out = strata(&["finetune", "lora.toml", "--run-dir", "lora"], &dir);
+    assert!(
+        !out.status.success()
+            && text(&out).contains("upper.jsonl")
+            && text(&out).contains("line 9"),
+        "{}",
+        text(&out)
+    );
+    let out = strata(
+        &[
+            "finetune",
+            "lora.toml",
+            "--set",
+            "data.skip_malformed=true",
+            "--run-dir",
+            "lora",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("trained)") && text(&out).contains("1 malformed line skipped"),
+        "{}",
+        text(&out)
+    );
+    for file in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
+        assert!(dir.join("lora").join(file).is_file(), "missing {file}");
+    }
+
+    let out = strata(&["merge", "lora", "-o", "merged"], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = strata(&["eval", "merged"], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = strata(
+        &[
+            "eval",
+            "base",
+            "--data",
+            "clean.jsonl",
+            "--instruction",
+            "alpaca",
+            "--seq-len",
+            "64",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // The same adapter applied by export gives the merged model's file.
+    for (model, adapter, file) in [
+        ("merged", None, "merged.gguf"),
+        ("base", Some("lora/adapter"), "adapted.gguf"),
+    ] {
+        let mut args = vec!["export", model, "--type", "f32", "-o", file];
+        if let Some(adapter) = adapter {
+            args.extend(["--adapter", adapter]);
+        }
+        let out = strata(&args, &dir);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    // Tensor by tensor, the two files hold the same bytes; the base's differ.
+    let tensors = |file: &str| -> Vec<(String, Vec<u8>)> {
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        let header = strata::gguf::read_header(&bytes, Path::new(file)).unwrap();
+        (0..header.tensors.len())
+            .map(|i| {
+                (
+                    header.tensors[i].0.name.clone(),
+                    header.tensor_bytes(&bytes, i).unwrap().to_vec(),
+                )
+            })
+            .collect()
+    };
+    let adapted = tensors("adapted.gguf");
+    assert_eq!(tensors("merged.gguf"), adapted);
+    let out = strata(
+        &["export", "base", "--type", "f32", "-o", "base.gguf"],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let base = tensors("base.gguf");
+    let changed: Vec<&String> = base
+        .iter()
+        .zip(&adapted)
+        .filter(|(a, b)| a.1 != b.1)
+        .map(|(a, _)| &a.0)
+        .collect();
+    // q, v and down of the one layer carry adapters; nothing else changes.
+    assert_eq!(
+        changed,
+        [
+            "blk.0.attn_q.weight",
+            "blk.0.attn_v.weight",
+            "blk.0.ffn_down.weight"
+        ]
+    );
+
+    let out = strata(&["finetune", "tiny.toml"], &dir);
+    assert!(
+        !out.status.success() && text(&out).contains("[finetune]"),
+        "{}",
+        text(&out)
+    );
+    let out = strata(&["merge", "base", "-o", "x"], &dir);
+    assert!(
+        !out.status.success() && text(&out).contains("no adapters"),
+        "{}",
+        text(&out)
+    );
+}

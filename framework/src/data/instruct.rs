@@ -302,13 +302,23 @@ pub fn load_instructions(
     }
     flush(&mut row, &mut packed);
     if packed.trained_tokens() == 0 {
+        let why = if packed.truncated > 0 {
+            format!(
+                ": {} examples were cut to seq_len + 1 = {row_len} tokens before their response; \
+                 raise train.seq_len",
+                packed.truncated
+            )
+        } else {
+            String::new()
+        };
         return Err(Error::file(
             path,
             format!(
-                "the {} split has no response tokens to train on",
+                "the {} has no response tokens to score{why}",
                 match split {
-                    Split::Validation => "validation",
-                    _ => "training",
+                    Split::Validation => "validation split",
+                    Split::Train => "training split",
+                    Split::All => "file",
                 }
             ),
         ));

@@ -167,6 +167,13 @@ pub enum Event {
         train_tokens: usize,
         val_tokens: usize,
     },
+    /// Instruction data was packed (training split): examples, how many were cut to fit a row,
+    /// and how many malformed lines were skipped.
+    Packed {
+        examples: usize,
+        truncated: usize,
+        skipped: usize,
+    },
     Step(StepMetrics),
     Validated {
         step: usize,
@@ -283,6 +290,14 @@ pub fn train<B: AutodiffBackend>(
         train_tokens: train_split.tokens(),
         val_tokens: val_split.tokens(),
     });
+
+    if let Dataset::Rows(rows) = &train_split {
+        on_event(Event::Packed {
+            examples: rows.examples,
+            truncated: rows.truncated,
+            skipped: rows.skipped,
+        });
+    }
 
     let session_start = Instant::now();
     let elapsed_before = state.elapsed_secs;
