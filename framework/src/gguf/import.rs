@@ -12,9 +12,10 @@ use crate::error::{Error, Result};
 use crate::gguf::format::{GgufHeader, Value, read_header};
 use crate::gguf::layout::llama_tensors;
 use crate::gguf::quant::dequantize;
+use crate::gguf::tokenizer::{is_byte_vocabulary, read_tokenizer};
 use crate::io::params::{HostTensor, assign_params};
 use crate::model::{Llama, ModelConfig};
-use crate::tokenizer::{ByteTokenizer, Tokenizer};
+use crate::tokenizer::{Tokenizer, TokenizerConfig};
 
 /// The model, its config, and its tokenizer (Strata's byte vocabulary is the one recognised).
 pub fn load_llama_gguf<B: Backend>(
@@ -26,7 +27,7 @@ pub fn load_llama_gguf<B: Backend>(
     let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let header = read_header(&bytes, path)?;
     let config = llama_config(&header, path)?;
-    check_byte_vocabulary(&header, path)?;
+    let tokenizer = read_tokenizer(&header, path)?;
 
     let mut tensors: HashMap<String, HostTensor> = HashMap::new();
     for (i, (info, _)) in header.tensors.iter().enumerate() {
@@ -43,17 +44,34 @@ pub fn load_llama_gguf<B: Backend>(
         params.insert(t.ours, t.layout.from_gguf(found, head_dim));
     }
     let model = assign_params(config.init::<B>(device), &params, path)?;
-    Ok((config, model, Box::new(ByteTokenizer)))
+    Ok((config, model, tokenizer))
 }
 
-/// The model config of a GGUF file that [`load_llama_gguf`] accepts, without reading its tensors.
-pub fn read_config(path: &Path) -> Result<ModelConfig> {
+/// The model config and tokenizer config of a GGUF file that [`load_llama_gguf`] accepts,
+/// without reading its tensors.
+pub fn read_config(path: &Path) -> Result<(ModelConfig, TokenizerConfig)> {
+    let header = read_file_header(path)?;
+    read_tokenizer(&header, path)?;
+    let tokenizer = if is_byte_vocabulary(&header) {
+        TokenizerConfig::Byte
+    } else {
+        TokenizerConfig::Gguf {
+            path: path.to_owned(),
+        }
+    };
+    Ok((llama_config(&header, path)?, tokenizer))
+}
+
+/// The tokenizer stored in the GGUF file at `path`.
+pub fn read_file_tokenizer(path: &Path) -> Result<Box<dyn Tokenizer>> {
+    read_tokenizer(&read_file_header(path)?, path)
+}
+
+fn read_file_header(path: &Path) -> Result<GgufHeader> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // Safety: read-only map of a file we do not modify while it is open.
     let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let header = read_header(&bytes, path)?;
-    check_byte_vocabulary(&header, path)?;
-    llama_config(&header, path)
+    read_header(&bytes, path)
 }
 
 fn llama_config(header: &GgufHeader, path: &Path) -> Result<ModelConfig> {
@@ -128,28 +146,4 @@ fn llama_config(header: &GgufHeader, path: &Path) -> Result<ModelConfig> {
         ));
     }
     Ok(config)
-}
-
-/// Accepts the byte vocabulary that `export` writes; anything else is refused by name.
-fn check_byte_vocabulary(header: &GgufHeader, path: &Path) -> Result<()> {
-    let expected = super::export::byte_tokenizer_tokens();
-    let matches = match header.get("tokenizer.ggml.tokens") {
-        Some(Value::Array(_, tokens)) => {
-            tokens.len() >= expected.len()
-                && tokens
-                    .iter()
-                    .zip(&expected)
-                    .all(|(t, e)| t.as_str() == Some(e.as_str()))
-        }
-        _ => false,
-    };
-    if matches {
-        Ok(())
-    } else {
-        Err(Error::file(
-            path,
-            "its tokenizer is not Strata's byte vocabulary; reading other GGUF tokenizers \
-             (BPE merges, SentencePiece) is not implemented yet",
-        ))
-    }
 }

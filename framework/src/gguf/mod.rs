@@ -7,6 +7,7 @@ pub mod format;
 pub mod import;
 pub mod layout;
 pub mod quant;
+pub mod tokenizer;
 
 pub use format::{GgufHeader, Metadata, TensorInfo, Value, ValueType, read_header, write_gguf};
 pub use quant::{GgmlType, dequantize, quantize};

@@ -70,10 +70,7 @@ pub fn describe_model(
 ) -> Result<(crate::model::ModelConfig, crate::tokenizer::TokenizerConfig)> {
     use crate::tokenizer::TokenizerConfig;
     if is_gguf(path) {
-        return Ok((
-            crate::gguf::import::read_config(path)?,
-            TokenizerConfig::Byte,
-        ));
+        return crate::gguf::import::read_config(path);
     }
     if path.join("config.json").is_file() {
         let config = hf::HfLlamaConfig::read(&path.join("config.json"))?.to_model_config();
@@ -105,7 +102,7 @@ pub fn load_model<B: burn::prelude::Backend>(
             model,
             model_config,
             tokenizer,
-            tokenizer_config: crate::tokenizer::TokenizerConfig::Byte,
+            tokenizer_config: crate::gguf::import::read_config(path)?.1,
             experiment: None,
         });
     }

@@ -29,6 +29,8 @@ pub enum TokenizerConfig {
     Byte,
     /// A Hugging Face `tokenizer.json`.
     Hf { path: PathBuf },
+    /// The tokenizer stored in a GGUF file's metadata.
+    Gguf { path: PathBuf },
 }
 
 impl TokenizerConfig {
@@ -36,6 +38,7 @@ impl TokenizerConfig {
         Ok(match self {
             TokenizerConfig::Byte => Box::new(ByteTokenizer),
             TokenizerConfig::Hf { path } => Box::new(HfTokenizer::from_file(path)?),
+            TokenizerConfig::Gguf { path } => crate::gguf::import::read_file_tokenizer(path)?,
         })
     }
 }
@@ -95,6 +98,23 @@ pub struct HfTokenizer {
 }
 
 impl HfTokenizer {
+    /// A tokenizer built in code (e.g. from a GGUF file's vocabulary) with its special ids.
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        pad: Option<u32>,
+        fingerprint: String,
+    ) -> Self {
+        Self {
+            inner,
+            bos,
+            eos,
+            pad,
+            fingerprint,
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes)

