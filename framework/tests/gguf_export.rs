@@ -283,3 +283,74 @@ fn loading_a_file_with_missing_or_foreign_metadata_names_the_key() {
     );
     assert!(err.contains("tokenizer"), "{err}");
 }
+
+/// A model with a Hugging Face byte-level BPE tokenizer (the fixture's tokenizer.json, 400 ids)
+/// exports its tokenizer as llama.cpp's `gpt2` model with merges: read back, the file's
+/// tokenizer gives the ids the tokenizer.json gives. The file is left for
+/// `scripts/check/gguf_llama_cpp.py`, which has llama.cpp tokenize the same texts.
+#[test]
+fn hugging_face_bpe_tokenizers_export_with_their_merges() {
+    let tokenizer_json = common::fixture("tokenizer/tokenizer.json");
+    let tokenizer = TokenizerConfig::Hf {
+        path: tokenizer_json.clone(),
+    };
+    let bpe_config = ModelConfig {
+        vocab_size: 400,
+        ..config()
+    };
+    let model = deterministic_model(&bpe_config);
+    let path = out_dir().join("tiny-hf-bpe.gguf");
+    export_llama(
+        &model,
+        &bpe_config,
+        &tokenizer,
+        "tiny-bpe",
+        GgmlType::F32,
+        &path,
+    )
+    .unwrap();
+
+    use strata::tokenizer::Tokenizer;
+    let hf = strata::tokenizer::HfTokenizer::from_file(&tokenizer_json).unwrap();
+    let (_, loaded, from_gguf) = load_llama_gguf::<B>(&path, &Default::default()).unwrap();
+    let texts = [
+        "To be, or not to be",
+        "outrageous fortune — naïve café!",
+        "  spaces\tand\nlines 12345",
+        "<s>Whether 'tis nobler</s>",
+    ];
+    let mut expected = Vec::new();
+    for text in texts {
+        let want = hf.encode(text).unwrap();
+        assert_eq!(from_gguf.encode(text).unwrap(), want, "{text:?}");
+        assert_eq!(from_gguf.decode(&want).unwrap(), hf.decode(&want).unwrap());
+        expected.push(serde_json::json!({"text": text, "ids": want}));
+    }
+    let ids = from_gguf.encode(texts[0]).unwrap();
+    assert_eq!(logits(&loaded, &ids), logits(&model, &ids));
+    std::fs::write(
+        out_dir().join("tiny-hf-bpe.json"),
+        serde_json::json!({"texts": expected}).to_string(),
+    )
+    .unwrap();
+
+    // A tokenizer larger than the model's vocabulary is refused by name.
+    let small = ModelConfig {
+        vocab_size: 300,
+        ..config()
+    };
+    let err = export_llama(
+        &small.init::<B>(&Default::default()),
+        &small,
+        &tokenizer,
+        "x",
+        GgmlType::F32,
+        &out_dir().join("refused.gguf"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("beyond the model's vocabulary"),
+        "{err}"
+    );
+}

@@ -69,6 +69,18 @@ def main() -> None:
                   f"{len(disagree)} disagreements {disagree}; {near_ties} near-ties not compared")
             if disagree:
                 failures.append("greedy")
+    # A Hugging Face byte-level BPE exported with its merges: llama.cpp gives the same ids.
+    bpe = json.loads((folder / "tiny-hf-bpe.json").read_text())
+    llm = Llama(str(folder / "tiny-hf-bpe.gguf"), n_ctx=64, n_threads=2, seed=0, verbose=False)
+    wrong = []
+    for item in bpe["texts"]:
+        theirs = llm.tokenize(item["text"].encode(), add_bos=False, special=True)
+        if theirs != item["ids"]:
+            wrong.append((item["text"], theirs, item["ids"]))
+    print(f"HF BPE tokenizer export: {len(bpe['texts']) - len(wrong)} of {len(bpe['texts'])} texts "
+          f"tokenized identically {wrong if wrong else ''}")
+    if wrong:
+        failures.append("bpe-tokenize")
     if failures:
         sys.exit(f"failed: {', '.join(failures)}")
 

@@ -56,9 +56,24 @@ def main() -> None:
     print(f"greedy answer: {len(decisive)} of {len(answer)} steps decisive, disagreements {disagree}")
     if disagree:
         failures.append("greedy")
+
+    # Strata's f16 re-export of the model (tokenizer metadata copied from the source file).
+    f16 = Llama(str(folder / "smollm2-f16.gguf"), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
+                seed=0, verbose=False)
+    same = all(f16.tokenize(t["text"].encode(), add_bos=False, special=True) == t["ids"] for t in expected["texts"])
+    f16.reset()
+    f16.eval(ids)
+    got = np.array(f16.scores[: f16.n_tokens], dtype=np.float64)
+    relative = np.sqrt(((got - want) ** 2).mean()) / np.sqrt((want**2).mean())
+    print(f"Strata's f16 re-export in llama.cpp: tokenizer {'identical' if same else 'DIFFERENT'}, "
+          f"relative RMS logit difference {relative:.3e} (allowed {TOLERANCE})")
+    if not same:
+        failures.append("f16-tokenize")
+    if not relative <= TOLERANCE:
+        failures.append("f16-logits")
     if failures:
         sys.exit(f"failed: {', '.join(failures)}")
-    print("ok: llama.cpp and Strata agree on SmolLM2")
+    print("ok: llama.cpp and Strata agree on SmolLM2 and on Strata's re-export of it")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 //!
 //! Tensor names and layouts come from [`super::layout`] (query/key rows permuted for llama.cpp's
 //! RoPE); the byte tokenizer is written as a GPT-2-style byte-level BPE vocabulary without
-//! merges, which llama.cpp tokenizes byte for byte.
+//! merges, which llama.cpp tokenizes byte for byte; other tokenizers as
+//! [`super::tokenizer::tokenizer_metadata`] writes them.
 
 use std::path::Path;
 
@@ -14,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::gguf::format::{TensorInfo, Value, ValueType, write_gguf};
 use crate::gguf::layout::{Layout, llama_tensors};
 use crate::gguf::quant::{GgmlType, quantize};
+use crate::gguf::tokenizer::tokenizer_metadata;
 use crate::io::params::named_param;
 use crate::model::{AttentionKind, Llama, ModelConfig, ResidualMode};
 use crate::tokenizer::{ByteTokenizer, TokenizerConfig};
@@ -43,13 +45,7 @@ pub fn export_llama<B: Backend>(
              (exporting custom architectures under Strata's own name is not implemented yet)",
         ));
     }
-    if *tokenizer != TokenizerConfig::Byte {
-        return Err(Error::config(
-            "tokenizer.kind",
-            format!("{tokenizer:?}"),
-            "byte (exporting Hugging Face tokenizers to GGUF is not implemented yet)",
-        ));
-    }
+    let tokenizer_metadata = tokenizer_metadata(tokenizer, config.vocab_size)?;
     // Each tensor is fetched from the model and converted only when the writer reaches it, so
     // the host holds one tensor at a time besides the model itself.
     let plan = llama_tensors(config);
@@ -66,7 +62,8 @@ pub fn export_llama<B: Backend>(
             },
         })
         .collect();
-    let metadata = llama_metadata(config, name, ty);
+    let mut metadata = llama_metadata(config, name, ty);
+    metadata.extend(tokenizer_metadata);
     write_gguf(path, &metadata, &infos, |i| {
         let t = &plan[i];
         let tensor = named_param(model, &t.ours)
@@ -123,15 +120,13 @@ fn llama_metadata(config: &ModelConfig, name: &str, ty: GgmlType) -> Vec<(String
     if ty.block_size() > 1 {
         kv.push(("general.quantization_version", Value::U32(2)));
     }
-    let mut out: Vec<(String, Value)> = kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    out.extend(byte_tokenizer_metadata(config.vocab_size));
-    out
+    kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
 /// The byte tokenizer as a GPT-2-style byte-level BPE vocabulary with no merges: token b is
 /// GPT-2's printable stand-in for byte b, so llama.cpp maps text to exactly our ids; BOS, EOS
 /// and PAD are control tokens, and ids past them (a larger model vocabulary) are unused.
-fn byte_tokenizer_metadata(vocab_size: usize) -> Vec<(String, Value)> {
+pub(crate) fn byte_tokenizer_metadata(vocab_size: usize) -> Vec<(String, Value)> {
     const NORMAL: i32 = 1;
     const CONTROL: i32 = 3;
     const UNUSED: i32 = 5;
