@@ -1,17 +1,19 @@
-//! `strata bench-train CONFIG`: forward + backward + AdamW step on random tokens, timed after
-//! warm-up steps, printed as one JSON line for `benches/train_cpu.py` to compare with PyTorch.
+//! `strata bench-train CONFIG [--lora-rank R]`: forward + backward + AdamW step on random tokens
+//! (with the config's activation checkpointing and offload),
+//! timed after warm-up steps, printed as one JSON line for `benches/train_cpu.py` (and, with
+//! LoRA adapters on a frozen random base, `benches/lora_gpu.sh`) to compare with PyTorch.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use strata::config::ExperimentConfig;
 use strata::data::Batch;
-use strata::train::batch_tensors;
 use strata::train::optim::AdamW;
+use strata::train::{batch_tensors, recompute};
 
 use crate::backend::BackendArgs;
 use crate::dispatch;
@@ -25,6 +27,9 @@ pub struct Args {
     warmup: usize,
     #[arg(long, default_value_t = 10)]
     steps: usize,
+    /// Freeze the model and train LoRA adapters of this rank (α = 2r) on all seven projections.
+    #[arg(long)]
+    lora_rank: Option<usize>,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -44,6 +49,13 @@ fn run_with<B: AutodiffBackend>(
     let tc = &config.train;
     B::seed(device, tc.seed);
     let mut model = config.model.init::<B>(device);
+    if let Some(rank) = args.lora_rank {
+        model = model.with_lora(&strata::nn::lora::LoraConfig {
+            rank,
+            alpha: 2.0 * rank as f64,
+            ..Default::default()
+        })?;
+    }
     let mut optim = AdamW::<B::InnerBackend>::new(tc.adamw());
     let mut rng = StdRng::seed_from_u64(tc.seed);
     let n = tc.batch_size * tc.seq_len;
@@ -61,9 +73,26 @@ fn run_with<B: AutodiffBackend>(
             seq: tc.seq_len,
         };
         let start = Instant::now();
-        let (inputs, targets) = batch_tensors::<B>(&batch, device);
-        let loss = model.loss(inputs, targets);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = match tc.blocks_per_segment() {
+            Some(blocks) => {
+                let mut accumulator = GradientsAccumulator::new();
+                recompute::loss_and_grads(
+                    &model,
+                    &batch,
+                    1.0,
+                    blocks,
+                    tc.offload_activations,
+                    &mut accumulator,
+                    device,
+                );
+                accumulator.grads()
+            }
+            None => {
+                let (inputs, targets) = batch_tensors::<B>(&batch, device);
+                let loss = model.loss(inputs, targets);
+                GradientsParams::from_grads(loss.backward(), &model)
+            }
+        };
         model = optim.step(1e-4, model, grads, 1.0);
         // Reading one parameter back waits for the step to finish on asynchronous backends.
         let _ = model.norm.gamma.val().into_data();
@@ -79,7 +108,9 @@ fn run_with<B: AutodiffBackend>(
     }
     let total: f64 = step_secs.iter().sum();
     let tokens_per_sec = (n * args.steps) as f64 / total;
-    let flops = config.model.train_flops_per_token(tc.seq_len) * tokens_per_sec;
+    // 6N FLOPs per token holds for full training only (LoRA skips the base weights' gradients).
+    let flops = (args.lora_rank.is_none())
+        .then(|| config.model.train_flops_per_token(tc.seq_len) * tokens_per_sec);
     println!(
         "{}",
         serde_json::json!({
@@ -89,6 +120,11 @@ fn run_with<B: AutodiffBackend>(
             "batch_size": tc.batch_size,
             "seq_len": tc.seq_len,
             "steps": args.steps,
+            "lora_rank": args.lora_rank,
+            "activation_checkpointing": tc.activation_checkpointing.name(),
+            "checkpoint_every": tc.checkpoint_every,
+            "offload_activations": tc.offload_activations,
+            "peak_host_mib": strata::train::peak_host_mib(),
             "tokens_per_sec": tokens_per_sec,
             "model_flops_per_sec": flops,
             "median_step_secs": median(&mut step_secs),

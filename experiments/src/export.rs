@@ -1,10 +1,11 @@
-//! `strata export RUN_DIR|CHECKPOINT [--adapter DIR] --type q8_0 -o model.gguf`: a GGUF file llama.cpp serves.
+//! `strata export RUN_DIR|CHECKPOINT [--adapter DIR] --type q8_0|q4_k_m|… -o model.gguf`: a GGUF file llama.cpp
+//! serves.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use strata::backend::Cpu;
-use strata::gguf::GgmlType;
+use strata::gguf::Quantization;
 use strata::gguf::export::export_llama;
 use strata::io::load_model;
 use strata::io::peft::load_adapter;
@@ -13,7 +14,8 @@ use strata::io::peft::load_adapter;
 pub struct Args {
     /// A run directory or a checkpoint folder.
     model: PathBuf,
-    /// Storage type of the weight matrices: f32, f16, bf16, q8_0, q5_0, q5_1, q4_0 or q4_1.
+    /// Storage of the weight matrices: a type (f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1) or
+    /// a llama.cpp k-quant preset (q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s).
     #[arg(long = "type", default_value = "q8_0")]
     ty: String,
     /// A PEFT adapter folder to merge into the model before export.
@@ -25,10 +27,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let Some(ty) = GgmlType::parse(&args.ty) else {
+    let Some(quantization) = Quantization::parse(&args.ty) else {
         bail!(
-            "--type {}: expected one of f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1",
-            args.ty
+            "--type {}: expected one of {}",
+            args.ty,
+            Quantization::NAMES
         );
     };
     // Export only reads weights: the CPU backend is enough.
@@ -51,26 +54,22 @@ pub fn run(args: Args) -> Result<()> {
         &loaded.model_config,
         &experiment.tokenizer,
         &experiment.name,
-        ty,
+        quantization,
         &args.out,
     )
     .with_context(|| format!("exporting {}", args.model.display()))?;
-    let fallback = summary
-        .tensors
-        .iter()
-        .filter(|(_, t)| *t != ty && *t != GgmlType::F32)
-        .count();
+    // How many tensors went to each type (presets mix types; short rows fall back).
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for (_, ty) in &summary.tensors {
+        *counts.entry(ty.name()).or_default() += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
     println!(
-        "wrote {} ({:.1} MiB, {} tensors, matrices as {}{})",
+        "wrote {} ({:.1} MiB, {}: {})",
         args.out.display(),
         summary.bytes as f64 / (1 << 20) as f64,
-        summary.tensors.len(),
-        ty.name(),
-        if fallback > 0 {
-            format!("; {fallback} as f16: their rows do not fill whole blocks")
-        } else {
-            String::new()
-        }
+        quantization.name(),
+        counts.join(", ")
     );
     Ok(())
 }

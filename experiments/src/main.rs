@@ -8,6 +8,7 @@ mod eval;
 mod export;
 mod finetune;
 mod generate;
+mod import;
 mod memory;
 mod merge;
 mod report;
@@ -47,6 +48,8 @@ enum Command {
     Train(train::Args),
     /// Fine-tune a trained model (LoRA adapters or every weight) from a TOML config.
     Finetune(train::Args),
+    /// A Hugging Face folder or GGUF file as a Strata run directory.
+    Import(import::Args),
     /// Fold LoRA adapters into their base model and save it as a run directory.
     Merge(merge::Args),
     /// Validation loss, perplexity and bits per byte of a checkpoint.
@@ -72,6 +75,7 @@ fn main() {
         Command::Train(args) => train::run(args),
         Command::Finetune(args) => finetune::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Import(args) => import::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::BenchTrain(args) => bench::run(args),

@@ -8,11 +8,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use strata::backend::Cpu;
 use strata::config::ExperimentConfig;
-use strata::io::checkpoint::{self, TrainState};
+use strata::io::checkpoint::write_run;
 use strata::io::load_model;
-use strata::io::params::named_params;
 use strata::io::peft::load_adapter;
-use strata::tokenizer::TokenizerConfig;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -42,46 +40,21 @@ pub fn run(args: Args) -> Result<()> {
             args.model.display()
         );
     }
-    let model = model.merged_plain();
-
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    // The merged run keeps its tokenizer with it instead of pointing into the base's folder.
-    let tokenizer = match &loaded.tokenizer_config {
-        TokenizerConfig::Hf { path } => {
-            let copy = args.out.join("tokenizer.json");
-            std::fs::copy(path, &copy).with_context(|| format!("copying {}", path.display()))?;
-            TokenizerConfig::Hf { path: copy }
-        }
-        other => other.clone(),
-    };
     let base = loaded.experiment.unwrap_or_default();
     let config = ExperimentConfig {
         name: format!("{}-merged", base.name),
         model: loaded.model_config,
-        tokenizer,
+        tokenizer: loaded.tokenizer_config,
         finetune: None,
         lora: None,
         ..base
     };
-    let state = TrainState {
-        step: 0,
-        tokens_seen: 0,
-        seed: config.train.seed,
-        elapsed_secs: 0.0,
-        tokenizer: loaded.tokenizer.fingerprint(),
-    };
-    let dir = checkpoint::save(
+    let dir = write_run(
         &args.out,
-        &named_params(&model),
-        &Default::default(),
-        &state,
-        &config,
-        1,
+        &model.merged_plain(),
+        config,
+        loaded.tokenizer.fingerprint(),
     )?;
-    strata::io::atomic_write(&args.out.join("config.toml"), |f| {
-        std::io::Write::write_all(f, config.to_toml().as_bytes())
-    })?;
     println!("wrote {}", dir.display());
     Ok(())
 }

@@ -401,6 +401,34 @@ sample_tokens = 5
         ]
     );
 
+    // A GGUF file imports as a run directory that evaluates like the model it came from.
+    let out = strata(&["import", "merged.gguf", "-o", "imported"], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let score = |model: &str| {
+        let out = strata(
+            &[
+                "eval",
+                model,
+                "--data",
+                "clean.jsonl",
+                "--instruction",
+                "alpaca",
+                "--seq-len",
+                "64",
+                "-o",
+                model,
+            ],
+            &dir,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{model}.json"))).unwrap(),
+        )
+        .unwrap();
+        report["loss"].as_f64().unwrap()
+    };
+    assert_eq!(score("imported"), score("merged"));
+
     let out = strata(&["finetune", "tiny.toml"], &dir);
     assert!(
         !out.status.success() && text(&out).contains("[finetune]"),

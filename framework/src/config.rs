@@ -103,6 +103,24 @@ impl ExperimentConfig {
             }
         }
         self.train.validate("train.")?;
+        if self.train.blocks_per_segment().is_some() {
+            if self.model.attnres_block_len().is_some() {
+                return Err(Error::config(
+                    "train.activation_checkpointing",
+                    self.train.activation_checkpointing.name(),
+                    "\"none\" for AttnRes models (model.residual = standard or rescaled: \
+                     an AttnRes block reads every earlier output, not one saved stream)",
+                ));
+            }
+            if let Some(lora) = self.lora.as_ref().filter(|l| l.dropout > 0.0) {
+                return Err(Error::config(
+                    "lora.dropout",
+                    lora.dropout,
+                    "0 with train.activation_checkpointing: recomputation does not replay \
+                     dropout masks",
+                ));
+            }
+        }
         if self.train.seq_len > self.model.max_seq_len {
             return Err(Error::config(
                 "train.seq_len",

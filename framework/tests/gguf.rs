@@ -73,6 +73,9 @@ fn quantization_error_is_what_each_type_allows() {
         (GgmlType::Q4_1, 0.12),
         (GgmlType::Q5_0, 0.06),
         (GgmlType::Q5_1, 0.06),
+        (GgmlType::Q4_K, 0.11),
+        (GgmlType::Q5_K, 0.055),
+        (GgmlType::Q6_K, 0.03),
     ] {
         let back = dequantize(ty, &quantize(ty, input).unwrap()).unwrap();
         let err: Vec<f32> = back.iter().zip(input).map(|(a, b)| a - b).collect();
@@ -130,7 +133,7 @@ fn sample_file(path: &Path) -> (Metadata, Vec<TensorInfo>, Vec<Vec<u8>>) {
     let mut tensors = Vec::new();
     let mut data = Vec::new();
     for (i, ty) in GgmlType::ALL.into_iter().enumerate() {
-        let (cols, rows) = (64, 3 + i);
+        let (cols, rows) = (256, 3 + i); // one k-quant super-block per row
         let values: Vec<f32> = (0..cols * rows)
             .map(|j| ((j * 37 + i) % 101) as f32 / 50.0 - 1.0)
             .collect();

@@ -14,6 +14,7 @@ use burn::prelude::*;
 use crate::error::{Error, Result};
 use crate::gguf::format::{TensorInfo, Value, ValueType, write_gguf};
 use crate::gguf::layout::{Layout, llama_tensors};
+use crate::gguf::preset::Quantization;
 use crate::gguf::quant::{GgmlType, quantize};
 use crate::gguf::tokenizer::tokenizer_metadata;
 use crate::io::params::named_param;
@@ -27,16 +28,18 @@ pub struct ExportSummary {
     pub bytes: u64,
 }
 
-/// Writes `model` to `path` with its matrices stored as `ty` (norm gains stay F32; a matrix whose
-/// rows do not fill whole blocks of `ty` falls back to F16).
+/// Writes `model` to `path` with its matrices stored as `quantization` says (a type, or a
+/// llama.cpp k-quant preset; see [`Quantization::matrix_type`] for rows that do not fill whole
+/// blocks); norm gains stay F32.
 pub fn export_llama<B: Backend>(
     model: &Llama<B>,
     config: &ModelConfig,
     tokenizer: &TokenizerConfig,
     name: &str,
-    ty: GgmlType,
+    quantization: impl Into<Quantization>,
     path: &Path,
 ) -> Result<ExportSummary> {
+    let quantization = quantization.into();
     if config.residual != ResidualMode::Standard || config.attention != AttentionKind::Dense {
         return Err(Error::config(
             "model.residual / model.attention",
@@ -57,12 +60,16 @@ pub fn export_llama<B: Backend>(
             dims: t.dims.clone(),
             ty: match t.layout {
                 Layout::Vector => GgmlType::F32,
-                _ if (t.dims[0] as usize).is_multiple_of(ty.block_size()) => ty,
-                _ => GgmlType::F16,
+                _ => quantization.matrix_type(
+                    &t.gguf,
+                    t.dims[0] as usize,
+                    config.n_layers,
+                    !config.tie_embeddings,
+                ),
             },
         })
         .collect();
-    let mut metadata = llama_metadata(config, name, ty);
+    let mut metadata = llama_metadata(config, name, quantization);
     metadata.extend(tokenizer_metadata);
     write_gguf(path, &metadata, &infos, |i| {
         let t = &plan[i];
@@ -85,18 +92,13 @@ pub fn export_llama<B: Backend>(
     })
 }
 
-fn llama_metadata(config: &ModelConfig, name: &str, ty: GgmlType) -> Vec<(String, Value)> {
+fn llama_metadata(
+    config: &ModelConfig,
+    name: &str,
+    quantization: Quantization,
+) -> Vec<(String, Value)> {
     let u32v = |v: usize| Value::U32(v as u32);
-    let file_type = match ty {
-        GgmlType::F32 => 0,
-        GgmlType::F16 => 1,
-        GgmlType::Q4_0 => 2,
-        GgmlType::Q4_1 => 3,
-        GgmlType::Q8_0 => 7,
-        GgmlType::Q5_0 => 8,
-        GgmlType::Q5_1 => 9,
-        GgmlType::BF16 => 32,
-    };
+    let file_type = quantization.file_type();
     let mut kv: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
         ("general.name", Value::String(name.into())),
@@ -117,7 +119,7 @@ fn llama_metadata(config: &ModelConfig, name: &str, ty: GgmlType) -> Vec<(String
         ("llama.rope.dimension_count", u32v(config.head_dim())),
         ("llama.vocab_size", u32v(config.vocab_size)),
     ];
-    if ty.block_size() > 1 {
+    if quantization.is_quantized() {
         kv.push(("general.quantization_version", Value::U32(2)));
     }
     kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()

@@ -7,8 +7,13 @@
 
 use half::{bf16, f16};
 
+use super::kquant::{
+    QK_K, dequantize_q6_k, dequantize_q45_k, quantize_q4_k, quantize_q5_k, quantize_q6_k,
+};
 use crate::error::{Error, Result};
 
+/// ggml's names, so that a type reads as llama.cpp's documentation writes it.
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GgmlType {
     F32,
@@ -24,11 +29,17 @@ pub enum GgmlType {
     Q5_0,
     /// 32 values: f16 scale d, f16 minimum m, 4 bytes of fifth bits, nibbles; x = d·q + m.
     Q5_1,
+    /// 256 values in 8 sub-blocks with 6-bit scales and minimums (see [`super::kquant`]).
+    Q4_K,
+    /// Q4_K with a fifth bit per value.
+    Q5_K,
+    /// 256 values in 16 sub-blocks with 8-bit scales, 6-bit values.
+    Q6_K,
 }
 
 impl GgmlType {
     /// Every type this module reads and writes.
-    pub const ALL: [GgmlType; 8] = [
+    pub const ALL: [GgmlType; 11] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
@@ -37,6 +48,9 @@ impl GgmlType {
         GgmlType::Q4_1,
         GgmlType::Q5_0,
         GgmlType::Q5_1,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
     ];
 
     /// The `ggml_type` id stored in GGUF tensor infos.
@@ -49,6 +63,9 @@ impl GgmlType {
             GgmlType::Q5_0 => 6,
             GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
+            GgmlType::Q4_K => 12,
+            GgmlType::Q5_K => 13,
+            GgmlType::Q6_K => 14,
             GgmlType::BF16 => 30,
         }
     }
@@ -68,6 +85,9 @@ impl GgmlType {
             GgmlType::Q4_1 => "q4_1",
             GgmlType::Q5_0 => "q5_0",
             GgmlType::Q5_1 => "q5_1",
+            GgmlType::Q4_K => "q4_k",
+            GgmlType::Q5_K => "q5_k",
+            GgmlType::Q6_K => "q6_k",
         }
     }
 
@@ -84,6 +104,7 @@ impl GgmlType {
             GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
                 32
             }
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => QK_K,
         }
     }
 
@@ -97,6 +118,9 @@ impl GgmlType {
             GgmlType::Q4_1 => 20,
             GgmlType::Q5_0 => 22,
             GgmlType::Q5_1 => 24,
+            GgmlType::Q4_K => 144,
+            GgmlType::Q5_K => 176,
+            GgmlType::Q6_K => 210,
         }
     }
 
@@ -129,6 +153,9 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
         GgmlType::Q4_1 => values.chunks(32).for_each(|b| quantize_q4_1(b, &mut out)),
         GgmlType::Q5_0 => values.chunks(32).for_each(|b| quantize_q5_0(b, &mut out)),
         GgmlType::Q5_1 => values.chunks(32).for_each(|b| quantize_q5_1(b, &mut out)),
+        GgmlType::Q4_K => values.chunks(QK_K).for_each(|b| quantize_q4_k(b, &mut out)),
+        GgmlType::Q5_K => values.chunks(QK_K).for_each(|b| quantize_q5_k(b, &mut out)),
+        GgmlType::Q6_K => values.chunks(QK_K).for_each(|b| quantize_q6_k(b, &mut out)),
     }
     Ok(out)
 }
@@ -174,6 +201,9 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
                 let (d, m) = (half(block), half(&block[2..]));
                 out.extend(five_bit_values(&block[4..]).map(|q| d * f32::from(q) + m));
             }
+            GgmlType::Q4_K => dequantize_q45_k(block, false, &mut out),
+            GgmlType::Q5_K => dequantize_q45_k(block, true, &mut out),
+            GgmlType::Q6_K => dequantize_q6_k(block, &mut out),
         }
     }
     Ok(out)

@@ -104,11 +104,18 @@ pub fn read_tokenizer(header: &GgufHeader, path: &Path) -> Result<Box<dyn Tokeni
             .collect(),
         _ => vec![1; tokens.len()],
     };
-    let vocab: ahash::AHashMap<String, u32> = tokens
-        .iter()
-        .enumerate()
-        .map(|(id, t)| (t.to_string(), id as u32))
-        .collect();
+    let mut vocab = ahash::AHashMap::<String, u32>::with_capacity(tokens.len());
+    for (id, token) in tokens.iter().enumerate() {
+        if let Some(first) = vocab.insert(token.to_string(), id as u32) {
+            return Err(Error::file(
+                path,
+                format!(
+                    "tokenizer.ggml.tokens: token {token:?} appears at ids {first} and {id}; \
+                     a vocabulary maps each token to one id"
+                ),
+            ));
+        }
+    }
     let pairs = merges
         .iter()
         .map(|m| {

@@ -164,3 +164,43 @@ pub fn model_tensors<B: Backend>(
 fn is_adapter(path: &str) -> bool {
     path.contains(".lora.")
 }
+
+/// Writes `model` as a new run directory `out` (one checkpoint at step 0, `config.toml`), for
+/// models that come from elsewhere (an import, a merge). A Hugging Face `tokenizer.json` is
+/// copied into `out`, so the run does not depend on the folder it came from; `config` is saved
+/// with the copy's path.
+pub fn write_run<B: Backend>(
+    out: &Path,
+    model: &Llama<B>,
+    mut config: ExperimentConfig,
+    tokenizer_fingerprint: String,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    if let crate::tokenizer::TokenizerConfig::Hf { path } = &config.tokenizer {
+        let copy = out.join("tokenizer.json");
+        if *path != copy {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            atomic_write(&copy, |f| f.write_all(&bytes))?;
+        }
+        config.tokenizer = crate::tokenizer::TokenizerConfig::Hf { path: copy };
+    }
+    let state = TrainState {
+        step: 0,
+        tokens_seen: 0,
+        seed: config.train.seed,
+        elapsed_secs: 0.0,
+        tokenizer: tokenizer_fingerprint,
+    };
+    let dir = save(
+        out,
+        &named_params(model),
+        &BTreeMap::new(),
+        &state,
+        &config,
+        1,
+    )?;
+    atomic_write(&out.join("config.toml"), |f| {
+        f.write_all(config.to_toml().as_bytes())
+    })?;
+    Ok(dir)
+}

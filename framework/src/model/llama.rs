@@ -434,27 +434,15 @@ impl<B: Backend> Llama<B> {
     ) -> Tensor<B, 3> {
         let mut stream = self.stream(self.embed.forward(tokens));
         for (i, block) in self.blocks.iter().enumerate() {
-            let (attn, mlp) = (2 * i, 2 * i + 1);
             let layer_cache = cache.as_mut().map(|layers| &mut layers[i]);
-
-            let h = stream.input(attn);
-            let out = block.attn.forward(
-                block.attn_norm.forward(h.clone()),
-                &self.rope,
+            self.run_block(
+                i,
+                block,
+                &mut stream,
                 offset,
                 layer_cache,
+                trace.as_deref_mut(),
             );
-            if let Some(trace) = trace.as_deref_mut() {
-                trace.push(self.trace(&stream, block.attn_res.as_ref(), &h, &out));
-            }
-            stream.push(attn, out);
-
-            let h = stream.input(mlp);
-            let out = block.mlp.forward(block.mlp_norm.forward(h.clone()));
-            if let Some(trace) = trace.as_deref_mut() {
-                trace.push(self.trace(&stream, block.mlp_res.as_ref(), &h, &out));
-            }
-            stream.push(mlp, out);
         }
         let final_weights = trace
             .is_some()
@@ -467,6 +455,74 @@ impl<B: Backend> Llama<B> {
                 depth_weights,
             });
         }
+        self.logits(h)
+    }
+
+    /// Decoder block `i`'s two sub-layers, attention then MLP, reading and extending `stream`.
+    fn run_block(
+        &self,
+        i: usize,
+        block: &Block<B>,
+        stream: &mut Stream<'_, B>,
+        offset: usize,
+        cache: Option<&mut Option<LayerKvCache<B>>>,
+        mut trace: Option<&mut Vec<SublayerTrace>>,
+    ) {
+        let (attn, mlp) = (2 * i, 2 * i + 1);
+        let h = stream.input(attn);
+        let out = block.attn.forward(
+            block.attn_norm.forward(h.clone()),
+            &self.rope,
+            offset,
+            cache,
+        );
+        if let Some(trace) = trace.as_deref_mut() {
+            trace.push(self.trace(stream, block.attn_res.as_ref(), &h, &out));
+        }
+        stream.push(attn, out);
+
+        let h = stream.input(mlp);
+        let out = block.mlp.forward(block.mlp_norm.forward(h.clone()));
+        if let Some(trace) = trace {
+            trace.push(self.trace(stream, block.mlp_res.as_ref(), &h, &out));
+        }
+        stream.push(mlp, out);
+    }
+
+    /// The token embeddings `[batch, seq, d_model]`: the residual stream before block 0.
+    pub fn embed_tokens(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.embed.forward(tokens)
+    }
+
+    /// Whether the residual stream between two blocks is one tensor, so that a block can be run
+    /// on its own ([`Self::block_forward`]); AttnRes streams carry every earlier output.
+    pub fn has_single_stream(&self) -> bool {
+        matches!(
+            self.residual,
+            ResidualMode::Standard | ResidualMode::Rescaled
+        )
+    }
+
+    /// Runs block `i` alone (positions from 0) on the stream `h` that enters it and returns the
+    /// stream that leaves it. Only for single-tensor streams (see [`Self::has_single_stream`]).
+    pub fn block_forward(&self, i: usize, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        let mut stream = match self.residual {
+            ResidualMode::Standard => Stream::Sum(h),
+            // The running mean entering block i averages the embedding and 2·i outputs.
+            ResidualMode::Rescaled => Stream::Mean {
+                h,
+                sources: 1 + 2 * i,
+            },
+            ResidualMode::AttnresFull | ResidualMode::AttnresBlock => {
+                panic!("block_forward needs a single-tensor residual stream, not AttnRes")
+            }
+        };
+        self.run_block(i, &self.blocks[i], &mut stream, 0, None, None);
+        stream.output()
+    }
+
+    /// Final norm and LM head: logits `[batch, seq, vocab]` from the last hidden state.
+    pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.norm.forward(h);
         match &self.lm_head {
             Some(head) => head.forward(x),

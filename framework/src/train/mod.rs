@@ -3,6 +3,7 @@
 //! and atomic checkpoints. A resumed run replays exactly the steps the uninterrupted run takes.
 
 pub mod optim;
+pub mod recompute;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -21,9 +22,10 @@ use crate::error::{Error, Result};
 use crate::eval::{self, EvalReport};
 use crate::io::params::count_params_where;
 use crate::io::{atomic_write, checkpoint};
-use crate::model::{Llama, cross_entropy_masked};
+use crate::model::{Llama, cross_entropy, cross_entropy_masked};
 use crate::tokenizer::Tokenizer;
 use optim::{AdamW, AdamWConfig, global_grad_norm, grad_squares_by_path, learning_rate};
+pub use recompute::ActivationCheckpointing;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -54,6 +56,13 @@ pub struct TrainConfig {
     /// Prompt and length of the samples printed when training ends.
     pub sample_prompt: String,
     pub sample_tokens: usize,
+    /// Recompute activations in the backward pass instead of keeping them (see
+    /// [`recompute`]): `none`, `block` or `every_k`.
+    pub activation_checkpointing: ActivationCheckpointing,
+    /// Blocks per recomputed segment under `every_k`.
+    pub checkpoint_every: usize,
+    /// Keep the saved segment inputs in host memory rather than on the device.
+    pub offload_activations: bool,
 }
 
 impl Default for TrainConfig {
@@ -81,6 +90,9 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             sample_prompt: "\n".into(),
             sample_tokens: 200,
+            activation_checkpointing: ActivationCheckpointing::None,
+            checkpoint_every: 2,
+            offload_activations: false,
         }
     }
 }
@@ -98,6 +110,7 @@ impl TrainConfig {
             ("eval_batches", self.eval_batches),
             ("checkpoint_interval", self.checkpoint_interval),
             ("keep_checkpoints", self.keep_checkpoints),
+            ("checkpoint_every", self.checkpoint_every),
         ] {
             if value == 0 {
                 return Err(Error::config(key(name), 0, "must be at least 1"));
@@ -135,7 +148,28 @@ impl TrainConfig {
                 ));
             }
         }
+        if self.offload_activations
+            && self.activation_checkpointing == ActivationCheckpointing::None
+        {
+            return Err(Error::config(
+                key("offload_activations"),
+                true,
+                format!(
+                    "needs {} = \"block\" or \"every_k\" (it offloads the saved block inputs)",
+                    key("activation_checkpointing")
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// Blocks per recomputed segment, or `None` when activations are kept.
+    pub fn blocks_per_segment(&self) -> Option<usize> {
+        match self.activation_checkpointing {
+            ActivationCheckpointing::None => None,
+            ActivationCheckpointing::Block => Some(1),
+            ActivationCheckpointing::EveryK => Some(self.checkpoint_every),
+        }
     }
 
     pub fn adamw(&self) -> AdamWConfig {
@@ -209,10 +243,24 @@ pub struct TrainSummary {
     pub tokens_per_sec: f64,
     pub wall_secs: f64,
     pub backend: String,
+    /// Parameters the optimizer updated (the adapters of a LoRA run).
+    #[serde(default)]
+    pub trainable_params: usize,
+    /// Peak resident host memory of the process (MiB), where the OS reports it.
+    #[serde(default)]
+    pub peak_host_mib: Option<f64>,
 }
 
 const METRICS_HEADER: &str =
     "step,tokens,lr,train_loss,val_loss,grad_norm,tokens_per_sec,elapsed_sec";
+
+/// The process's peak resident host memory in MiB (Linux's VmHWM); `None` elsewhere.
+pub fn peak_host_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
 
 /// Trains `config` in `run_dir`, continuing from its latest checkpoint when `resume` is set.
 /// Returns the trained model (on the inner backend) and the summary written to `summary.json`.
@@ -315,11 +363,24 @@ pub fn train<B: AutodiffBackend>(
         for micro in 0..tc.grad_accum {
             let batch =
                 train_split.train_batch(tc.seed, state.step, micro, tc.batch_size, tc.seq_len)?;
-            let (loss, _) = batch_loss(&model, &batch, device);
-            let loss = loss.div_scalar(tc.grad_accum as f64);
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
+            let scale = 1.0 / tc.grad_accum as f64;
+            if let Some(blocks) = tc.blocks_per_segment() {
+                loss_sum += recompute::loss_and_grads(
+                    &model,
+                    &batch,
+                    scale,
+                    blocks,
+                    tc.offload_activations,
+                    &mut accumulator,
+                    device,
+                );
+            } else {
+                let (loss, _) = batch_loss(&model, &batch, device);
+                let loss = loss.mul_scalar(scale);
+                loss_sum += loss.clone().into_scalar().elem::<f64>();
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                accumulator.accumulate(&model, grads);
+            }
         }
         let grads = accumulator.grads();
         if !loss_sum.is_finite() {
@@ -415,6 +476,8 @@ pub fn train<B: AutodiffBackend>(
         tokens_per_sec: state.tokens_seen as f64 / state.elapsed_secs.max(1e-9),
         wall_secs: state.elapsed_secs,
         backend: backend_name.to_owned(),
+        trainable_params: trainable_params(&model, config),
+        peak_host_mib: peak_host_mib(),
     };
     let mut depth = eval::depth_profile(&model, &val_batches);
     depth.set_gradients(&last_grad_squares);
@@ -443,8 +506,19 @@ pub fn batch_loss<B: Backend>(
     device: &B::Device,
 ) -> (Tensor<B, 1>, usize) {
     let (inputs, targets) = batch_tensors::<B>(batch, device);
+    logits_loss(model.forward(inputs), targets, batch, device)
+}
+
+/// The mean loss of `logits` over the targets `batch` counts (all of them, or those its loss
+/// mask marks), and how many it counts.
+pub fn logits_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    batch: &Batch,
+    device: &B::Device,
+) -> (Tensor<B, 1>, usize) {
     if batch.loss_mask.is_empty() {
-        return (model.loss(inputs, targets), batch.batch * batch.seq);
+        return (cross_entropy(logits, targets), batch.batch * batch.seq);
     }
     let counted = batch.loss_mask.iter().filter(|&&m| m).count();
     let mask: Vec<f32> = batch
@@ -453,7 +527,6 @@ pub fn batch_loss<B: Backend>(
         .map(|&m| f32::from(u8::from(m)))
         .collect();
     let mask = Tensor::from_data(TensorData::new(mask, [batch.batch, batch.seq]), device);
-    let logits = model.forward(inputs);
     (cross_entropy_masked(logits, targets, mask), counted)
 }
 

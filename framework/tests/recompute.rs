@@ -1,0 +1,342 @@
+//! Activation checkpointing gives the gradients of ordinary backpropagation: per block, per
+//! segment of k blocks (with a short last segment), with the saved inputs in host memory, for
+//! full training (tied and untied heads, both single-stream residuals, a loss mask) and for LoRA
+//! (adapters only). A training run with it follows the loss curve of one without. Models whose
+//! stream is not one tensor (AttnRes) and LoRA dropout are refused by name.
+//!
+//! Tolerance: the recomputed forward runs the same ops on the same values, and the gradient
+//! injected at each segment boundary is passed through unchanged, so the only difference is the
+//! order in which the accumulator adds partial gradients of parameters used in two places (a
+//! tied embedding); 1e-5 of the largest gradient entry leaves room for that and nothing else.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use burn::backend::Autodiff;
+use burn::module::{ModuleVisitor, Param};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use strata::backend::Cpu;
+use strata::config::ExperimentConfig;
+use strata::data::Batch;
+use strata::model::{Llama, ModelConfig, ResidualMode};
+use strata::nn::lora::LoraConfig;
+use strata::tokenizer::ByteTokenizer;
+use strata::train::{Event, batch_loss, recompute, train};
+
+type B = Autodiff<Cpu>;
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every gradient, flattened, by parameter path.
+struct ByPath<'a> {
+    grads: &'a GradientsParams,
+    path: Vec<String>,
+    out: BTreeMap<String, Vec<f32>>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for ByPath<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_owned());
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        if let Some(g) = self.grads.get::<AB::InnerBackend, D>(param.id) {
+            let values = g.into_data().convert::<f32>().to_vec().unwrap();
+            self.out.insert(self.path.join("."), values);
+        }
+    }
+}
+
+fn by_path(model: &Llama<B>, grads: &GradientsParams) -> BTreeMap<String, Vec<f32>> {
+    let mut visitor = ByPath {
+        grads,
+        path: Vec::new(),
+        out: BTreeMap::new(),
+    };
+    model.visit(&mut visitor);
+    visitor.out
+}
+
+/// A batch of pseudo-random byte ids; with `masked`, only the second half of each row counts.
+fn batch(batch: usize, seq: usize, masked: bool) -> Batch {
+    let ids: Vec<u32> = (0..batch * (seq + 1))
+        .map(|i| ((i * 7919 + 13) % 251) as u32)
+        .collect();
+    let mut inputs = Vec::new();
+    let mut targets = Vec::new();
+    for row in ids.chunks(seq + 1) {
+        inputs.extend_from_slice(&row[..seq]);
+        targets.extend_from_slice(&row[1..]);
+    }
+    let loss_mask = if masked {
+        (0..batch * seq).map(|i| i % seq >= seq / 2).collect()
+    } else {
+        Vec::new()
+    };
+    Batch {
+        inputs,
+        targets,
+        loss_mask,
+        batch,
+        seq,
+    }
+}
+
+/// Gradients of `loss · 0.5` by ordinary backpropagation.
+fn reference(model: &Llama<B>, batch: &Batch) -> (f64, BTreeMap<String, Vec<f32>>) {
+    let (loss, _) = batch_loss(model, batch, &Default::default());
+    let loss = loss.mul_scalar(0.5);
+    let value = loss.clone().into_scalar().elem::<f64>();
+    let grads = GradientsParams::from_grads(loss.backward(), model);
+    (value, by_path(model, &grads))
+}
+
+fn recomputed(
+    model: &Llama<B>,
+    batch: &Batch,
+    blocks: usize,
+    offload: bool,
+) -> (f64, BTreeMap<String, Vec<f32>>) {
+    let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
+    let loss = recompute::loss_and_grads(
+        model,
+        batch,
+        0.5,
+        blocks,
+        offload,
+        &mut accumulator,
+        &Default::default(),
+    );
+    (loss, by_path(model, &accumulator.grads()))
+}
+
+fn assert_same(
+    what: &str,
+    (loss, grads): &(f64, BTreeMap<String, Vec<f32>>),
+    (want_loss, want): &(f64, BTreeMap<String, Vec<f32>>),
+) {
+    assert!(
+        (loss - want_loss).abs() <= 1e-6 * want_loss.abs(),
+        "{what}: loss {loss} vs {want_loss}"
+    );
+    assert_eq!(
+        grads.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "{what}: parameters with gradients"
+    );
+    for (path, want) in want {
+        let got = &grads[path];
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0, "{what}: {path} has a zero gradient");
+        let worst = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-5 * scale,
+            "{what}: {path}: max |Δ| = {worst}, largest entry {scale}"
+        );
+    }
+}
+
+fn tiny(residual: ResidualMode, tie_embeddings: bool) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 259,
+        d_model: 32,
+        n_layers: 5,
+        n_heads: 4,
+        n_kv_heads: Some(2),
+        ffn_hidden: 48,
+        max_seq_len: 16,
+        tie_embeddings,
+        residual,
+        ..ModelConfig::default()
+    }
+}
+
+#[test]
+fn recomputed_gradients_match_backpropagation() {
+    let _guard = serial();
+    let device = Default::default();
+    for (residual, tied, masked) in [
+        (ResidualMode::Standard, true, false),
+        (ResidualMode::Standard, false, true),
+        (ResidualMode::Rescaled, false, false),
+    ] {
+        B::seed(&device, 7);
+        let model = tiny(residual, tied).init::<B>(&device);
+        let batch = batch(3, 16, masked);
+        let want = reference(&model, &batch);
+        // 5 blocks: segments of 1, of 2 (2 + 2 + 1) and one of all 5; host and device.
+        for (blocks, offload) in [(1, false), (1, true), (2, true), (5, false)] {
+            let what = format!(
+                "{residual:?} tied={tied} masked={masked} blocks={blocks} offload={offload}"
+            );
+            assert_same(&what, &recomputed(&model, &batch, blocks, offload), &want);
+        }
+    }
+}
+
+#[test]
+fn recomputed_lora_gradients_match_backpropagation() {
+    let _guard = serial();
+    let device = Default::default();
+    B::seed(&device, 11);
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q".into(), "v".into(), "down".into(), "lm_head".into()],
+        ..LoraConfig::default()
+    };
+    let mut model = tiny(ResidualMode::Standard, false)
+        .init::<B>(&device)
+        .with_lora(&lora)
+        .unwrap();
+    // B starts at zero, which would leave A without a gradient: move every B off zero.
+    let nonzero = |t: Tensor<B, 2>| {
+        let dims = t.dims();
+        let values: Vec<f32> = (0..dims[0] * dims[1])
+            .map(|i| ((i % 7) as f32 - 3.0) * 0.01)
+            .collect();
+        Tensor::<B, 2>::from_data(TensorData::new(values, dims), &Default::default()).require_grad()
+    };
+    for block in &mut model.blocks {
+        for lora in [
+            &mut block.attn.wq.lora,
+            &mut block.attn.wv.lora,
+            &mut block.mlp.w_down.lora,
+        ] {
+            let lora = lora.as_mut().unwrap();
+            lora.b = lora.b.clone().map(nonzero);
+        }
+    }
+    let head = model.lm_head.as_mut().unwrap().lora.as_mut().unwrap();
+    head.b = head.b.clone().map(nonzero);
+    let batch = batch(2, 16, true);
+    let want = reference(&model, &batch);
+    assert!(
+        want.1.keys().all(|k| k.contains(".lora.")),
+        "{:?}",
+        want.1.keys()
+    );
+    assert_eq!(want.1.len(), 5 * 3 * 2 + 2);
+    assert_same("lora blocks=1", &recomputed(&model, &batch, 1, true), &want);
+    assert_same(
+        "lora blocks=3",
+        &recomputed(&model, &batch, 3, false),
+        &want,
+    );
+}
+
+fn run_config(extra: &[&str]) -> strata::Result<ExperimentConfig> {
+    let base = format!(
+        r#"
+name = "tiny"
+[model]
+vocab_size = 259
+d_model = 32
+n_layers = 3
+n_heads = 4
+n_kv_heads = 2
+ffn_hidden = 64
+max_seq_len = 32
+tie_embeddings = false
+[data]
+path = "{}"
+validation = ["doc3.txt"]
+[train]
+batch_size = 4
+seq_len = 32
+grad_accum = 2
+max_steps = 6
+warmup_steps = 2
+lr = 3e-3
+log_interval = 1
+eval_interval = 3
+eval_batches = 2
+checkpoint_interval = 3
+"#,
+        common::text_corpus("recompute").display()
+    );
+    let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    ExperimentConfig::from_toml(&base, &overrides)
+}
+
+fn losses(config: &ExperimentConfig, name: &str) -> Vec<f64> {
+    let dir = std::env::temp_dir().join(format!("strata-recompute-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut losses = Vec::new();
+    train::<B>(
+        config,
+        &ByteTokenizer,
+        &dir,
+        false,
+        "flex",
+        &Default::default(),
+        &mut |event| {
+            if let Event::Step(m) = event {
+                losses.push(m.train_loss);
+            }
+        },
+    )
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    losses
+}
+
+#[test]
+fn training_with_checkpointing_follows_the_same_curve() {
+    let _guard = serial();
+    let plain = losses(&run_config(&[]).unwrap(), "none");
+    let offloaded = losses(
+        &run_config(&[
+            "train.activation_checkpointing=\"every_k\"",
+            "train.checkpoint_every=2",
+            "train.offload_activations=true",
+        ])
+        .unwrap(),
+        "every-k",
+    );
+    assert_eq!(plain.len(), 6);
+    assert!(plain.last() < plain.first(), "{plain:?}");
+    for (a, b) in plain.iter().zip(&offloaded) {
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs(),
+            "{plain:?} vs {offloaded:?}"
+        );
+    }
+}
+
+#[test]
+fn unsupported_combinations_are_refused_by_name() {
+    let err = run_config(&[
+        "model.residual=\"attnres_full\"",
+        "train.activation_checkpointing=\"block\"",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("train.activation_checkpointing"), "{err}");
+    let err = run_config(&["train.offload_activations=true"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("train.offload_activations"), "{err}");
+    let err = run_config(&[
+        "train.activation_checkpointing=\"every_k\"",
+        "train.checkpoint_every=0",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("train.checkpoint_every"), "{err}");
+}
