@@ -1,5 +1,7 @@
-//! GGUF: our quantizers against gguf-py's (bit for bit), our dequantizers on its bytes, the
-//! quantization error of each type, the container round trip, and corrupted files.
+//! GGUF: our quantizers against gguf-py's (bit for bit) and, for the k-quants, which gguf-py
+//! cannot quantize, against llama.cpp's ggml (bit for bit); our dequantizers on gguf-py's
+//! dequantization of those bytes; the quantization error of each type, the container round trip,
+//! and corrupted files.
 
 mod common;
 
@@ -17,7 +19,7 @@ fn fixture_f32(name: &str) -> Vec<f32> {
         .collect()
 }
 
-const TYPES: [(&str, GgmlType); 7] = [
+const TYPES: [(&str, GgmlType); 10] = [
     ("f16", GgmlType::F16),
     ("bf16", GgmlType::BF16),
     ("q8_0", GgmlType::Q8_0),
@@ -25,6 +27,10 @@ const TYPES: [(&str, GgmlType); 7] = [
     ("q4_1", GgmlType::Q4_1),
     ("q5_0", GgmlType::Q5_0),
     ("q5_1", GgmlType::Q5_1),
+    // Quantized by ggml (scripts/fixtures/make_gguf_fixtures.py --ggml).
+    ("q4_k", GgmlType::Q4_K),
+    ("q5_k", GgmlType::Q5_K),
+    ("q6_k", GgmlType::Q6_K),
 ];
 
 #[test]
@@ -65,7 +71,9 @@ fn quantization_error_is_what_each_type_allows() {
     for (ty, bound) in [
         // f16: 11-bit significand; bf16: 8-bit; Q8_0: 8 bits per value with a shared scale;
         // Q4_0/Q4_1: 16 levels per block of 32 (relative RMS error ~ 1/(2·√3·7.5) for a
-        // normal block spanning ±2.5σ, plus scale rounding); Q5: 32 levels, half that.
+        // normal block spanning ±2.5σ, plus scale rounding); Q5: 32 levels, half that. The
+        // k-quants fit each sub-block's scale and minimum by weighted least squares, so they
+        // land below the block-32 types of the same bits.
         (GgmlType::F16, 5e-4),
         (GgmlType::BF16, 4e-3),
         (GgmlType::Q8_0, 1e-2),

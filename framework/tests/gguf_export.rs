@@ -13,7 +13,7 @@ use strata::backend::Cpu;
 use strata::gguf::export::export_llama;
 use strata::gguf::import::load_llama_gguf;
 use strata::gguf::layout::{permute_rotary, unpermute_rotary};
-use strata::gguf::{GgmlType, Metadata, Value, ValueType, read_header};
+use strata::gguf::{GgmlType, Metadata, Quantization, Value, ValueType, read_header};
 use strata::io::params::{HostTensor, assign_params, named_params};
 use strata::model::{Llama, ModelConfig};
 use strata::tokenizer::TokenizerConfig;
@@ -51,6 +51,11 @@ fn logits(model: &Llama<B>, ids: &[u32]) -> Vec<f32> {
 /// units, as in a trained model; gains near 1), the same in every run, so the quantization
 /// errors below are fixed numbers rather than draws.
 fn deterministic_model(config: &ModelConfig) -> Llama<B> {
+    deterministic_model_with_std(config, 0.15)
+}
+
+/// [`deterministic_model`] with weights of standard deviation `std`.
+fn deterministic_model_with_std(config: &ModelConfig, std: f32) -> Llama<B> {
     let model = config.init::<B>(&Default::default());
     let mut uniform = common::uniform(0x853c49e6748fea9b);
     let params: HashMap<String, HostTensor> = named_params(&model)
@@ -61,7 +66,7 @@ fn deterministic_model(config: &ModelConfig) -> Llama<B> {
                 *v = if gain {
                     1.0 + 0.1 * uniform()
                 } else {
-                    0.15 * 3f32.sqrt() * uniform()
+                    std * 3f32.sqrt() * uniform()
                 };
             }
             (name, t)
@@ -353,4 +358,105 @@ fn hugging_face_bpe_tokenizers_export_with_their_merges() {
         err.contains("tokenizer.json") && err.contains("beyond the model's vocabulary"),
         "{err}"
     );
+}
+
+/// llama.cpp's k-quant presets on a model whose rows fill 256-value super-blocks, with 8 layers
+/// so that the per-layer rules pick different types (`more_bits`: layers 0, 3, 6 and 7): each
+/// tensor gets the type the preset names, and the file loads back to the model's logits within
+/// the preset's rounding. Leaves `kq-f32.gguf` and `kq-PRESET.gguf` in target/gguf-check for
+/// `scripts/check/gguf_kquants.py`, which has llama-quantize make the same presets from the f32
+/// file and compares every tensor's type and bytes.
+#[test]
+fn k_quant_presets_pick_llama_cpp_types_and_load_back() {
+    let config = ModelConfig {
+        d_model: 256,
+        n_layers: 8,
+        ffn_hidden: 512,
+        ..config()
+    };
+    // Four times the width of the tiny model: half its weight scale keeps each layer's gain.
+    let model = deterministic_model_with_std(&config, 0.075);
+    let ids = prompt();
+    let want = logits(&model, &ids);
+    assert!(rms(&want) > 0.5, "logits too flat to test anything");
+    let dir = out_dir();
+    let byte = TokenizerConfig::Byte;
+    export_llama(
+        &model,
+        &config,
+        &byte,
+        "kq",
+        GgmlType::F32,
+        &dir.join("kq-f32.gguf"),
+    )
+    .unwrap();
+    let mut report = serde_json::Map::new();
+    report.insert("ids".into(), serde_json::json!(ids));
+    report.insert("original".into(), serde_json::json!(want));
+    let (q4, q5, q6) = (GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K);
+    for (name, tolerance, file_type) in [
+        // Relative RMS logit error. Eight random layers amplify weight rounding about sevenfold
+        // (f16 gives 1.8e-3, q8_0 3.4e-2 here); measured 0.119 q6_k, 0.214 q5_k_m, 0.232
+        // q5_k_s, 0.428 q4_k_m, 0.445 q4_k_s (fixed weights, so fixed numbers). The bounds leave
+        // 1.5x; scrambled blocks give about 1.4.
+        ("q6_k", 0.18, 18),
+        ("q5_k_m", 0.33, 17),
+        ("q5_k_s", 0.35, 16),
+        ("q4_k_m", 0.65, 15),
+        ("q4_k_s", 0.67, 14),
+    ] {
+        let path = dir.join(format!("kq-{name}.gguf"));
+        let summary = export_llama(
+            &model,
+            &config,
+            &byte,
+            "kq",
+            Quantization::parse(name).unwrap(),
+            &path,
+        )
+        .unwrap();
+        let types: HashMap<String, GgmlType> = summary.tensors.iter().cloned().collect();
+        let layers = |tensor: &str, ty: GgmlType| -> Vec<usize> {
+            (0..8)
+                .filter(|i| types[&format!("blk.{i}.{tensor}.weight")] == ty)
+                .collect()
+        };
+        assert_eq!(types["output.weight"], q6, "{name}");
+        assert_eq!(types["blk.0.attn_norm.weight"], GgmlType::F32, "{name}");
+        match name {
+            "q6_k" => assert_eq!(layers("attn_q", q6).len(), 8),
+            "q5_k_m" | "q4_k_m" => {
+                assert_eq!(layers("attn_v", q6), [0, 3, 6, 7], "{name}");
+                assert_eq!(layers("ffn_down", q6), [0, 3, 6, 7], "{name}");
+                let base = if name == "q5_k_m" { q5 } else { q4 };
+                assert_eq!(layers("attn_q", base).len(), 8, "{name}");
+                assert_eq!(types["token_embd.weight"], base, "{name}");
+            }
+            "q5_k_s" => assert_eq!(layers("attn_v", q5).len(), 8),
+            "q4_k_s" => {
+                assert_eq!(layers("attn_v", q5), [0, 1, 2, 3]);
+                assert_eq!(layers("ffn_down", q5), [0]);
+                assert_eq!(layers("ffn_up", q4).len(), 8);
+            }
+            _ => unreachable!(),
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let header = read_header(&bytes, &path).unwrap();
+        assert_eq!(
+            header.get("general.file_type").and_then(Value::as_u32),
+            Some(file_type)
+        );
+        let (_, back, _) = load_llama_gguf::<B>(&path, &Default::default()).unwrap();
+        let got = logits(&back, &ids);
+        let err: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
+        let relative = rms(&err) / rms(&want);
+        eprintln!("{name}: relative RMS logit error {relative:.2e}");
+        assert!(
+            relative <= tolerance,
+            "{name}: relative RMS logit error {relative}"
+        );
+        report.insert(name.into(), serde_json::json!(got));
+    }
+    let json = serde_json::to_string(&serde_json::Value::Object(report)).unwrap();
+    std::fs::write(dir.join("kq-logits.json"), json).unwrap();
 }
