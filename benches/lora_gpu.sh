@@ -5,16 +5,16 @@
 # nvidia-smi samples the device memory in use every 50 ms while it runs, and the run's peak
 # (CUDA context included, the same for both frameworks) goes into the table.
 #
-#   CUDARC_CUDA_VERSION=13000 CARGO_TARGET_DIR=target/cuda-fusion cargo build --release \
-#       -p strata-experiments --features cuda,fusion
-#   STRATA_BIN=target/cuda-fusion/release/strata bash benches/lora_gpu.sh RESULTS_DIR
+#   CUDARC_CUDA_VERSION=13000 CARGO_TARGET_DIR=target/cuda-plain cargo build --release \
+#       -p strata-experiments --features cuda      # (+fusion: faster steps, minutes of cold start)
+#   STRATA_BIN=target/cuda-plain/release/strata bash benches/lora_gpu.sh RESULTS_DIR
 #
 # Appends JSON lines to RESULTS_DIR/lora_gpu.jsonl and writes RESULTS_DIR/lora_memory.csv
 # (benches/lora_table.py, which also merges the JSON lines of several calls).
 set -u
 results=${1:-benches/results}
 mkdir -p "$results"
-bin=${STRATA_BIN:-target/cuda-fusion/release/strata}
+bin=${STRATA_BIN:-target/cuda-plain/release/strata}
 config=configs/bench/tinyllama_1b.toml
 export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
 export LD_LIBRARY_PATH=$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}
@@ -48,19 +48,25 @@ measured() {
 }
 
 # SHAPES="batch seq;batch seq;..." runs a subset, ONLY=strata|peft one side, STRATA_DTYPES a
-# subset of "f32 bf16" (each call of a lent GPU is time-limited).
+# subset of "f32 bf16", STRATA_MODES of "plain ckpt offload", STRATA_BASE of "same bf16" (the
+# frozen weights in the run's dtype or in bf16) (each call of a lent GPU is time-limited).
 IFS=';' read -r -a shapes <<< "${SHAPES:-1 1024;4 1024;1 2048;4 2048}"
 for shape in "${shapes[@]}"; do
   set -- $shape; b=$1; s=$2
   [ "${ONLY:-all}" != peft ] && for dtype in ${STRATA_DTYPES:-f32 bf16}; do
-    for mode in ${STRATA_MODES:-plain ckpt}; do
-      # ckpt: recompute per block, saved block inputs in host memory.
+    for mode in ${STRATA_MODES:-plain ckpt offload}; do
+     for base in ${STRATA_BASE:-same}; do
+      # ckpt: recompute per block; offload: and keep the saved block inputs in host memory;
+      # base bf16: the frozen weights stored in bf16, adapters in the run's dtype.
       extra=()
-      [ "$mode" = ckpt ] && extra=(--set 'train.activation_checkpointing="block"' \
-        --set train.offload_activations=true)
-      measured "strata-$dtype$([ "$mode" = ckpt ] && echo -ckpt)-b$b-s$s" "$bin" bench-train "$config" \
+      label=strata-$dtype
+      [ "$base" = bf16 ] && extra=(--lora-base-dtype bf16) && label+=-bf16base
+      [ "$mode" != plain ] && extra+=(--set 'train.activation_checkpointing="block"') && label+=-ckpt
+      [ "$mode" = offload ] && extra+=(--set train.offload_activations=true) && label+=-offload
+      measured "$label-b$b-s$s" "$bin" bench-train "$config" \
         --backend cuda --dtype "$dtype" --lora-rank 16 --warmup 2 --steps 4 \
         --set "train.batch_size=$b" --set "train.seq_len=$s" "${extra[@]}"
+     done
     done
   done
   [ "${ONLY:-all}" != strata ] && for dtype in f32 bf16; do

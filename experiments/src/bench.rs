@@ -12,6 +12,7 @@ use burn::tensor::backend::AutodiffBackend;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use strata::config::ExperimentConfig;
 use strata::data::Batch;
+use strata::nn::lora::{BaseDType, LoraConfig};
 use strata::train::optim::AdamW;
 use strata::train::{batch_tensors, recompute};
 
@@ -30,6 +31,9 @@ pub struct Args {
     /// Freeze the model and train LoRA adapters of this rank (α = 2r) on all seven projections.
     #[arg(long)]
     lora_rank: Option<usize>,
+    /// Storage of the frozen base weights under --lora-rank: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    lora_base_dtype: String,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -50,9 +54,16 @@ fn run_with<B: AutodiffBackend>(
     B::seed(device, tc.seed);
     let mut model = config.model.init::<B>(device);
     if let Some(rank) = args.lora_rank {
-        model = model.with_lora(&strata::nn::lora::LoraConfig {
+        let base_dtype = match args.lora_base_dtype.as_str() {
+            "f32" => BaseDType::F32,
+            "bf16" => BaseDType::Bf16,
+            "f16" => BaseDType::F16,
+            other => anyhow::bail!("--lora-base-dtype {other}: expected f32, bf16 or f16"),
+        };
+        model = model.with_lora(&LoraConfig {
             rank,
             alpha: 2.0 * rank as f64,
+            base_dtype,
             ..Default::default()
         })?;
     }
@@ -121,6 +132,7 @@ fn run_with<B: AutodiffBackend>(
             "seq_len": tc.seq_len,
             "steps": args.steps,
             "lora_rank": args.lora_rank,
+            "lora_base_dtype": args.lora_rank.map(|_| args.lora_base_dtype.clone()),
             "activation_checkpointing": tc.activation_checkpointing.name(),
             "checkpoint_every": tc.checkpoint_every,
             "offload_activations": tc.offload_activations,

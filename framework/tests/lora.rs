@@ -323,3 +323,75 @@ fn adapter_for_the_peft_check() {
     )
     .unwrap();
 }
+
+/// `lora.base_dtype = "bf16"` stores the frozen projections in bf16 and widens them where they
+/// are used: the logits and the adapter gradients are exactly those of an f32 model holding the
+/// bf16-rounded weights (widening bf16 to f32 is exact), and differ from the unrounded model's
+/// by about bf16's rounding.
+#[test]
+fn bf16_base_weights_compute_like_their_rounded_f32_values() {
+    use burn::tensor::{DType, FloatDType};
+    use strata::backend::Cpu;
+    use strata::nn::lora::BaseDType;
+    type AB = Autodiff<Cpu>;
+    let device = Default::default();
+    AB::seed(&device, 5);
+    let base: Llama<AB> = tiny_config().init(&device);
+    let config = LoraConfig {
+        rank: 2,
+        targets: vec!["q".into(), "down".into()],
+        base_dtype: BaseDType::Bf16,
+        ..LoraConfig::default()
+    };
+    let full = logits(&base, &IDS);
+    let narrow = base.clone().with_lora(&config).unwrap();
+    assert_eq!(narrow.blocks[0].mlp.w_up.weight.val().dtype(), DType::BF16);
+    assert_eq!(
+        narrow.blocks[0]
+            .attn
+            .wq
+            .lora
+            .as_ref()
+            .unwrap()
+            .a
+            .val()
+            .dtype(),
+        DType::F32
+    );
+    // Parameters initialise lazily, per clone: run the model once before cloning it.
+    let got = logits(&narrow, &IDS);
+    // The same adapters over the same (rounded) weights, held in f32.
+    let widened = narrow.clone().with_projection_dtype(FloatDType::F32);
+    let want = logits(&widened, &IDS);
+    assert_eq!(got, want);
+    let scale = full.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(&full)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst > 0.0 && worst < 2e-2 * scale,
+        "rounding moved the logits by {worst}"
+    );
+
+    let grads = |model: &Llama<AB>| {
+        let logits = model.forward(ids_tensor(&IDS, [1, IDS.len()], &device));
+        let grads = GradientsParams::from_grads(logits.square().mean().backward(), model);
+        grad_squares_by_path(model, &grads)
+    };
+    let (got, want) = (grads(&narrow), grads(&widened));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    assert!(got.keys().all(|k| k.contains(".lora.")));
+    for (path, (sum, _)) in &want {
+        let rel = (got[path].0 - sum).abs() / sum.max(1e-30);
+        assert!(rel < 1e-9, "{path}: {} vs {sum}", got[path].0);
+    }
+    // Merged weights take the adapter's precision; projections without one keep their storage.
+    let merged = narrow.merged_plain();
+    assert_eq!(merged.blocks[0].mlp.w_down.weight.val().dtype(), DType::F32);
+    assert_eq!(merged.blocks[0].mlp.w_up.weight.val().dtype(), DType::BF16);
+}

@@ -171,6 +171,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         dropout,
         targets,
         rslora,
+        ..LoraConfig::default()
     };
     config
         .validate(&format!("{}: ", path.display()))

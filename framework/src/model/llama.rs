@@ -3,6 +3,7 @@
 
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use burn::tensor::activation::{log_softmax, silu};
 use serde::{Deserialize, Serialize};
 
@@ -10,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::io::params::HostTensor;
 use crate::nn::attention::{Attention, LayerKvCache, Mixing};
 use crate::nn::attnres::{DepthAttention, DepthStream};
-use crate::nn::lora::{LoraConfig, LoraLinear};
+use crate::nn::lora::{BaseDType, LoraConfig, LoraLinear};
 use crate::nn::rope::Rope;
 
 /// How the input of each sub-layer (attention or MLP) is formed from the embedding and the
@@ -595,13 +596,23 @@ impl<B: Backend> Llama<B> {
                 "an untied LM head (this model ties it to the embedding)",
             ));
         }
-        Ok(self.no_grad().map_projections(|target, p| {
+        let model = self.no_grad().map_projections(|target, p| {
             if config.targets(target) {
                 p.with_lora(config)
             } else {
                 p
             }
-        }))
+        });
+        Ok(match config.base_dtype {
+            BaseDType::F32 => model,
+            narrow => model.with_projection_dtype(narrow.float_dtype()),
+        })
+    }
+
+    /// Stores every projection weight (attention, MLP, untied LM head) in `dtype`; each is
+    /// cast to the activations' type where it is used.
+    pub fn with_projection_dtype(self, dtype: FloatDType) -> Self {
+        self.map_projections(|_, p| p.with_weight_dtype(dtype))
     }
 
     /// Folds every adapter into its base weight (adapters kept, marked merged).

@@ -9,6 +9,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use burn::tensor::module::linear;
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +52,30 @@ pub struct LoraConfig {
     pub targets: Vec<String>,
     /// Scale by α/√r instead of α/r.
     pub rslora: bool,
+    /// Storage of the frozen projection weights: `f32`, or `bf16` / `f16` to halve their
+    /// memory (each is cast to the activations' type where it is used; adapters stay in the
+    /// model's type).
+    pub base_dtype: BaseDType,
+}
+
+/// How a LoRA run stores its frozen projection weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseDType {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl BaseDType {
+    pub fn float_dtype(self) -> FloatDType {
+        match self {
+            BaseDType::F32 => FloatDType::F32,
+            BaseDType::Bf16 => FloatDType::BF16,
+            BaseDType::F16 => FloatDType::F16,
+        }
+    }
 }
 
 impl Default for LoraConfig {
@@ -63,6 +88,7 @@ impl Default for LoraConfig {
                 .map(String::from)
                 .to_vec(),
             rslora: false,
+            base_dtype: BaseDType::F32,
         }
     }
 }
@@ -179,7 +205,14 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let base = linear(x.clone(), self.weight.val(), None);
+        // A base weight stored in a narrower type (`lora.base_dtype`) is widened where it is used.
+        let weight = self.weight.val();
+        let weight = if weight.dtype() == x.dtype() {
+            weight
+        } else {
+            weight.cast(x.dtype())
+        };
+        let base = linear(x.clone(), weight, None);
         match &self.lora {
             Some(lora) if !lora.merged => {
                 let low = linear(lora.dropout.forward(x), lora.a.val(), None);
@@ -194,6 +227,16 @@ impl<B: Backend> LoraLinear<B> {
         let [d_in, d_out] = self.weight.val().dims();
         let device = self.weight.val().device();
         self.lora = Some(Lora::new(d_in, d_out, config, &device));
+        self
+    }
+
+    /// Stores the weight in `dtype` (see [`LoraConfig::base_dtype`]); gradient tracking is kept.
+    pub fn with_weight_dtype(mut self, dtype: FloatDType) -> Self {
+        self.weight = self.weight.map(|w| {
+            let require_grad = w.is_require_grad();
+            let w = w.cast(dtype);
+            if require_grad { w.require_grad() } else { w }
+        });
         self
     }
 
@@ -218,7 +261,9 @@ impl<B: Backend> LoraLinear<B> {
         let delta = lora.delta().mul_scalar(sign);
         self.weight = self.weight.map(|w| {
             let require_grad = w.is_require_grad();
-            let w = w + delta;
+            // A narrower base weight is widened to the adapter's type first: merged weights
+            // keep the adapter's precision.
+            let w = w.cast(delta.dtype()) + delta;
             if require_grad { w.require_grad() } else { w }
         });
         self
