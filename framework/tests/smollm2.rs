@@ -7,7 +7,8 @@
 //! Ignored by default because it needs that download (`.ci/run` installs it and runs it). Our
 //! engine loads the file with its tokenizer and answers a factual question; the ids and logits it
 //! computes are left in `target/gguf-check/` for `scripts/check/smollm2_llama_cpp.py`, which
-//! compares them with llama.cpp running the same file.
+//! compares them with llama.cpp running the same file. Re-exports (f32, f16, q8_0, q4_k_m) are
+//! scored on a held-out text in our engine and left for the same script to score in llama.cpp.
 
 use std::path::{Path, PathBuf};
 
@@ -149,4 +150,55 @@ fn smollm2_gguf_loads_tokenizes_and_answers() {
         relative < 1e-2,
         "f16 re-export moves the logits by {relative}"
     );
+
+    // Held-out perplexity (the Gettysburg Address, not SmolLM2's chat data) of the source file
+    // and of re-exports in f32, f16, q8_0 and the q4_k_m preset, each loaded back from its file;
+    // the check script has llama.cpp score the same ids with the same files, and llama-quantize
+    // make q4_k_m from our f32 export to compare with ours byte for byte.
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text/gettysburg.txt"),
+    )
+    .unwrap();
+    let heldout = tokenizer.encode(&text).unwrap();
+    let n = heldout.len() - 1;
+    let nll = |model: &strata::model::Llama<Cpu>| -> f64 {
+        let loss = strata::model::cross_entropy(
+            model.forward(ids_tensor(&heldout[..n], [1, n], &device)),
+            ids_tensor(&heldout[1..], [1, n], &device),
+        );
+        f64::from(loss.into_scalar())
+    };
+    let mut scores = serde_json::Map::new();
+    let mut files = serde_json::Map::new();
+    scores.insert("source".into(), serde_json::json!(nll(&loaded.model)));
+    files.insert("source".into(), serde_json::json!(path));
+    scores.insert("f16".into(), serde_json::json!(nll(&again.model)));
+    files.insert("f16".into(), serde_json::json!(f16));
+    for name in ["f32", "q8_0", "q4_k_m"] {
+        let file = dir.join(format!("smollm2-{name}.gguf"));
+        strata::gguf::export::export_llama(
+            &loaded.model,
+            c,
+            &loaded.tokenizer_config,
+            "smollm2-135m-instruct",
+            strata::gguf::Quantization::parse(name).unwrap(),
+            &file,
+        )
+        .unwrap();
+        let back = load_model::<Cpu>(&file, &device).unwrap();
+        scores.insert(name.into(), serde_json::json!(nll(&back.model)));
+        files.insert(name.into(), serde_json::json!(file));
+    }
+    eprintln!("held-out nats/token over {n} tokens: {scores:?}");
+    // The source file's weights are the f32 export's exactly (dequantized Q4_1/Q8_0 values).
+    assert_eq!(scores["source"], scores["f32"]);
+    for name in ["f16", "q8_0", "q4_k_m"] {
+        let delta = scores[name].as_f64().unwrap() - scores["source"].as_f64().unwrap();
+        assert!(
+            delta.abs() < 0.1,
+            "{name} moves the held-out loss by {delta}"
+        );
+    }
+    let report = serde_json::json!({"ids": heldout, "nll": scores, "files": files});
+    std::fs::write(dir.join("smollm2-perplexity.json"), report.to_string()).unwrap();
 }
