@@ -63,6 +63,9 @@ for shape in "${shapes[@]}"; do
       [ "$base" = bf16 ] && extra=(--lora-base-dtype bf16) && label+=-bf16base
       [ "$mode" != plain ] && extra+=(--set 'train.activation_checkpointing="block"') && label+=-ckpt
       [ "$mode" = offload ] && extra+=(--set train.offload_activations=true) && label+=-offload
+      # STRATA_HEAD_CHUNK=N: the LM head and loss N positions at a time (checkpointed runs).
+      [ "$mode" != plain ] && [ -n "${STRATA_HEAD_CHUNK:-}" ] &&
+        extra+=(--set "train.head_chunk=$STRATA_HEAD_CHUNK") && label+=-chunk$STRATA_HEAD_CHUNK
       measured "$label-b$b-s$s" "$bin" bench-train "$config" \
         --backend cuda --dtype "$dtype" --lora-rank 16 --warmup 2 --steps 4 \
         --set "train.batch_size=$b" --set "train.seq_len=$s" "${extra[@]}"

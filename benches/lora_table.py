@@ -13,10 +13,11 @@ print("# peak_device_mib: nvidia-smi's memory.used sampled every 50 ms during th
 print("# included, the same measure for both frameworks); torch_peak_allocated_mib: PyTorch's own")
 print(f"# max_memory_allocated. GPU: {gpu}")
 print("# first_step_secs: Strata's first step, kernel compilation included (the cold start).")
-print("# call: the device call a row came from; rows ran one after another, calls 1-2 on one machine and 3-4 on")
-print("# another of the same kind. Strata: the cuda feature without fusion/autotune.")
+print("# call: the device call a row came from; rows ran one after another, calls 1-2 on one machine, 3-4 on")
+print("# another and 5 on a third, all of the same kind. Strata: the cuda feature without fusion/autotune.")
+print("# head_chunk: positions per pass through the LM head and loss (0: all at once).")
 print("# offload: the saved block inputs in host memory (Strata's -offload runs); PEFT keeps them on the device.")
-print("run,framework,dtype,base_dtype,checkpointing,offload,batch,seq,tokens_per_sec,peak_device_mib,torch_peak_allocated_mib,peak_host_mib,first_step_secs,call,status")
+print("run,framework,dtype,base_dtype,checkpointing,offload,head_chunk,batch,seq,tokens_per_sec,peak_device_mib,torch_peak_allocated_mib,peak_host_mib,first_step_secs,call,status")
 for path in sys.argv[2:]:
     for line in open(path):
         d = json.loads(line)
@@ -29,8 +30,9 @@ for path in sys.argv[2:]:
         alloc = f'{d["peak_allocated_bytes"] / 2**20:.0f}' if "peak_allocated_bytes" in d else ""
         offload = "on" if "offload" in parts else "off"
         base_dtype = "bf16" if "bf16base" in parts else dtype
+        head_chunk = d.get("head_chunk", 0) if framework == "strata" else ""
         host = f'{d["peak_host_mib"]:.0f}' if d.get("peak_host_mib") else ""
         first = f'{d["first_step_secs"]:.1f}' if "first_step_secs" in d else ""
         call = d.get("call", "")
         status = d.get("failed", "ok").replace(",", ";")
-        print(f'{d["label"]},{framework},{dtype},{base_dtype},{checkpointing},{offload},{batch},{seq},{tps},{d["peak_device_mib"]},{alloc},{host},{first},{call},{status}')
+        print(f'{d["label"]},{framework},{dtype},{base_dtype},{checkpointing},{offload},{head_chunk},{batch},{seq},{tps},{d["peak_device_mib"]},{alloc},{host},{first},{call},{status}')

@@ -84,18 +84,10 @@ fn run_with<B: AutodiffBackend>(
             seq: tc.seq_len,
         };
         let start = Instant::now();
-        let grads = match tc.blocks_per_segment() {
-            Some(blocks) => {
+        let grads = match tc.recompute_plan() {
+            Some(plan) => {
                 let mut accumulator = GradientsAccumulator::new();
-                recompute::loss_and_grads(
-                    &model,
-                    &batch,
-                    1.0,
-                    blocks,
-                    tc.offload_activations,
-                    &mut accumulator,
-                    device,
-                );
+                recompute::loss_and_grads(&model, &batch, 1.0, plan, &mut accumulator, device);
                 accumulator.grads()
             }
             None => {
@@ -136,6 +128,7 @@ fn run_with<B: AutodiffBackend>(
             "activation_checkpointing": tc.activation_checkpointing.name(),
             "checkpoint_every": tc.checkpoint_every,
             "offload_activations": tc.offload_activations,
+            "head_chunk": tc.head_chunk,
             "peak_host_mib": strata::train::peak_host_mib(),
             "tokens_per_sec": tokens_per_sec,
             "model_flops_per_sec": flops,

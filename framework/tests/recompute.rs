@@ -1,5 +1,6 @@
 //! Activation checkpointing gives the gradients of ordinary backpropagation: per block, per
-//! segment of k blocks (with a short last segment), with the saved inputs in host memory, for
+//! segment of k blocks (with a short last segment), with the saved inputs in host memory, with
+//! the LM head and loss taken a chunk of positions at a time, for
 //! full training (tied and untied heads, both single-stream residuals, a loss mask) and for LoRA
 //! (adapters only). A training run with it follows the loss curve of one without. Models whose
 //! stream is not one tensor (AttnRes) and LoRA dropout are refused by name.
@@ -107,14 +108,19 @@ fn recomputed(
     batch: &Batch,
     blocks: usize,
     offload: bool,
+    head_chunk: usize,
 ) -> (f64, BTreeMap<String, Vec<f32>>) {
     let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
+    let plan = recompute::Plan {
+        blocks_per_segment: blocks,
+        offload,
+        head_chunk,
+    };
     let loss = recompute::loss_and_grads(
         model,
         batch,
         0.5,
-        blocks,
-        offload,
+        plan,
         &mut accumulator,
         &Default::default(),
     );
@@ -179,12 +185,17 @@ fn recomputed_gradients_match_backpropagation() {
         let model = tiny(residual, tied).init::<B>(&device);
         let batch = batch(3, 16, masked);
         let want = reference(&model, &batch);
-        // 5 blocks: segments of 1, of 2 (2 + 2 + 1) and one of all 5; host and device.
-        for (blocks, offload) in [(1, false), (1, true), (2, true), (5, false)] {
+        // 5 blocks: segments of 1, of 2 (2 + 2 + 1) and one of all 5; host and device; the
+        // head over all 16 positions at once or in chunks of 5 (5 + 5 + 5 + 1).
+        for (blocks, offload, chunk) in [(1, false, 0), (1, true, 5), (2, true, 0), (5, false, 5)] {
             let what = format!(
-                "{residual:?} tied={tied} masked={masked} blocks={blocks} offload={offload}"
+                "{residual:?} tied={tied} masked={masked} blocks={blocks} offload={offload} chunk={chunk}"
             );
-            assert_same(&what, &recomputed(&model, &batch, blocks, offload), &want);
+            assert_same(
+                &what,
+                &recomputed(&model, &batch, blocks, offload, chunk),
+                &want,
+            );
         }
     }
 }
@@ -232,10 +243,14 @@ fn recomputed_lora_gradients_match_backpropagation() {
         want.1.keys()
     );
     assert_eq!(want.1.len(), 5 * 3 * 2 + 2);
-    assert_same("lora blocks=1", &recomputed(&model, &batch, 1, true), &want);
     assert_same(
-        "lora blocks=3",
-        &recomputed(&model, &batch, 3, false),
+        "lora blocks=1",
+        &recomputed(&model, &batch, 1, true, 0),
+        &want,
+    );
+    assert_same(
+        "lora blocks=3 chunk=7",
+        &recomputed(&model, &batch, 3, false, 7),
         &want,
     );
 }
@@ -305,6 +320,7 @@ fn training_with_checkpointing_follows_the_same_curve() {
             "train.activation_checkpointing=\"every_k\"",
             "train.checkpoint_every=2",
             "train.offload_activations=true",
+            "train.head_chunk=12",
         ])
         .unwrap(),
         "every-k",
@@ -339,4 +355,8 @@ fn unsupported_combinations_are_refused_by_name() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("train.checkpoint_every"), "{err}");
+    let err = run_config(&["train.head_chunk=64"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("train.head_chunk"), "{err}");
 }

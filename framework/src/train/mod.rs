@@ -63,6 +63,9 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Keep the saved segment inputs in host memory rather than on the device.
     pub offload_activations: bool,
+    /// Under activation checkpointing: sequence positions per pass through the LM head and
+    /// loss (0: the whole sequence at once).
+    pub head_chunk: usize,
 }
 
 impl Default for TrainConfig {
@@ -93,6 +96,7 @@ impl Default for TrainConfig {
             activation_checkpointing: ActivationCheckpointing::None,
             checkpoint_every: 2,
             offload_activations: false,
+            head_chunk: 0,
         }
     }
 }
@@ -148,6 +152,16 @@ impl TrainConfig {
                 ));
             }
         }
+        if self.head_chunk > 0 && self.activation_checkpointing == ActivationCheckpointing::None {
+            return Err(Error::config(
+                key("head_chunk"),
+                self.head_chunk,
+                format!(
+                    "0 unless {} is \"block\" or \"every_k\" (chunks are separate backward passes)",
+                    key("activation_checkpointing")
+                ),
+            ));
+        }
         if self.offload_activations
             && self.activation_checkpointing == ActivationCheckpointing::None
         {
@@ -170,6 +184,15 @@ impl TrainConfig {
             ActivationCheckpointing::Block => Some(1),
             ActivationCheckpointing::EveryK => Some(self.checkpoint_every),
         }
+    }
+
+    /// How a step recomputes, or `None` when activations are kept.
+    pub fn recompute_plan(&self) -> Option<recompute::Plan> {
+        Some(recompute::Plan {
+            blocks_per_segment: self.blocks_per_segment()?,
+            offload: self.offload_activations,
+            head_chunk: self.head_chunk,
+        })
     }
 
     pub fn adamw(&self) -> AdamWConfig {
@@ -364,13 +387,12 @@ pub fn train<B: AutodiffBackend>(
             let batch =
                 train_split.train_batch(tc.seed, state.step, micro, tc.batch_size, tc.seq_len)?;
             let scale = 1.0 / tc.grad_accum as f64;
-            if let Some(blocks) = tc.blocks_per_segment() {
+            if let Some(plan) = tc.recompute_plan() {
                 loss_sum += recompute::loss_and_grads(
                     &model,
                     &batch,
                     scale,
-                    blocks,
-                    tc.offload_activations,
+                    plan,
                     &mut accumulator,
                     device,
                 );

@@ -14,7 +14,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use super::{batch_tensors, logits_loss};
+use super::batch_tensors;
 use crate::data::Batch;
 use crate::model::Llama;
 
@@ -43,6 +43,18 @@ impl ActivationCheckpointing {
     }
 }
 
+/// How one training step recomputes: segments of blocks, where their inputs wait, and how many
+/// positions the LM head and loss handle at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub blocks_per_segment: usize,
+    /// Keep the saved segment inputs in host memory.
+    pub offload: bool,
+    /// Sequence positions per pass through the LM head and loss (0: all), so that the logits
+    /// of a long sequence over a large vocabulary never exist whole.
+    pub head_chunk: usize,
+}
+
 /// A saved segment input: on the device, or copied to host memory.
 enum Saved<B: Backend> {
     Device(Tensor<B, 3>),
@@ -66,19 +78,23 @@ impl<B: Backend> Saved<B> {
     }
 }
 
-/// Forward and backward of one micro-batch with recomputation in segments of
-/// `blocks_per_segment` blocks. Adds the gradients of `loss · loss_scale` to `accumulator` and
-/// returns that scaled loss. The model's residual stream must be a single tensor
-/// ([`Llama::has_single_stream`]); the config check refuses other models.
+/// Forward and backward of one micro-batch, recomputing as `plan` says. Adds the gradients of
+/// `loss · loss_scale` to `accumulator` and returns that scaled loss. The model's residual
+/// stream must be a single tensor ([`Llama::has_single_stream`]); the config check refuses
+/// other models.
 pub fn loss_and_grads<B: AutodiffBackend>(
     model: &Llama<B>,
     batch: &Batch,
     loss_scale: f64,
-    blocks_per_segment: usize,
-    offload: bool,
+    plan: Plan,
     accumulator: &mut GradientsAccumulator<Llama<B>>,
     device: &B::Device,
 ) -> f64 {
+    let Plan {
+        blocks_per_segment,
+        offload,
+        head_chunk,
+    } = plan;
     assert!(model.has_single_stream() && blocks_per_segment > 0);
     let n_blocks = model.blocks.len();
     let starts: Vec<usize> = (0..n_blocks).step_by(blocks_per_segment).collect();
@@ -96,16 +112,31 @@ pub fn loss_and_grads<B: AutodiffBackend>(
     }
     drop(plain);
 
-    // Head: the loss from the last hidden state, and the gradient arriving there.
-    let last = Tensor::<B, 3>::from_inner(h).require_grad();
-    let (loss, _) = logits_loss(model.logits(last.clone()), targets, batch, device);
-    let loss = loss.mul_scalar(loss_scale);
-    let loss_value = loss.clone().into_scalar().elem::<f64>();
-    let grads = loss.backward();
-    let mut grad = last
-        .grad(&grads)
-        .expect("the last hidden state requires a gradient");
-    accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    // Head: the loss from the last hidden state, and the gradient arriving there, a chunk of
+    // positions at a time. Each chunk's loss is its share of the batch mean.
+    let [rows, seq, _] = h.dims();
+    let chunk = if head_chunk == 0 { seq } else { head_chunk };
+    let weights = loss_weights(batch, loss_scale);
+    let mut loss_value = 0.0;
+    let mut grad_chunks = Vec::new();
+    for start in (0..seq).step_by(chunk) {
+        let len = chunk.min(seq - start);
+        let last = Tensor::<B, 3>::from_inner(h.clone().narrow(1, start, len)).require_grad();
+        let logits = model.logits(last.clone());
+        let loss = weighted_nll(
+            logits,
+            targets.clone().narrow(1, start, len),
+            columns(&weights, rows, seq, start, len, device),
+        );
+        loss_value += loss.clone().into_scalar().elem::<f64>();
+        let grads = loss.backward();
+        grad_chunks.push(
+            last.grad(&grads)
+                .expect("the last hidden state requires a gradient"),
+        );
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    let mut grad = Tensor::cat(grad_chunks, 1);
 
     // Segments, last to first: rerun with autodiff, inject the arriving gradient.
     for (&start, input) in starts.iter().zip(saved).rev() {
@@ -126,4 +157,54 @@ pub fn loss_and_grads<B: AutodiffBackend>(
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }
     loss_value
+}
+
+/// Each target position's weight in the scaled batch loss: `scale / counted` where the loss
+/// counts the position (every position, or those the loss mask marks), 0 elsewhere; row-major
+/// `[rows, seq]`.
+fn loss_weights(batch: &Batch, scale: f64) -> Vec<f32> {
+    if batch.loss_mask.is_empty() {
+        let w = (scale / (batch.batch * batch.seq) as f64) as f32;
+        return vec![w; batch.batch * batch.seq];
+    }
+    let counted = batch.loss_mask.iter().filter(|&&m| m).count().max(1);
+    let w = (scale / counted as f64) as f32;
+    batch
+        .loss_mask
+        .iter()
+        .map(|&m| if m { w } else { 0.0 })
+        .collect()
+}
+
+/// Columns `start..start + len` of a row-major `[rows, seq]` table, as a tensor.
+fn columns<B: Backend>(
+    table: &[f32],
+    rows: usize,
+    seq: usize,
+    start: usize,
+    len: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let values: Vec<f32> = (0..rows)
+        .flat_map(|r| {
+            table[r * seq + start..r * seq + start + len]
+                .iter()
+                .copied()
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [rows, len]), device)
+}
+
+/// Σ weight · (−log softmax(logits)[target]) over the positions of `logits` `[rows, len, vocab]`.
+fn weighted_nll<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let [rows, len, vocab] = logits.dims();
+    let log_probs = burn::tensor::activation::log_softmax(logits.reshape([rows * len, vocab]), 1);
+    let picked = log_probs
+        .gather(1, targets.reshape([rows * len, 1]))
+        .reshape([rows * len]);
+    (picked * weights.reshape([rows * len])).sum().neg()
 }
