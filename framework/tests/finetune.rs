@@ -201,6 +201,21 @@ fn lora_finetune_learns_saves_peft_adapters_and_merges() {
     // gate 32+64, up 32+64, down 64+32) + lm_head (32 + 259), all × r = 4.
     let per_layer = 64 + 48 + 48 + 64 + 96 + 96 + 96;
     assert_eq!(trainable, 4 * (2 * per_layer + 32 + 259));
+    // The memory split in summary.json: f32 adapters, two f32 AdamW moments each, and the
+    // weights (base + adapters) of the model as stored.
+    let mib = |values: usize| (values * 4) as f64 / (1 << 20) as f64;
+    assert_eq!(summary.trainable_params, trainable);
+    assert_eq!(summary.trainable_mib, mib(trainable));
+    assert_eq!(summary.optimizer_mib, 2.0 * mib(trainable));
+    assert_eq!(
+        summary.weights_mib,
+        mib(config.model.num_params() + trainable)
+    );
+    assert!(
+        summary
+            .peak_host_mib
+            .is_some_and(|m| m > summary.weights_mib)
+    );
     assert!(
         summary.val_loss < 0.5 * before.loss,
         "held-out response loss {} did not fall well below the base's {}",

@@ -110,6 +110,7 @@ struct Count<'a> {
     path: Vec<String>,
     wanted: &'a dyn Fn(&str) -> bool,
     total: usize,
+    bytes: usize,
 }
 
 impl<B: Backend> ModuleVisitor<B> for Count<'_> {
@@ -123,7 +124,9 @@ impl<B: Backend> ModuleVisitor<B> for Count<'_> {
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if (self.wanted)(&self.path.join(".")) {
-            self.total += param.shape().num_elements();
+            let values = param.shape().num_elements();
+            self.total += values;
+            self.bytes += values * param.val().dtype().size();
         }
     }
 }
@@ -137,9 +140,25 @@ pub fn count_params_where<B: Backend, M: Module<B>>(
         path: Vec::new(),
         wanted,
         total: 0,
+        bytes: 0,
     };
     module.visit(&mut visitor);
     visitor.total
+}
+
+/// Bytes that the parameters whose path `wanted` accepts take, each in its stored type.
+pub fn param_bytes_where<B: Backend, M: Module<B>>(
+    module: &M,
+    wanted: &dyn Fn(&str) -> bool,
+) -> usize {
+    let mut visitor = Count {
+        path: Vec::new(),
+        wanted,
+        total: 0,
+        bytes: 0,
+    };
+    module.visit(&mut visitor);
+    visitor.bytes
 }
 
 struct Assign<'a> {

@@ -20,7 +20,7 @@ use crate::config::ExperimentConfig;
 use crate::data::{Batch, Dataset, Split};
 use crate::error::{Error, Result};
 use crate::eval::{self, EvalReport};
-use crate::io::params::count_params_where;
+use crate::io::params::{count_params_where, param_bytes_where};
 use crate::io::{atomic_write, checkpoint};
 use crate::model::{Llama, cross_entropy, cross_entropy_masked};
 use crate::tokenizer::Tokenizer;
@@ -272,6 +272,15 @@ pub struct TrainSummary {
     /// Peak resident host memory of the process (MiB), where the OS reports it.
     #[serde(default)]
     pub peak_host_mib: Option<f64>,
+    /// The model's parameters as stored (MiB).
+    #[serde(default)]
+    pub weights_mib: f64,
+    /// The trained parameters among them (the adapters of a LoRA run; MiB).
+    #[serde(default)]
+    pub trainable_mib: f64,
+    /// AdamW's two moments for the trained parameters (MiB).
+    #[serde(default)]
+    pub optimizer_mib: f64,
 }
 
 const METRICS_HEADER: &str =
@@ -500,6 +509,9 @@ pub fn train<B: AutodiffBackend>(
         backend: backend_name.to_owned(),
         trainable_params: trainable_params(&model, config),
         peak_host_mib: peak_host_mib(),
+        weights_mib: mib(param_bytes_where(&model, &|_| true)),
+        trainable_mib: mib(param_bytes_where(&model, &|p| is_trainable(p, config))),
+        optimizer_mib: 2.0 * mib(param_bytes_where(&model, &|p| is_trainable(p, config))),
     };
     let mut depth = eval::depth_profile(&model, &val_batches);
     depth.set_gradients(&last_grad_squares);
@@ -517,8 +529,15 @@ pub fn train<B: AutodiffBackend>(
 
 /// Parameters that train: the adapters of a LoRA run, all of them otherwise.
 fn trainable_params<B: Backend>(model: &Llama<B>, config: &ExperimentConfig) -> usize {
-    let lora = config.lora.is_some();
-    count_params_where(model, &|path| !lora || path.contains(".lora."))
+    count_params_where(model, &|path| is_trainable(path, config))
+}
+
+fn is_trainable(path: &str, config: &ExperimentConfig) -> bool {
+    config.lora.is_none() || path.contains(".lora.")
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }
 
 /// The batch's mean loss over the targets it counts, and how many it counts.
