@@ -337,6 +337,8 @@ fn training_with_checkpointing_follows_the_same_curve() {
 
 #[test]
 fn unsupported_combinations_are_refused_by_name() {
+    // Loading a config rewrites the shared test corpus: not while a training test reads it.
+    let _guard = serial();
     let err = run_config(&[
         "model.residual=\"attnres_full\"",
         "train.activation_checkpointing=\"block\"",
