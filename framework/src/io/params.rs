@@ -136,14 +136,7 @@ pub fn count_params_where<B: Backend, M: Module<B>>(
     module: &M,
     wanted: &dyn Fn(&str) -> bool,
 ) -> usize {
-    let mut visitor = Count {
-        path: Vec::new(),
-        wanted,
-        total: 0,
-        bytes: 0,
-    };
-    module.visit(&mut visitor);
-    visitor.total
+    measure(module, wanted).total
 }
 
 /// Bytes that the parameters whose path `wanted` accepts take, each in its stored type.
@@ -151,6 +144,13 @@ pub fn param_bytes_where<B: Backend, M: Module<B>>(
     module: &M,
     wanted: &dyn Fn(&str) -> bool,
 ) -> usize {
+    measure(module, wanted).bytes
+}
+
+fn measure<'a, B: Backend, M: Module<B>>(
+    module: &M,
+    wanted: &'a dyn Fn(&str) -> bool,
+) -> Count<'a> {
     let mut visitor = Count {
         path: Vec::new(),
         wanted,
@@ -158,7 +158,7 @@ pub fn param_bytes_where<B: Backend, M: Module<B>>(
         bytes: 0,
     };
     module.visit(&mut visitor);
-    visitor.bytes
+    visitor
 }
 
 struct Assign<'a> {

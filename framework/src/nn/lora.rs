@@ -232,11 +232,7 @@ impl<B: Backend> LoraLinear<B> {
 
     /// Stores the weight in `dtype` (see [`LoraConfig::base_dtype`]); gradient tracking is kept.
     pub fn with_weight_dtype(mut self, dtype: FloatDType) -> Self {
-        self.weight = self.weight.map(|w| {
-            let require_grad = w.is_require_grad();
-            let w = w.cast(dtype);
-            if require_grad { w.require_grad() } else { w }
-        });
+        self.weight = keep_grad(self.weight, |w| w.cast(dtype));
         self
     }
 
@@ -259,13 +255,9 @@ impl<B: Backend> LoraLinear<B> {
         }
         lora.merged = merged;
         let delta = lora.delta().mul_scalar(sign);
-        self.weight = self.weight.map(|w| {
-            let require_grad = w.is_require_grad();
-            // A narrower base weight is widened to the adapter's type first: merged weights
-            // keep the adapter's precision.
-            let w = w.cast(delta.dtype()) + delta;
-            if require_grad { w.require_grad() } else { w }
-        });
+        // A narrower base weight is widened to the adapter's type first: merged weights keep
+        // the adapter's precision.
+        self.weight = keep_grad(self.weight, |w| w.cast(delta.dtype()) + delta);
         self
     }
 
@@ -275,6 +267,19 @@ impl<B: Backend> LoraLinear<B> {
         merged.lora = None;
         merged
     }
+}
+
+/// Replaces a parameter's value by `f(value)`, keeping whether it tracks gradients (a new
+/// tensor would not).
+fn keep_grad<B: Backend>(
+    param: Param<Tensor<B, 2>>,
+    f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,
+) -> Param<Tensor<B, 2>> {
+    param.map(|w| {
+        let require_grad = w.is_require_grad();
+        let w = f(w);
+        if require_grad { w.require_grad() } else { w }
+    })
 }
 
 #[cfg(test)]

@@ -495,6 +495,7 @@ pub fn train<B: AutodiffBackend>(
         Some(v) => v,
         None => eval::evaluate(&model, &val_batches, val_split.bytes_per_token()),
     };
+    let trainable_mib = mib(param_bytes_where(&model, &|p| is_trainable(p, config)));
     let summary = TrainSummary {
         name: config.name.clone(),
         steps: state.step,
@@ -510,8 +511,9 @@ pub fn train<B: AutodiffBackend>(
         trainable_params: trainable_params(&model, config),
         peak_host_mib: peak_host_mib(),
         weights_mib: mib(param_bytes_where(&model, &|_| true)),
-        trainable_mib: mib(param_bytes_where(&model, &|p| is_trainable(p, config))),
-        optimizer_mib: 2.0 * mib(param_bytes_where(&model, &|p| is_trainable(p, config))),
+        trainable_mib,
+        // AdamW keeps two moments per trained value, in the value's type.
+        optimizer_mib: 2.0 * trainable_mib,
     };
     let mut depth = eval::depth_profile(&model, &val_batches);
     depth.set_gradients(&last_grad_squares);
