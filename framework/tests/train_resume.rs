@@ -98,7 +98,7 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
 }
 
 #[test]
-fn resume_is_exact_with_attnres_and_seq_block() {
+fn resume_is_exact_with_attnres_seq_block_and_coord3d() {
     check_resume(
         "resume-block",
         &["model.residual=\"attnres_block\"", "model.attnres_blocks=2"],
@@ -110,6 +110,14 @@ fn resume_is_exact_with_attnres_and_seq_block() {
             "model.attention=\"seq_block\"",
             "model.seq_block_len=8",
             "model.seq_block_summaries=2",
+        ],
+    );
+    check_resume(
+        "resume-coord3d",
+        &[
+            "model.attention=\"coord3d\"",
+            "model.coord3d_block_len=4",
+            "model.coord3d_window=2",
         ],
     );
 }

@@ -11,8 +11,9 @@ use crate::error::{Error, Result};
 use crate::io::params::HostTensor;
 use crate::nn::attention::{Attention, LayerKvCache, Mixing};
 use crate::nn::attnres::{DepthAttention, DepthStream};
+use crate::nn::coord3d::{Bms, Coords, default_sections};
 use crate::nn::lora::{BaseDType, LoraConfig, LoraLinear};
-use crate::nn::rope::Rope;
+use crate::nn::rope::{Phases, Rope};
 
 /// How the input of each sub-layer (attention or MLP) is formed from the embedding and the
 /// outputs of the sub-layers before it.
@@ -42,6 +43,9 @@ pub enum AttentionKind {
     /// Attention within blocks of `seq_block_len` tokens plus mean summaries of the
     /// `seq_block_summaries` blocks before (0: all of them). Not AttnRes: see `nn::seq_block`.
     SeqBlock,
+    /// 3D-coordinate attention: rotary pairs split over the (x, y, z) axes of each token's
+    /// coordinates, and block multi-scale pruning, O(n log n) (see `nn::coord3d`).
+    Coord3d,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +73,13 @@ pub struct ModelConfig {
     pub seq_block_len: usize,
     /// Earlier-block summaries each query sees under `attention = "seq_block"`; 0 means all.
     pub seq_block_summaries: usize,
+    /// Rotary pairs following the x, y and z coordinates under `attention = "coord3d"`,
+    /// interleaved; they sum to head_dim / 2. Unset: as even a split as possible.
+    pub coord3d_sections: Option<[usize; 3]>,
+    /// Tokens per block of the block multi-scale pruning (`attention = "coord3d"`).
+    pub coord3d_block_len: usize,
+    /// Blocks of the local window every query reads in full (`attention = "coord3d"`).
+    pub coord3d_window: usize,
 }
 
 impl Default for ModelConfig {
@@ -90,6 +101,9 @@ impl Default for ModelConfig {
             attention: AttentionKind::Dense,
             seq_block_len: 64,
             seq_block_summaries: 0,
+            coord3d_sections: None,
+            coord3d_block_len: 128,
+            coord3d_window: 4,
         }
     }
 }
@@ -147,6 +161,33 @@ impl ModelConfig {
         if self.attention == AttentionKind::SeqBlock && self.seq_block_len == 0 {
             return Err(Error::config(key("seq_block_len"), 0, "must be at least 1"));
         }
+        if self.attention == AttentionKind::Coord3d {
+            for (name, value) in [
+                ("coord3d_block_len", self.coord3d_block_len),
+                ("coord3d_window", self.coord3d_window),
+            ] {
+                if value == 0 {
+                    return Err(Error::config(key(name), 0, "must be at least 1"));
+                }
+            }
+        }
+        if let Some(sections) = self.coord3d_sections {
+            let pairs = self.head_dim() / 2;
+            if self.attention != AttentionKind::Coord3d {
+                return Err(Error::config(
+                    key("coord3d_sections"),
+                    format!("{sections:?}"),
+                    format!("unset unless {} = \"coord3d\"", key("attention")),
+                ));
+            }
+            if sections.iter().sum::<usize>() != pairs {
+                return Err(Error::config(
+                    key("coord3d_sections"),
+                    format!("{sections:?}"),
+                    format!("three counts summing to head_dim / 2 = {pairs} rotary pairs"),
+                ));
+            }
+        }
         if self.residual == ResidualMode::AttnresBlock {
             let sublayers = 2 * self.n_layers;
             let n = self.attnres_blocks;
@@ -181,7 +222,19 @@ impl ModelConfig {
                 block_len: self.seq_block_len,
                 summaries: self.seq_block_summaries,
             },
+            AttentionKind::Coord3d => Mixing::Coord3d(Bms {
+                block_len: self.coord3d_block_len,
+                window: self.coord3d_window,
+            }),
         }
+    }
+
+    /// Rotary pairs per coordinate axis, for `attention = "coord3d"`.
+    pub fn coord3d_sections(&self) -> Option<[usize; 3]> {
+        (self.attention == AttentionKind::Coord3d).then(|| {
+            self.coord3d_sections
+                .unwrap_or_else(|| default_sections(self.head_dim() / 2))
+        })
     }
 
     pub fn kv_heads(&self) -> usize {
@@ -271,7 +324,13 @@ impl ModelConfig {
                 .init(device),
             lm_head: (!self.tie_embeddings)
                 .then(|| linear(self.d_model, self.vocab_size, &init, device)),
-            rope: Rope::new(self.head_dim(), self.max_seq_len, self.rope_theta, device),
+            rope: {
+                let rope = Rope::new(self.head_dim(), self.max_seq_len, self.rope_theta, device);
+                match self.coord3d_sections() {
+                    Some(sections) => rope.with_sections(sections),
+                    None => rope,
+                }
+            },
             residual: self.residual,
             attnres_block_len: self.attnres_block_len().unwrap_or(0),
         }
@@ -377,6 +436,17 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Key/value rows held by the fullest layer: `len` for dense attention, fewer where a
+    /// sparse attention has dropped keys no later query reads.
+    pub fn cached_len(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|layer| layer.positions.len())
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 #[derive(Module, Debug)]
@@ -397,14 +467,38 @@ pub struct Llama<B: Backend> {
 impl<B: Backend> Llama<B> {
     /// Logits `[batch, seq, vocab]` for tokens `[batch, seq]` starting at position 0.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.forward_from(tokens, 0, None, None)
+        let phases = self.rope.phases(0, tokens.dims()[1]);
+        self.forward_from(tokens, &phases, 0, None, None)
+    }
+
+    /// Logits for tokens `[batch, seq]` at the 3-D coordinates `coords` (`attention =
+    /// "coord3d"` only; for other models the error names the key).
+    pub fn forward_at(&self, tokens: Tensor<B, 2, Int>, coords: &Coords) -> Result<Tensor<B, 3>> {
+        let [batch, seq] = tokens.dims();
+        if (coords.batch, coords.seq) != (batch, seq) || coords.xyz.len() != batch * seq {
+            return Err(Error::Data(format!(
+                "coordinates for {}×{} tokens ({} given), expected {batch}×{seq}",
+                coords.batch,
+                coords.seq,
+                coords.xyz.len()
+            )));
+        }
+        let phases = self.rope.phases_at(coords).ok_or_else(|| {
+            Error::config(
+                "model.attention",
+                "a model without coordinates",
+                "\"coord3d\" to run tokens at 3-D coordinates",
+            )
+        })?;
+        Ok(self.forward_from(tokens, &phases, 0, None, None))
     }
 
     /// The forward pass, also recording per sub-layer RMS and AttnRes weights (one row per
     /// sub-layer, then one for the final read). For introspection: it syncs with the device.
     pub fn forward_traced(&self, tokens: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Vec<SublayerTrace>) {
         let mut trace = Vec::new();
-        let logits = self.forward_from(tokens, 0, None, Some(&mut trace));
+        let phases = self.rope.phases(0, tokens.dims()[1]);
+        let logits = self.forward_from(tokens, &phases, 0, None, Some(&mut trace));
         (logits, trace)
     }
 
@@ -422,13 +516,16 @@ impl<B: Backend> Llama<B> {
         cache: &mut KvCache<B>,
     ) -> Tensor<B, 3> {
         let offset = cache.len;
-        cache.len += tokens.dims()[1];
-        self.forward_from(tokens, offset, Some(&mut cache.layers), None)
+        let seq = tokens.dims()[1];
+        cache.len += seq;
+        let phases = self.rope.phases(offset, seq);
+        self.forward_from(tokens, &phases, offset, Some(&mut cache.layers), None)
     }
 
     fn forward_from(
         &self,
         tokens: Tensor<B, 2, Int>,
+        phases: &Phases<B>,
         offset: usize,
         mut cache: Option<&mut Vec<Option<LayerKvCache<B>>>>,
         mut trace: Option<&mut Vec<SublayerTrace>>,
@@ -440,6 +537,7 @@ impl<B: Backend> Llama<B> {
                 i,
                 block,
                 &mut stream,
+                phases,
                 offset,
                 layer_cache,
                 trace.as_deref_mut(),
@@ -465,18 +563,16 @@ impl<B: Backend> Llama<B> {
         i: usize,
         block: &Block<B>,
         stream: &mut Stream<'_, B>,
+        phases: &Phases<B>,
         offset: usize,
         cache: Option<&mut Option<LayerKvCache<B>>>,
         mut trace: Option<&mut Vec<SublayerTrace>>,
     ) {
         let (attn, mlp) = (2 * i, 2 * i + 1);
         let h = stream.input(attn);
-        let out = block.attn.forward(
-            block.attn_norm.forward(h.clone()),
-            &self.rope,
-            offset,
-            cache,
-        );
+        let out = block
+            .attn
+            .forward(block.attn_norm.forward(h.clone()), phases, offset, cache);
         if let Some(trace) = trace.as_deref_mut() {
             trace.push(self.trace(stream, block.attn_res.as_ref(), &h, &out));
         }
@@ -518,7 +614,8 @@ impl<B: Backend> Llama<B> {
                 panic!("block_forward needs a single-tensor residual stream, not AttnRes")
             }
         };
-        self.run_block(i, &self.blocks[i], &mut stream, 0, None, None);
+        let phases = self.rope.phases(0, stream.input(2 * i).dims()[1]);
+        self.run_block(i, &self.blocks[i], &mut stream, &phases, 0, None, None);
         stream.output()
     }
 

@@ -5,8 +5,9 @@ use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use super::coord3d::{Bms, bms_attention, bms_attention_masked};
 use super::lora::LoraLinear;
-use super::rope::Rope;
+use super::rope::Phases;
 use super::seq_block::{seq_block_attention, seq_block_attention_at};
 
 /// Which positions a query reads along the sequence.
@@ -16,13 +17,19 @@ pub enum Mixing {
     Dense,
     /// Its own block and summaries of earlier blocks (see [`super::seq_block`]).
     SeqBlock { block_len: usize, summaries: usize },
+    /// The key blocks the block multi-scale rule keeps (see [`super::coord3d`]); blocks no
+    /// later query reads leave the KV cache.
+    Coord3d(Bms),
 }
 
-/// Keys and values of one layer for the tokens seen so far, `[batch, kv_heads, seq, head_dim]`.
+/// Keys and values of one layer for the tokens seen so far, `[batch, kv_heads, cached, head_dim]`,
+/// and the token index of each cached row (all tokens, except where a sparse attention has
+/// dropped keys no later query reads).
 #[derive(Debug, Clone)]
 pub struct LayerKvCache<B: Backend> {
     pub k: Tensor<B, 4>,
     pub v: Tensor<B, 4>,
+    pub positions: Vec<usize>,
 }
 
 #[derive(Module, Debug)]
@@ -62,12 +69,13 @@ impl<B: Backend> Attention<B> {
         }
     }
 
-    /// `x: [batch, seq, d_model]`, its first token at position `offset`. With a cache, the new
-    /// keys/values are appended to it and attention runs over everything cached.
+    /// `x: [batch, seq, d_model]` rotated by `phases`, its first token the `offset`-th of the
+    /// sequence. With a cache, the new keys/values are appended to it and attention runs over
+    /// everything cached.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &Rope<B>,
+        phases: &Phases<B>,
         offset: usize,
         cache: Option<&mut Option<LayerKvCache<B>>>,
     ) -> Tensor<B, 3> {
@@ -75,50 +83,88 @@ impl<B: Backend> Attention<B> {
         // Rotary positions are applied in [batch, seq, heads, head_dim], where the projections
         // are still contiguous, then heads move to dim 1 for attention.
         let split = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]);
-        let q = rope
-            .apply(split(self.wq.forward(x.clone()), self.n_heads), offset)
+        let q = phases
+            .rotate(split(self.wq.forward(x.clone()), self.n_heads))
             .swap_dims(1, 2);
-        let k = rope
-            .apply(split(self.wk.forward(x.clone()), self.n_kv_heads), offset)
+        let k = phases
+            .rotate(split(self.wk.forward(x.clone()), self.n_kv_heads))
             .swap_dims(1, 2);
         let v = split(self.wv.forward(x), self.n_kv_heads).swap_dims(1, 2);
 
-        let (k, v) = match cache {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some(past) => (
-                        Tensor::cat(vec![past.k, k], 2),
-                        Tensor::cat(vec![past.v, v], 2),
-                    ),
-                    None => (k, v),
-                };
-                *slot = Some(LayerKvCache {
-                    k: k.clone(),
-                    v: v.clone(),
-                });
-                (k, v)
-            }
-            None => (k, v),
+        let new_positions = offset..offset + seq;
+        let (k, v, positions) = match cache.as_ref().and_then(|slot| slot.as_ref()) {
+            Some(past) => (
+                Tensor::cat(vec![past.k.clone(), k], 2),
+                Tensor::cat(vec![past.v.clone(), v], 2),
+                past.positions
+                    .iter()
+                    .copied()
+                    .chain(new_positions)
+                    .collect(),
+            ),
+            None => (k, v, new_positions.collect::<Vec<_>>()),
         };
-        let k = self.repeat_kv(k);
-        let v = self.repeat_kv(v);
+        let (k_all, v_all) = (self.repeat_kv(k.clone()), self.repeat_kv(v.clone()));
 
-        let kv_len = k.dims()[2];
+        let kv_len = positions.len();
         let out = match self.mixing {
-            Mixing::Dense => dense_causal(q, k, v),
+            Mixing::Dense => dense_causal(q, k_all, v_all),
             Mixing::SeqBlock {
                 block_len,
                 summaries,
-            } if seq == kv_len => seq_block_attention(q, k, v, block_len, summaries),
+            } if seq == kv_len => seq_block_attention(q, k_all, v_all, block_len, summaries),
             Mixing::SeqBlock {
                 block_len,
                 summaries,
-            } => seq_block_attention_at(q, k, v, block_len, summaries),
+            } => seq_block_attention_at(q, k_all, v_all, block_len, summaries),
+            Mixing::Coord3d(bms) if seq == kv_len => bms_attention(q, k_all, v_all, bms),
+            Mixing::Coord3d(bms) => {
+                let q_positions = &positions[kv_len - seq..];
+                bms_attention_masked(q, k_all, v_all, q_positions, &positions, bms)
+            }
         };
+        if let Some(slot) = cache {
+            *slot = Some(self.live(k, v, positions, offset + seq));
+        }
         let out = out
             .swap_dims(1, 2)
             .reshape([batch, seq, self.n_heads * self.head_dim]);
         self.wo.forward(out)
+    }
+
+    /// The cache rows that a query at token index `next` or later may still read.
+    fn live(
+        &self,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        positions: Vec<usize>,
+        next: usize,
+    ) -> LayerKvCache<B> {
+        let Mixing::Coord3d(bms) = self.mixing else {
+            return LayerKvCache { k, v, positions };
+        };
+        let next_block = next / bms.block_len;
+        let keep: Vec<usize> = (0..positions.len())
+            .filter(|&row| {
+                bms.last_reader(positions[row] / bms.block_len)
+                    .is_none_or(|last| last >= next_block)
+            })
+            .collect();
+        if keep.len() == positions.len() {
+            return LayerKvCache { k, v, positions };
+        }
+        let rows = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(
+                keep.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                [keep.len()],
+            ),
+            &k.device(),
+        );
+        LayerKvCache {
+            k: k.select(2, rows.clone()),
+            v: v.select(2, rows),
+            positions: keep.iter().map(|&r| positions[r]).collect(),
+        }
     }
 
     /// Grouped-query attention: each KV head serves `n_heads / n_kv_heads` query heads.

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod attnres;
+pub mod coord3d;
 pub mod lora;
 pub mod rope;
 pub mod seq_block;

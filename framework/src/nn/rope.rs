@@ -1,8 +1,14 @@
 //! Rotary position embeddings (RoFormer, arXiv 2104.09864) in the "rotate half" layout that
 //! Hugging Face Llama uses: pair (i, i + head_dim/2) rotates by angle pos · theta^(-2i/head_dim).
 //! Using HF's layout means imported checkpoints need no Q/K permutation.
+//!
+//! Positions come either as an offset (token t sits at offset + t: the tables are sliced) or,
+//! for 3D-coordinate attention, as per-token coordinates whose axes share the rotary pairs
+//! (see [`super::coord3d`]).
 
 use burn::prelude::*;
+
+use super::coord3d::{Coords, interleaved_axes};
 
 /// Precomputed cos/sin tables, `[max_seq_len, head_dim]` each (the half-table repeated twice),
 /// and the signed permutation that maps x to rotate_half(x) = (−x₂, x₁).
@@ -11,6 +17,27 @@ pub struct Rope<B: Backend> {
     cos: Tensor<B, 2>,
     sin: Tensor<B, 2>,
     rotate_half: Tensor<B, 2>,
+    #[module(skip)]
+    theta: f64,
+    /// The coordinate axis of each rotary pair, when positions may be 3-D coordinates.
+    #[module(skip)]
+    axes: Option<Vec<usize>>,
+}
+
+/// The rotation of one forward pass: cos and sin per token, `[batch or 1, seq, 1, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct Phases<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+    rotate_half: Tensor<B, 2>,
+}
+
+impl<B: Backend> Phases<B> {
+    /// Rotates `x: [batch, seq, heads, head_dim]`.
+    pub fn rotate(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let rotated = x.clone().matmul(self.rotate_half.clone().unsqueeze::<4>());
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
 }
 
 impl<B: Backend> Rope<B> {
@@ -40,23 +67,74 @@ impl<B: Backend> Rope<B> {
             cos: Tensor::from_data(TensorData::new(cos, shape), device),
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
             rotate_half: Tensor::from_data(TensorData::new(rotate, [head_dim, head_dim]), device),
+            theta,
+            axes: None,
         }
+    }
+
+    /// Lets positions be 3-D coordinates: `sections[a]` of the head's rotary pairs follow axis
+    /// `a`, interleaved. `sections` must sum to head_dim / 2.
+    pub fn with_sections(mut self, sections: [usize; 3]) -> Self {
+        self.axes = Some(interleaved_axes(sections));
+        self
+    }
+
+    /// Whether positions may be 3-D coordinates ([`Self::with_sections`]).
+    pub fn takes_coords(&self) -> bool {
+        self.axes.is_some()
     }
 
     pub fn max_seq_len(&self) -> usize {
         self.cos.dims()[0]
     }
 
-    /// Rotates `x: [batch, seq, heads, head_dim]` whose first token sits at position `offset`.
-    pub fn apply(&self, x: Tensor<B, 4>, offset: usize) -> Tensor<B, 4> {
-        let [_, seq, _, head_dim] = x.dims();
+    /// Phases of `seq` tokens whose first sits at position `offset`.
+    pub fn phases(&self, offset: usize, seq: usize) -> Phases<B> {
+        let head_dim = self.cos.dims()[1];
         let table = |t: &Tensor<B, 2>| {
             t.clone()
                 .slice_dim(0, offset..offset + seq)
                 .reshape([1, seq, 1, head_dim])
         };
-        let rotated = x.clone().matmul(self.rotate_half.clone().unsqueeze::<4>());
-        x * table(&self.cos) + rotated * table(&self.sin)
+        Phases {
+            cos: table(&self.cos),
+            sin: table(&self.sin),
+            rotate_half: self.rotate_half.clone(),
+        }
+    }
+
+    /// Phases of tokens at 3-D coordinates: pair m turns by θ_m · c[axis(m)], computed in f64.
+    /// `None` unless the rope was built [`Self::with_sections`].
+    pub fn phases_at(&self, coords: &Coords) -> Option<Phases<B>> {
+        let axes = self.axes.as_ref()?;
+        let [_, head_dim] = self.cos.dims();
+        let half = head_dim / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| self.theta.powf(-(2.0 * i as f64) / head_dim as f64))
+            .collect();
+        let mut cos = Vec::with_capacity(coords.xyz.len() * head_dim);
+        let mut sin = Vec::with_capacity(coords.xyz.len() * head_dim);
+        for c in &coords.xyz {
+            for j in 0..head_dim {
+                let i = j % half;
+                let angle = c[axes[i]] as f64 * inv_freq[i];
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let shape = [coords.batch, coords.seq, 1, head_dim];
+        let device = self.cos.device();
+        Some(Phases {
+            cos: Tensor::from_data(TensorData::new(cos, shape), &device),
+            sin: Tensor::from_data(TensorData::new(sin, shape), &device),
+            rotate_half: self.rotate_half.clone(),
+        })
+    }
+
+    /// Rotates `x: [batch, seq, heads, head_dim]` whose first token sits at position `offset`.
+    pub fn apply(&self, x: Tensor<B, 4>, offset: usize) -> Tensor<B, 4> {
+        let seq = x.dims()[1];
+        self.phases(offset, seq).rotate(x)
     }
 }
 
@@ -90,6 +168,47 @@ mod tests {
                     assert!((out[base + i] as f64 - want_a).abs() < 1e-5);
                     assert!((out[base + i + hd / 2] as f64 - want_b).abs() < 1e-5);
                 }
+            }
+        }
+    }
+
+    /// M-RoPE: with sections [1, 2, 1] the four pairs follow axes x, y, z, y (interleaved),
+    /// each turning by its own coordinate; checked against the complex form in f64.
+    #[test]
+    fn coordinates_turn_each_pair_by_its_axis() {
+        let device = Default::default();
+        let (seq, hd, theta) = (3, 8, 10_000.0f64);
+        let rope = Rope::<NdArray>::new(hd, 16, theta, &device).with_sections([1, 2, 1]);
+        let coords = Coords {
+            batch: 1,
+            seq,
+            xyz: vec![[5, -2, 9], [0, 7, 1], [40, 3, -11]],
+        };
+        let axis_of_pair = [0, 1, 2, 1];
+        let values: Vec<f32> = (0..seq * hd)
+            .map(|i| ((i * 29 % 13) as f32 - 6.0) / 4.0)
+            .collect();
+        let x = Tensor::<NdArray, 4>::from_data(
+            TensorData::new(values.clone(), [1, seq, 1, hd]),
+            &device,
+        );
+        let phases = rope.phases_at(&coords).unwrap();
+        let out: Vec<f32> = phases.rotate(x).into_data().to_vec().unwrap();
+        for s in 0..seq {
+            for i in 0..hd / 2 {
+                let c = coords.xyz[s][axis_of_pair[i]] as f64;
+                let angle = c * theta.powf(-(2.0 * i as f64) / hd as f64);
+                let (a, b) = (
+                    values[s * hd + i] as f64,
+                    values[s * hd + i + hd / 2] as f64,
+                );
+                assert!(
+                    (out[s * hd + i] as f64 - (a * angle.cos() - b * angle.sin())).abs() < 1e-5
+                );
+                assert!(
+                    (out[s * hd + i + hd / 2] as f64 - (b * angle.cos() + a * angle.sin())).abs()
+                        < 1e-5
+                );
             }
         }
     }
