@@ -154,7 +154,7 @@ fn plain_forward(model: &Llama<B>, block_len: usize, tokens: &[u32]) -> Vec<f32>
         let phases = model.rope.phases(0, h.dims()[1]);
         let out = block
             .attn
-            .forward(block.attn_norm.forward(h), &phases, 0, None);
+            .forward(block.attn_norm.forward(h), &phases, None);
         add(2 * i, out, &mut blocks, &mut partial);
         let h = read(&block.mlp_res, &blocks, &partial);
         let out = block.mlp.forward(block.mlp_norm.forward(h));

@@ -44,7 +44,8 @@ fn keep_by_definition(i: usize, j: usize, window: usize) -> bool {
         return false;
     }
     let d = i - j;
-    d < window || (1..40).any(|k| window << (k - 1) <= d && d < window << k && j % (1 << k) == 0)
+    d < window
+        || (1..40).any(|k| window << (k - 1) <= d && d < window << k && j.is_multiple_of(1 << k))
 }
 
 /// BMS attention from the definition, one query at a time in f64.

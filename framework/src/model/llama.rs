@@ -468,7 +468,7 @@ impl<B: Backend> Llama<B> {
     /// Logits `[batch, seq, vocab]` for tokens `[batch, seq]` starting at position 0.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let phases = self.rope.phases(0, tokens.dims()[1]);
-        self.forward_from(tokens, &phases, 0, None, None)
+        self.forward_from(tokens, &phases, None, None)
     }
 
     /// Logits for tokens `[batch, seq]` at the 3-D coordinates `coords` (`attention =
@@ -490,7 +490,7 @@ impl<B: Backend> Llama<B> {
                 "\"coord3d\" to run tokens at 3-D coordinates",
             )
         })?;
-        Ok(self.forward_from(tokens, &phases, 0, None, None))
+        Ok(self.forward_from(tokens, &phases, None, None))
     }
 
     /// The forward pass, also recording per sub-layer RMS and AttnRes weights (one row per
@@ -498,7 +498,7 @@ impl<B: Backend> Llama<B> {
     pub fn forward_traced(&self, tokens: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Vec<SublayerTrace>) {
         let mut trace = Vec::new();
         let phases = self.rope.phases(0, tokens.dims()[1]);
-        let logits = self.forward_from(tokens, &phases, 0, None, Some(&mut trace));
+        let logits = self.forward_from(tokens, &phases, None, Some(&mut trace));
         (logits, trace)
     }
 
@@ -519,14 +519,13 @@ impl<B: Backend> Llama<B> {
         let seq = tokens.dims()[1];
         cache.len += seq;
         let phases = self.rope.phases(offset, seq);
-        self.forward_from(tokens, &phases, offset, Some(&mut cache.layers), None)
+        self.forward_from(tokens, &phases, Some(&mut cache.layers), None)
     }
 
     fn forward_from(
         &self,
         tokens: Tensor<B, 2, Int>,
         phases: &Phases<B>,
-        offset: usize,
         mut cache: Option<&mut Vec<Option<LayerKvCache<B>>>>,
         mut trace: Option<&mut Vec<SublayerTrace>>,
     ) -> Tensor<B, 3> {
@@ -538,7 +537,6 @@ impl<B: Backend> Llama<B> {
                 block,
                 &mut stream,
                 phases,
-                offset,
                 layer_cache,
                 trace.as_deref_mut(),
             );
@@ -564,7 +562,6 @@ impl<B: Backend> Llama<B> {
         block: &Block<B>,
         stream: &mut Stream<'_, B>,
         phases: &Phases<B>,
-        offset: usize,
         cache: Option<&mut Option<LayerKvCache<B>>>,
         mut trace: Option<&mut Vec<SublayerTrace>>,
     ) {
@@ -572,7 +569,7 @@ impl<B: Backend> Llama<B> {
         let h = stream.input(attn);
         let out = block
             .attn
-            .forward(block.attn_norm.forward(h.clone()), phases, offset, cache);
+            .forward(block.attn_norm.forward(h.clone()), phases, cache);
         if let Some(trace) = trace.as_deref_mut() {
             trace.push(self.trace(stream, block.attn_res.as_ref(), &h, &out));
         }
@@ -615,7 +612,7 @@ impl<B: Backend> Llama<B> {
             }
         };
         let phases = self.rope.phases(0, stream.input(2 * i).dims()[1]);
-        self.run_block(i, &self.blocks[i], &mut stream, &phases, 0, None, None);
+        self.run_block(i, &self.blocks[i], &mut stream, &phases, None, None);
         stream.output()
     }
 

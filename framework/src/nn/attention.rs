@@ -69,16 +69,15 @@ impl<B: Backend> Attention<B> {
         }
     }
 
-    /// `x: [batch, seq, d_model]` rotated by `phases`, its first token the `offset`-th of the
-    /// sequence. With a cache, the new keys/values are appended to it and attention runs over
-    /// everything cached.
+    /// `x: [batch, seq, d_model]` at the positions `phases` gives. With a cache, the new
+    /// keys/values are appended to it and attention runs over everything cached.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         phases: &Phases<B>,
-        offset: usize,
         cache: Option<&mut Option<LayerKvCache<B>>>,
     ) -> Tensor<B, 3> {
+        let offset = phases.offset;
         let [batch, seq, _] = x.dims();
         // Rotary positions are applied in [batch, seq, heads, head_dim], where the projections
         // are still contiguous, then heads move to dim 1 for attention.

@@ -24,9 +24,11 @@ pub struct Rope<B: Backend> {
     axes: Option<Vec<usize>>,
 }
 
-/// The rotation of one forward pass: cos and sin per token, `[batch or 1, seq, 1, head_dim]`.
+/// Where the tokens of one forward pass sit: the sequence index of the first (`offset`) and the
+/// rotation of each, cos and sin `[batch or 1, seq, 1, head_dim]`.
 #[derive(Debug, Clone)]
 pub struct Phases<B: Backend> {
+    pub offset: usize,
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
     rotate_half: Tensor<B, 2>,
@@ -97,14 +99,16 @@ impl<B: Backend> Rope<B> {
                 .reshape([1, seq, 1, head_dim])
         };
         Phases {
+            offset,
             cos: table(&self.cos),
             sin: table(&self.sin),
             rotate_half: self.rotate_half.clone(),
         }
     }
 
-    /// Phases of tokens at 3-D coordinates: pair m turns by θ_m · c[axis(m)], computed in f64.
-    /// `None` unless the rope was built [`Self::with_sections`].
+    /// Phases of tokens at 3-D coordinates, the first at sequence index 0: pair m turns by
+    /// θ_m · c[axis(m)], computed in f64. `None` unless the rope was built
+    /// [`Self::with_sections`].
     pub fn phases_at(&self, coords: &Coords) -> Option<Phases<B>> {
         let axes = self.axes.as_ref()?;
         let [_, head_dim] = self.cos.dims();
@@ -125,6 +129,7 @@ impl<B: Backend> Rope<B> {
         let shape = [coords.batch, coords.seq, 1, head_dim];
         let device = self.cos.device();
         Some(Phases {
+            offset: 0,
             cos: Tensor::from_data(TensorData::new(cos, shape), &device),
             sin: Tensor::from_data(TensorData::new(sin, shape), &device),
             rotate_half: self.rotate_half.clone(),
