@@ -153,28 +153,36 @@ pub fn bms_attention<B: Backend>(
     let width = lists.iter().map(Vec::len).max().unwrap_or(1);
 
     // Slot s of query block i holds key block lists[i][s]; missing slots repeat block i and are
-    // masked, as are keys after the query inside its own block.
+    // masked, as are keys after the query inside its own block. The mask is put together on
+    // the device from per-slot flags and one b×b causal tile, so the host builds O(n/b) entries.
     let mut index = Vec::with_capacity(blocks * width);
-    let mut masked = Vec::with_capacity(blocks * b * width * b);
+    let mut empty = Vec::with_capacity(blocks * width);
+    let mut diagonal = Vec::with_capacity(blocks * width);
     for (i, list) in lists.iter().enumerate() {
-        index.extend((0..width).map(|s| list.get(s).copied().unwrap_or(i) as i64));
-    }
-    for (i, list) in lists.iter().enumerate() {
-        for r in 0..b {
-            for s in 0..width {
-                for c in 0..b {
-                    masked.push(match list.get(s) {
-                        Some(&j) => j == i && c > r,
-                        None => true,
-                    });
-                }
-            }
+        for s in 0..width {
+            let j = list.get(s).copied();
+            index.push(j.unwrap_or(i) as i64);
+            empty.push(j.is_none());
+            diagonal.push(j == Some(i));
         }
     }
+    let flags = |v: Vec<bool>| {
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(v, [blocks, width]), &device)
+            .reshape([blocks, 1, width, 1])
+    };
+    let later: Vec<bool> = (0..b * b).map(|rc| rc % b > rc / b).collect();
+    let later = Tensor::<B, 2, Bool>::from_data(TensorData::new(later, [b, b]), &device)
+        .reshape([1, b, 1, b]);
+    let mask = flags(empty)
+        .expand([blocks, b, width, b])
+        .bool_or(
+            flags(diagonal)
+                .expand([blocks, b, width, b])
+                .bool_and(later.expand([blocks, b, width, b])),
+        )
+        .reshape([blocks, b, width * b])
+        .unsqueeze::<5>();
     let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [blocks * width]), &device);
-    let mask =
-        Tensor::<B, 3, Bool>::from_data(TensorData::new(masked, [blocks, b, width * b]), &device)
-            .unsqueeze::<5>();
 
     let pad = |x: Tensor<B, 4>| {
         if padded == seq {
