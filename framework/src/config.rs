@@ -112,6 +112,14 @@ impl ExperimentConfig {
                      an AttnRes block reads every earlier output, not one saved stream)",
                 ));
             }
+            if self.model.kv_share > 1 {
+                return Err(Error::config(
+                    "train.activation_checkpointing",
+                    self.train.activation_checkpointing.name(),
+                    "\"none\" with model.kv_share > 1 (a block reads the keys and values of the \
+                     block before it, not one saved stream)",
+                ));
+            }
             if let Some(lora) = self.lora.as_ref().filter(|l| l.dropout > 0.0) {
                 return Err(Error::config(
                     "lora.dropout",

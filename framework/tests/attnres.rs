@@ -11,6 +11,7 @@ use burn::prelude::*;
 use strata::backend::Cpu;
 use strata::io::params::{HostTensor, assign_params, load_safetensors, named_params};
 use strata::model::{Llama, ModelConfig, ResidualMode};
+use strata::nn::attention::KvSource;
 use strata::nn::attnres::DepthAttention;
 use strata::train::ids_tensor;
 
@@ -152,9 +153,9 @@ fn plain_forward(model: &Llama<B>, block_len: usize, tokens: &[u32]) -> Vec<f32>
     for (i, block) in model.blocks.iter().enumerate() {
         let h = read(&block.attn_res, &blocks, &partial);
         let phases = model.rope.phases(0, h.dims()[1]);
-        let out = block
+        let (out, _) = block
             .attn
-            .forward(block.attn_norm.forward(h), &phases, None);
+            .forward(block.attn_norm.forward(h), &phases, KvSource::Own(None));
         add(2 * i, out, &mut blocks, &mut partial);
         let h = read(&block.mlp_res, &blocks, &partial);
         let out = block.mlp.forward(block.mlp_norm.forward(h));

@@ -195,7 +195,10 @@ fn adapters_saved_in_peft_layout_load_back_identically() {
         Tensor::<B, 2>::from_data(TensorData::new(values, dims), &Default::default())
     };
     for block in &mut adapted.blocks {
-        for lora in [&mut block.attn.wv.lora, &mut block.mlp.w_up.lora] {
+        for lora in [
+            &mut block.attn.wv.as_mut().unwrap().lora,
+            &mut block.mlp.w_up.lora,
+        ] {
             let lora = lora.as_mut().unwrap();
             lora.b = lora.b.clone().map(|t| randomize(t, &mut next));
         }
@@ -283,7 +286,7 @@ fn adapter_for_the_peft_check() {
     let mut next = common::uniform(7);
     for block in &mut adapted.blocks {
         for lora in [
-            &mut block.attn.wk.lora,
+            &mut block.attn.wk.as_mut().unwrap().lora,
             &mut block.attn.wo.lora,
             &mut block.mlp.w_gate.lora,
             &mut block.mlp.w_down.lora,

@@ -226,7 +226,7 @@ fn recomputed_lora_gradients_match_backpropagation() {
     for block in &mut model.blocks {
         for lora in [
             &mut block.attn.wq.lora,
-            &mut block.attn.wv.lora,
+            &mut block.attn.wv.as_mut().unwrap().lora,
             &mut block.mlp.w_down.lora,
         ] {
             let lora = lora.as_mut().unwrap();

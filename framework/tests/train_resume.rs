@@ -98,7 +98,7 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
 }
 
 #[test]
-fn resume_is_exact_with_attnres_seq_block_and_coord3d() {
+fn resume_is_exact_with_attnres_seq_block_coord3d_and_kv_share() {
     check_resume(
         "resume-block",
         &["model.residual=\"attnres_block\"", "model.attnres_blocks=2"],
@@ -118,6 +118,7 @@ fn resume_is_exact_with_attnres_seq_block_and_coord3d() {
             "model.attention=\"coord3d\"",
             "model.coord3d_block_len=4",
             "model.coord3d_window=2",
+            "model.kv_share=2",
         ],
     );
 }

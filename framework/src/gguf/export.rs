@@ -48,6 +48,13 @@ pub fn export_llama<B: Backend>(
              (exporting custom architectures under Strata's own name is not implemented yet)",
         ));
     }
+    if config.kv_share != 1 {
+        return Err(Error::config(
+            "model.kv_share",
+            config.kv_share,
+            "1: llama.cpp's `llama` architecture gives every layer its own keys and values",
+        ));
+    }
     let tokenizer_metadata = tokenizer_metadata(tokenizer, config.vocab_size)?;
     // Each tensor is fetched from the model and converted only when the writer reaches it, so
     // the host holds one tensor at a time besides the model itself.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::io::params::HostTensor;
-use crate::nn::attention::{Attention, LayerKvCache, Mixing};
+use crate::nn::attention::{Attention, KvSource, LayerKvCache, Mixing};
 use crate::nn::attnres::{DepthAttention, DepthStream};
 use crate::nn::coord3d::{Bms, Coords, default_sections};
 use crate::nn::lora::{BaseDType, LoraConfig, LoraLinear};
@@ -80,6 +80,9 @@ pub struct ModelConfig {
     pub coord3d_block_len: usize,
     /// Blocks of the local window every query reads in full (`attention = "coord3d"`).
     pub coord3d_window: usize,
+    /// Layers per cross-layer KV sharing group: the first layer of each group projects keys and
+    /// values, the others attend over them (1: every layer its own).
+    pub kv_share: usize,
 }
 
 impl Default for ModelConfig {
@@ -104,6 +107,7 @@ impl Default for ModelConfig {
             coord3d_sections: None,
             coord3d_block_len: 128,
             coord3d_window: 4,
+            kv_share: 1,
         }
     }
 }
@@ -120,6 +124,7 @@ impl ModelConfig {
             ("n_kv_heads", self.kv_heads()),
             ("ffn_hidden", self.ffn_hidden),
             ("max_seq_len", self.max_seq_len),
+            ("kv_share", self.kv_share),
         ] {
             if value == 0 {
                 return Err(Error::config(key(name), 0, "must be at least 1"));
@@ -245,11 +250,17 @@ impl ModelConfig {
         self.d_model / self.n_heads
     }
 
+    /// Whether layer `i` projects its own keys and values (the first of its `kv_share` group).
+    pub fn owns_kv(&self, layer: usize) -> bool {
+        layer.is_multiple_of(self.kv_share)
+    }
+
     /// Parameter count, embeddings included once when tied.
     pub fn num_params(&self) -> usize {
         let d = self.d_model;
         let kv = self.kv_heads() * self.head_dim();
-        let block = 2 * d * d + 2 * d * kv + 3 * d * self.ffn_hidden + 2 * d;
+        let kv_layers = (0..self.n_layers).filter(|&i| self.owns_kv(i)).count();
+        let block = 2 * d * d + 3 * d * self.ffn_hidden + 2 * d;
         let head = if self.tie_embeddings {
             0
         } else {
@@ -260,7 +271,7 @@ impl ModelConfig {
             Some(_) => (2 * self.n_layers + 1) * 2 * d,
             None => 0,
         };
-        self.vocab_size * d + self.n_layers * block + d + head + depth
+        self.vocab_size * d + self.n_layers * block + kv_layers * 2 * d * kv + d + head + depth
     }
 
     /// Matmul FLOPs per token for forward + backward (6N plus attention's 12·L·d·T, PaLM's formula).
@@ -288,7 +299,7 @@ impl ModelConfig {
         let depth_attention =
             || attnres.then(|| DepthAttention::new(self.d_model, self.norm_eps, device));
         let blocks = (0..self.n_layers)
-            .map(|_| Block {
+            .map(|i| Block {
                 attn_res: depth_attention(),
                 attn_norm: RmsNormConfig::new(self.d_model)
                     .with_epsilon(self.norm_eps)
@@ -297,6 +308,7 @@ impl ModelConfig {
                     self.d_model,
                     self.n_heads,
                     self.kv_heads(),
+                    self.owns_kv(i),
                     self.mixing(),
                     init.clone(),
                     out_init.clone(),
@@ -530,16 +542,17 @@ impl<B: Backend> Llama<B> {
         mut trace: Option<&mut Vec<SublayerTrace>>,
     ) -> Tensor<B, 3> {
         let mut stream = self.stream(self.embed.forward(tokens));
+        // The keys and values of the current sharing group's first layer (`kv_share`).
+        let mut shared: Option<LayerKvCache<B>> = None;
         for (i, block) in self.blocks.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|layers| &mut layers[i]);
-            self.run_block(
-                i,
-                block,
-                &mut stream,
-                phases,
-                layer_cache,
-                trace.as_deref_mut(),
-            );
+            let kv = match (&block.attn.wk, &shared) {
+                (None, Some(kv)) => KvSource::Shared(kv),
+                _ => KvSource::Own(cache.as_mut().map(|layers| &mut layers[i])),
+            };
+            let attended = self.run_block(i, block, &mut stream, phases, kv, trace.as_deref_mut());
+            if block.attn.wk.is_some() {
+                shared = Some(attended);
+            }
         }
         let final_weights = trace
             .is_some()
@@ -556,20 +569,21 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Decoder block `i`'s two sub-layers, attention then MLP, reading and extending `stream`.
+    /// Returns the keys and values its attention read.
     fn run_block(
         &self,
         i: usize,
         block: &Block<B>,
         stream: &mut Stream<'_, B>,
         phases: &Phases<B>,
-        cache: Option<&mut Option<LayerKvCache<B>>>,
+        kv: KvSource<'_, B>,
         mut trace: Option<&mut Vec<SublayerTrace>>,
-    ) {
+    ) -> LayerKvCache<B> {
         let (attn, mlp) = (2 * i, 2 * i + 1);
         let h = stream.input(attn);
-        let out = block
+        let (out, attended) = block
             .attn
-            .forward(block.attn_norm.forward(h.clone()), phases, cache);
+            .forward(block.attn_norm.forward(h.clone()), phases, kv);
         if let Some(trace) = trace.as_deref_mut() {
             trace.push(self.trace(stream, block.attn_res.as_ref(), &h, &out));
         }
@@ -581,6 +595,7 @@ impl<B: Backend> Llama<B> {
             trace.push(self.trace(stream, block.mlp_res.as_ref(), &h, &out));
         }
         stream.push(mlp, out);
+        attended
     }
 
     /// The token embeddings `[batch, seq, d_model]`: the residual stream before block 0.
@@ -598,7 +613,8 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Runs block `i` alone (positions from 0) on the stream `h` that enters it and returns the
-    /// stream that leaves it. Only for single-tensor streams (see [`Self::has_single_stream`]).
+    /// stream that leaves it. Only for single-tensor streams (see [`Self::has_single_stream`])
+    /// and blocks with their own keys and values (`kv_share = 1`).
     pub fn block_forward(&self, i: usize, h: Tensor<B, 3>) -> Tensor<B, 3> {
         let mut stream = match self.residual {
             ResidualMode::Standard => Stream::Sum(h),
@@ -612,7 +628,8 @@ impl<B: Backend> Llama<B> {
             }
         };
         let phases = self.rope.phases(0, stream.input(2 * i).dims()[1]);
-        self.run_block(i, &self.blocks[i], &mut stream, &phases, None, None);
+        let own = KvSource::Own(None);
+        self.run_block(i, &self.blocks[i], &mut stream, &phases, own, None);
         stream.output()
     }
 
@@ -732,8 +749,8 @@ impl<B: Backend> Llama<B> {
             .map(|mut block| {
                 let attn = &mut block.attn;
                 attn.wq = f("q", attn.wq.clone());
-                attn.wk = f("k", attn.wk.clone());
-                attn.wv = f("v", attn.wv.clone());
+                attn.wk = attn.wk.take().map(|p| f("k", p));
+                attn.wv = attn.wv.take().map(|p| f("v", p));
                 attn.wo = f("o", attn.wo.clone());
                 let mlp = &mut block.mlp;
                 mlp.w_gate = f("gate", mlp.w_gate.clone());

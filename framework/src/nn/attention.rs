@@ -32,11 +32,22 @@ pub struct LayerKvCache<B: Backend> {
     pub positions: Vec<usize>,
 }
 
+/// Where a layer's keys and values come from.
+pub enum KvSource<'a, B: Backend> {
+    /// Its own projections of its input, appended to this cache slot when there is one.
+    Own(Option<&'a mut Option<LayerKvCache<B>>>),
+    /// Those another layer attended over (cross-layer KV sharing: Brandon et al.,
+    /// arXiv 2405.12981), new tokens included.
+    Shared(&'a LayerKvCache<B>),
+}
+
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     pub wq: LoraLinear<B>,
-    pub wk: LoraLinear<B>,
-    pub wv: LoraLinear<B>,
+    /// Key and value projections; `None` in a layer that reads the keys and values of the
+    /// first layer of its sharing group (`model.kv_share`).
+    pub wk: Option<LoraLinear<B>>,
+    pub wv: Option<LoraLinear<B>>,
     pub wo: LoraLinear<B>,
     pub n_heads: usize,
     pub n_kv_heads: usize,
@@ -46,10 +57,12 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
+    #[allow(clippy::too_many_arguments)] // the layer's shape, as ModelConfig gives it
     pub fn new(
         d_model: usize,
         n_heads: usize,
         n_kv_heads: usize,
+        owns_kv: bool,
         mixing: Mixing,
         init: Initializer,
         out_init: Initializer,
@@ -59,8 +72,8 @@ impl<B: Backend> Attention<B> {
         let linear = |d_in, d_out, init: &Initializer| LoraLinear::new(d_in, d_out, init, device);
         Self {
             wq: linear(d_model, n_heads * head_dim, &init),
-            wk: linear(d_model, n_kv_heads * head_dim, &init),
-            wv: linear(d_model, n_kv_heads * head_dim, &init),
+            wk: owns_kv.then(|| linear(d_model, n_kv_heads * head_dim, &init)),
+            wv: owns_kv.then(|| linear(d_model, n_kv_heads * head_dim, &init)),
             wo: linear(n_heads * head_dim, d_model, &out_init),
             n_heads,
             n_kv_heads,
@@ -69,15 +82,15 @@ impl<B: Backend> Attention<B> {
         }
     }
 
-    /// `x: [batch, seq, d_model]` at the positions `phases` gives. With a cache, the new
-    /// keys/values are appended to it and attention runs over everything cached.
+    /// `x: [batch, seq, d_model]` at the positions `phases` gives, attending over the keys and
+    /// values `kv` names (its own ones are appended to the cache slot, if any). Returns the output
+    /// and every key/value row it attended over, for the layers that share them.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         phases: &Phases<B>,
-        cache: Option<&mut Option<LayerKvCache<B>>>,
-    ) -> Tensor<B, 3> {
-        let offset = phases.offset;
+        kv: KvSource<'_, B>,
+    ) -> (Tensor<B, 3>, LayerKvCache<B>) {
         let [batch, seq, _] = x.dims();
         // Rotary positions are applied in [batch, seq, heads, head_dim], where the projections
         // are still contiguous, then heads move to dim 1 for attention.
@@ -85,23 +98,32 @@ impl<B: Backend> Attention<B> {
         let q = phases
             .rotate(split(self.wq.forward(x.clone()), self.n_heads))
             .swap_dims(1, 2);
-        let k = phases
-            .rotate(split(self.wk.forward(x.clone()), self.n_kv_heads))
-            .swap_dims(1, 2);
-        let v = split(self.wv.forward(x), self.n_kv_heads).swap_dims(1, 2);
 
-        let new_positions = offset..offset + seq;
-        let (k, v, positions) = match cache.as_ref().and_then(|slot| slot.as_ref()) {
-            Some(past) => (
-                Tensor::cat(vec![past.k.clone(), k], 2),
-                Tensor::cat(vec![past.v.clone(), v], 2),
-                past.positions
-                    .iter()
-                    .copied()
-                    .chain(new_positions)
-                    .collect(),
-            ),
-            None => (k, v, new_positions.collect::<Vec<_>>()),
+        let (k, v, positions, cache) = match kv {
+            KvSource::Shared(kv) => (kv.k.clone(), kv.v.clone(), kv.positions.clone(), None),
+            KvSource::Own(cache) => {
+                let (Some(wk), Some(wv)) = (&self.wk, &self.wv) else {
+                    panic!("a layer without key/value projections must be given shared ones")
+                };
+                let k = phases
+                    .rotate(split(wk.forward(x.clone()), self.n_kv_heads))
+                    .swap_dims(1, 2);
+                let v = split(wv.forward(x), self.n_kv_heads).swap_dims(1, 2);
+                let new_positions = phases.offset..phases.offset + seq;
+                match cache.as_ref().and_then(|slot| slot.as_ref()) {
+                    Some(past) => (
+                        Tensor::cat(vec![past.k.clone(), k], 2),
+                        Tensor::cat(vec![past.v.clone(), v], 2),
+                        past.positions
+                            .iter()
+                            .copied()
+                            .chain(new_positions)
+                            .collect(),
+                        cache,
+                    ),
+                    None => (k, v, new_positions.collect::<Vec<_>>(), cache),
+                }
+            }
         };
         let (k_all, v_all) = (self.repeat_kv(k.clone()), self.repeat_kv(v.clone()));
 
@@ -123,12 +145,13 @@ impl<B: Backend> Attention<B> {
             }
         };
         if let Some(slot) = cache {
-            *slot = Some(self.live(k, v, positions, offset + seq));
+            let next = phases.offset + seq;
+            *slot = Some(self.live(k.clone(), v.clone(), positions.clone(), next));
         }
         let out = out
             .swap_dims(1, 2)
             .reshape([batch, seq, self.n_heads * self.head_dim]);
-        self.wo.forward(out)
+        (self.wo.forward(out), LayerKvCache { k, v, positions })
     }
 
     /// The cache rows that a query at token index `next` or later may still read.
