@@ -370,3 +370,38 @@ fn cached_decoding_with_eviction_equals_the_full_forward() {
     );
     assert!(largest_cache < ids.len() / 2);
 }
+
+/// Tokens at grid coordinates decoded with the cache (prompt, then one at a time) give the rows
+/// of the full forward at the same coordinates.
+#[test]
+fn cached_decoding_at_coordinates_equals_the_full_forward() {
+    let model = model(&config(4, 2));
+    let ids = tokens(36);
+    let device = Default::default();
+    let n = ids.len();
+    let xyz: Vec<[i64; 3]> = (0..n as i64).map(|t| [t, 3 + t / 6, 3 + t % 6]).collect();
+    let coords = |range: std::ops::Range<usize>| Coords {
+        batch: 1,
+        seq: range.len(),
+        xyz: xyz[range].to_vec(),
+    };
+    let full = host(
+        model
+            .forward_at(ids_tensor::<B>(&ids, [1, n], &device), &coords(0..n))
+            .unwrap(),
+    );
+    let mut cache = model.new_cache();
+    let prompt = 10;
+    let input = |r: std::ops::Range<usize>| ids_tensor::<B>(&ids[r.clone()], [1, r.len()], &device);
+    let mut got = host(
+        model
+            .forward_cached_at(input(0..prompt), &coords(0..prompt), &mut cache)
+            .unwrap(),
+    );
+    for t in prompt..n {
+        let step = model.forward_cached_at(input(t..t + 1), &coords(t..t + 1), &mut cache);
+        got.extend(host(step.unwrap()));
+    }
+    let err = max_abs_diff(&got, &full);
+    assert!(err < 1e-4 * max_abs(&full), "{err}");
+}

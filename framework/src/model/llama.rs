@@ -486,6 +486,28 @@ impl<B: Backend> Llama<B> {
     /// Logits for tokens `[batch, seq]` at the 3-D coordinates `coords` (`attention =
     /// "coord3d"` only; for other models the error names the key).
     pub fn forward_at(&self, tokens: Tensor<B, 2, Int>, coords: &Coords) -> Result<Tensor<B, 3>> {
+        let phases = self.coord_phases(&tokens, coords, 0)?;
+        Ok(self.forward_from(tokens, &phases, None, None))
+    }
+
+    /// [`Self::forward_cached`] for tokens at the 3-D coordinates `coords`.
+    pub fn forward_cached_at(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        coords: &Coords,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>> {
+        let phases = self.coord_phases(&tokens, coords, cache.len)?;
+        cache.len += tokens.dims()[1];
+        Ok(self.forward_from(tokens, &phases, Some(&mut cache.layers), None))
+    }
+
+    fn coord_phases(
+        &self,
+        tokens: &Tensor<B, 2, Int>,
+        coords: &Coords,
+        offset: usize,
+    ) -> Result<Phases<B>> {
         let [batch, seq] = tokens.dims();
         if (coords.batch, coords.seq) != (batch, seq) || coords.xyz.len() != batch * seq {
             return Err(Error::Data(format!(
@@ -495,14 +517,13 @@ impl<B: Backend> Llama<B> {
                 coords.xyz.len()
             )));
         }
-        let phases = self.rope.phases_at(coords).ok_or_else(|| {
+        self.rope.phases_at(coords, offset).ok_or_else(|| {
             Error::config(
                 "model.attention",
                 "a model without coordinates",
                 "\"coord3d\" to run tokens at 3-D coordinates",
             )
-        })?;
-        Ok(self.forward_from(tokens, &phases, None, None))
+        })
     }
 
     /// The forward pass, also recording per sub-layer RMS and AttnRes weights (one row per

@@ -106,10 +106,10 @@ impl<B: Backend> Rope<B> {
         }
     }
 
-    /// Phases of tokens at 3-D coordinates, the first at sequence index 0: pair m turns by
-    /// θ_m · c[axis(m)], computed in f64. `None` unless the rope was built
+    /// Phases of tokens at 3-D coordinates, the first at sequence index `offset`: pair m turns
+    /// by θ_m · c[axis(m)], computed in f64. `None` unless the rope was built
     /// [`Self::with_sections`].
-    pub fn phases_at(&self, coords: &Coords) -> Option<Phases<B>> {
+    pub fn phases_at(&self, coords: &Coords, offset: usize) -> Option<Phases<B>> {
         let axes = self.axes.as_ref()?;
         let [_, head_dim] = self.cos.dims();
         let half = head_dim / 2;
@@ -129,7 +129,7 @@ impl<B: Backend> Rope<B> {
         let shape = [coords.batch, coords.seq, 1, head_dim];
         let device = self.cos.device();
         Some(Phases {
-            offset: 0,
+            offset,
             cos: Tensor::from_data(TensorData::new(cos, shape), &device),
             sin: Tensor::from_data(TensorData::new(sin, shape), &device),
             rotate_half: self.rotate_half.clone(),
@@ -197,7 +197,7 @@ mod tests {
             TensorData::new(values.clone(), [1, seq, 1, hd]),
             &device,
         );
-        let phases = rope.phases_at(&coords).unwrap();
+        let phases = rope.phases_at(&coords, 0).unwrap();
         let out: Vec<f32> = phases.rotate(x).into_data().to_vec().unwrap();
         for s in 0..seq {
             for i in 0..hd / 2 {
