@@ -21,6 +21,8 @@ use burn::tensor::activation::softmax;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use super::seq_block::into_blocks;
+
 /// The block multi-scale pruning rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bms {
@@ -184,15 +186,7 @@ pub fn bms_attention<B: Backend>(
         .unsqueeze::<5>();
     let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [blocks * width]), &device);
 
-    let pad = |x: Tensor<B, 4>| {
-        if padded == seq {
-            x
-        } else {
-            let zeros = Tensor::zeros([batch, heads, padded - seq, head_dim], &device);
-            Tensor::cat(vec![x, zeros], 2)
-        }
-    };
-    let split = |x: Tensor<B, 4>| pad(x).reshape([batch, heads, blocks, b, head_dim]);
+    let split = |x: Tensor<B, 4>| into_blocks(x, b).reshape([batch, heads, blocks, b, head_dim]);
     let gather = |x: Tensor<B, 4>| {
         split(x)
             .select(2, index.clone())

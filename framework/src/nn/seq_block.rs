@@ -26,15 +26,9 @@ pub fn seq_block_attention<B: Backend>(
     let blocks = seq.div_ceil(block_len);
     let window = if summaries == 0 { blocks } else { summaries };
     let padded = blocks * block_len;
-    let pad = |x: Tensor<B, 4>| {
-        if padded == seq {
-            x
-        } else {
-            let zeros = Tensor::zeros([batch, heads, padded - seq, head_dim], &device);
-            Tensor::cat(vec![x, zeros], 2)
-        }
+    let split = |x: Tensor<B, 4>| {
+        into_blocks(x, block_len).reshape([batch, heads, blocks, block_len, head_dim])
     };
-    let split = |x: Tensor<B, 4>| pad(x).reshape([batch, heads, blocks, block_len, head_dim]);
     let (q, k, v) = (split(q), split(k), split(v));
     let scale = (head_dim as f64).powf(-0.5);
 
@@ -76,6 +70,17 @@ pub fn seq_block_attention<B: Backend>(
     let out = to_summaries.matmul(v_sum) + to_tokens.matmul(v);
     out.reshape([batch, heads, padded, head_dim])
         .slice([0..batch, 0..heads, 0..seq, 0..head_dim])
+}
+
+/// `x: [batch, heads, seq, head_dim]` padded with zero rows to a whole number of blocks.
+pub(crate) fn into_blocks<B: Backend>(x: Tensor<B, 4>, block_len: usize) -> Tensor<B, 4> {
+    let [batch, heads, seq, head_dim] = x.dims();
+    let padded = seq.next_multiple_of(block_len);
+    if padded == seq {
+        return x;
+    }
+    let zeros = Tensor::zeros([batch, heads, padded - seq, head_dim], &x.device());
+    Tensor::cat(vec![x, zeros], 2)
 }
 
 /// `true` where block i's query r must not look: summary slot s stands for block i − window + s,
