@@ -72,10 +72,7 @@ fn run_with<B: AutodiffBackend>(args: &Args, device: &B::Device) -> Result<()> {
          time_vs_dense,memory_vs_dense,backend,machine,max_rel_err_vs_masked\n",
     );
     let machine = machine_name();
-    let bms = Bms {
-        block_len: args.coord3d_block_len,
-        window: args.coord3d_window,
-    };
+    let bms = Bms::new(args.coord3d_block_len, args.coord3d_window);
     let mut variants = Vec::new();
     for kind in &args.kinds {
         match kind.as_str() {

@@ -92,27 +92,9 @@ fn scalar_reference(
 #[test]
 fn gathered_blocks_match_the_scalar_definition() {
     for (seq, bms) in [
-        (
-            61,
-            Bms {
-                block_len: 4,
-                window: 2,
-            },
-        ), // partial last block, four levels
-        (
-            64,
-            Bms {
-                block_len: 4,
-                window: 3,
-            },
-        ), // odd window
-        (
-            37,
-            Bms {
-                block_len: 8,
-                window: 1,
-            },
-        ),
+        (61, Bms::new(4, 2)), // partial last block, four levels
+        (64, Bms::new(4, 3)), // odd window
+        (37, Bms::new(8, 1)),
     ] {
         let shape = [2, 3, seq, 8];
         let (qv, q) = random::<B>(shape, 1);
@@ -132,10 +114,7 @@ fn gathered_blocks_match_the_scalar_definition() {
 /// scale (the masked path is Burn's own attention op with the n×n mask).
 #[test]
 fn gathered_gradients_match_the_dense_masked_path() {
-    let bms = Bms {
-        block_len: 4,
-        window: 2,
-    };
+    let bms = Bms::new(4, 2);
     let shape = [1, 2, 45, 8];
     let positions: Vec<usize> = (0..45).collect();
     let inputs = || [1, 2, 3].map(|seed| random::<AB>(shape, seed).1.require_grad());
@@ -167,14 +146,16 @@ fn gathered_gradients_match_the_dense_masked_path() {
 #[test]
 fn a_window_covering_the_sequence_is_causal_dense_attention() {
     let shape = [2, 2, 50, 8];
-    let bms = Bms {
-        block_len: 8,
-        window: 7, // 7 blocks ≥ ⌈50 / 8⌉
-    };
     let [q, k, v] = [5, 6, 7].map(|seed| random::<B>(shape, seed).1);
-    let sparse = host(bms_attention(q.clone(), k.clone(), v.clone(), bms));
-    let dense = host(dense_causal(q, k, v));
-    assert!(max_abs_diff(&sparse, &dense) < 1e-5 * max_abs(&dense));
+    let dense = host(dense_causal(q.clone(), k.clone(), v.clone()));
+    for multiscale in [true, false] {
+        let bms = Bms {
+            multiscale,
+            ..Bms::new(8, 7) // 7 blocks ≥ ⌈50 / 8⌉
+        };
+        let sparse = host(bms_attention(q.clone(), k.clone(), v.clone(), bms));
+        assert!(max_abs_diff(&sparse, &dense) < 1e-5 * max_abs(&dense));
+    }
 }
 
 /// Checked exhaustively over block counts up to 600 and windows 1–6 (b = 1: the rule acts on
@@ -182,10 +163,19 @@ fn a_window_covering_the_sequence_is_causal_dense_attention() {
 #[test]
 fn pruning_rule_properties() {
     for window in 1..=6 {
-        let bms = Bms {
-            block_len: 1,
-            window,
+        // Window only: the last W blocks, each dropped right after its last reader.
+        let sliding = Bms {
+            multiscale: false,
+            ..Bms::new(1, window)
         };
+        for i in 0..300usize {
+            let want: Vec<usize> = (i.saturating_sub(window - 1)..=i).collect();
+            assert_eq!(sliding.kept_blocks(i), want);
+            let last = sliding.last_reader(i).unwrap();
+            assert!((i..=last).all(|q| sliding.keeps(q, i)) && !sliding.keeps(last + 1, i));
+            assert!(want.len() <= sliding.max_keys(i + 1));
+        }
+        let bms = Bms::new(1, window);
         for i in 0..600 {
             let kept = bms.kept_blocks(i);
             let defined: Vec<usize> = (0..=i)
@@ -217,10 +207,7 @@ fn pruning_rule_properties() {
         }
     }
     // With b > 1 the bound counts tokens: n = 16k, b = 128, W = 4 → 4 + 5·3 = 19 blocks.
-    let bms = Bms {
-        block_len: 128,
-        window: 4,
-    };
+    let bms = Bms::new(128, 4);
     assert_eq!(bms.max_keys(16 * 1024), 128 * 19);
     let widest = (0..128).map(|i| bms.kept_blocks(i).len()).max().unwrap();
     assert!(widest * 128 <= bms.max_keys(16 * 1024));
@@ -359,11 +346,7 @@ fn cached_decoding_with_eviction_equals_the_full_forward() {
         assert!(err < 1e-4 * max_abs(&row(&full)), "token {t}: {err}");
     }
     // The live cache: block 0, the window, and the aligned blocks of each level.
-    let bound = Bms {
-        block_len: bms.0,
-        window: bms.1,
-    }
-    .max_keys(ids.len());
+    let bound = Bms::new(bms.0, bms.1).max_keys(ids.len());
     assert!(
         largest_cache <= bound,
         "{largest_cache} cached rows > {bound}"

@@ -24,10 +24,7 @@ fn wgpu_coord3d_matches_the_cpu_masked_reference() {
     use strata::nn::coord3d::{Bms, bms_attention, bms_attention_masked};
 
     fn run<B: burn::tensor::backend::AutodiffBackend>(sparse: bool) -> Vec<Vec<f32>> {
-        let bms = Bms {
-            block_len: 8,
-            window: 2,
-        };
+        let bms = Bms::new(8, 2);
         let shape = [1, 2, 77, 16];
         let device = Default::default();
         let inputs = [11, 12, 13].map(|seed| {

@@ -80,6 +80,9 @@ pub struct ModelConfig {
     pub coord3d_block_len: usize,
     /// Blocks of the local window every query reads in full (`attention = "coord3d"`).
     pub coord3d_window: usize,
+    /// `false` keeps the window alone (sliding-window attention): the baseline for what the
+    /// multi-scale levels and the sink add (`attention = "coord3d"`).
+    pub coord3d_multiscale: bool,
     /// Layers per cross-layer KV sharing group: the first layer of each group projects keys and
     /// values, the others attend over them (1: every layer its own).
     pub kv_share: usize,
@@ -107,6 +110,7 @@ impl Default for ModelConfig {
             coord3d_sections: None,
             coord3d_block_len: 128,
             coord3d_window: 4,
+            coord3d_multiscale: true,
             kv_share: 1,
         }
     }
@@ -228,8 +232,8 @@ impl ModelConfig {
                 summaries: self.seq_block_summaries,
             },
             AttentionKind::Coord3d => Mixing::Coord3d(Bms {
-                block_len: self.coord3d_block_len,
-                window: self.coord3d_window,
+                multiscale: self.coord3d_multiscale,
+                ..Bms::new(self.coord3d_block_len, self.coord3d_window)
             }),
         }
     }

@@ -30,9 +30,21 @@ pub struct Bms {
     pub block_len: usize,
     /// Blocks of the local window, W.
     pub window: usize,
+    /// `false`: the window alone (sliding-window attention, no levels and no sink), the
+    /// baseline that tells what the levels add.
+    pub multiscale: bool,
 }
 
 impl Bms {
+    /// The rule with its levels and sink.
+    pub fn new(block_len: usize, window: usize) -> Self {
+        Self {
+            block_len,
+            window,
+            multiscale: true,
+        }
+    }
+
     /// Whether query block `i` reads key block `j`.
     pub fn keeps(&self, i: usize, j: usize) -> bool {
         if j > i {
@@ -42,6 +54,9 @@ impl Bms {
         if d < self.window {
             return true;
         }
+        if !self.multiscale {
+            return false;
+        }
         // W·2^(k−1) ≤ D < W·2^k  ⟺  2^(k−1) ≤ ⌊D/W⌋ < 2^k  ⟺  k = bit length of ⌊D/W⌋.
         let level = usize::BITS - (d / self.window).leading_zeros();
         j == 0 || j.trailing_zeros() >= level
@@ -49,6 +64,9 @@ impl Bms {
 
     /// The last query block that reads key block `j`; `None` for block 0, read by every block.
     pub fn last_reader(&self, j: usize) -> Option<usize> {
+        if !self.multiscale {
+            return Some(j + self.window - 1);
+        }
         if j == 0 {
             return None;
         }
@@ -63,6 +81,9 @@ impl Bms {
 
     /// The bound b·(W + K·(⌊W/2⌋ + 1)), K = ⌈log2(n / (b·W))⌉, on the keys one query sees.
     pub fn max_keys(&self, seq_len: usize) -> usize {
+        if !self.multiscale {
+            return self.block_len * self.window;
+        }
         let span = self.block_len * self.window;
         let mut levels = 0;
         while span << levels < seq_len {
@@ -235,10 +256,7 @@ mod tests {
 
     #[test]
     fn keep_follows_the_definition() {
-        let bms = Bms {
-            block_len: 1,
-            window: 4,
-        };
+        let bms = Bms::new(1, 4);
         // D < 4: the window. 4 ≤ D < 8 (k = 1): even J. 8 ≤ D < 16 (k = 2): J ≡ 0 mod 4.
         assert_eq!(bms.kept_blocks(7), vec![0, 2, 4, 5, 6, 7]);
         assert_eq!(bms.kept_blocks(12), vec![0, 4, 6, 8, 9, 10, 11, 12]);
