@@ -82,6 +82,7 @@ fn run_with<B: AutodiffBackend>(
             loss_mask: Vec::new(),
             batch: tc.batch_size,
             seq: tc.seq_len,
+            coords: None,
         };
         let start = Instant::now();
         let grads = match tc.recompute_plan() {

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use strata::data::CoordsKind;
 
 use anyhow::Result;
 use burn::prelude::Backend;
@@ -46,6 +47,15 @@ pub fn run(args: Args) -> Result<()> {
 
 fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let loaded = load_model::<B>(&args.model, device)?;
+    if let Some(config) = &loaded.experiment
+        && config.data.coords != CoordsKind::Diagonal
+    {
+        anyhow::bail!(
+            "{}: trained with data.coords = \"line_col\"; generating at line/column coordinates \
+             is not implemented (the library's Llama::forward_cached_at can, given coordinates)",
+            args.model.display()
+        );
+    }
     let tokenizer = loaded.tokenizer.as_ref();
     let mut prompt: Vec<u32> = tokenizer.bos_id().into_iter().collect();
     prompt.extend(tokenizer.encode(&args.prompt)?);

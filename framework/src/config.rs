@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::DataConfig;
+use crate::data::{CoordsKind, DataConfig};
 use crate::error::{Error, Result};
-use crate::model::ModelConfig;
+use crate::model::{AttentionKind, ModelConfig};
 use crate::nn::lora::LoraConfig;
 use crate::tokenizer::TokenizerConfig;
 use crate::train::TrainConfig;
@@ -103,6 +103,32 @@ impl ExperimentConfig {
             }
         }
         self.train.validate("train.")?;
+        if self.data.coords != CoordsKind::Diagonal {
+            if self.model.attention != AttentionKind::Coord3d {
+                return Err(Error::config(
+                    "data.coords",
+                    "\"line_col\"",
+                    "\"diagonal\" unless model.attention = \"coord3d\" (only coord3d reads \
+                     coordinates)",
+                ));
+            }
+            if self.train.blocks_per_segment().is_some() {
+                return Err(Error::config(
+                    "train.activation_checkpointing",
+                    self.train.activation_checkpointing.name(),
+                    "\"none\" with data.coords = \"line_col\" (recomputed blocks use the \
+                     diagonal)",
+                ));
+            }
+            if self.train.sample_tokens > 0 {
+                return Err(Error::config(
+                    "train.sample_tokens",
+                    self.train.sample_tokens,
+                    "0 with data.coords = \"line_col\" (sampling at line/column coordinates is \
+                     not implemented)",
+                ));
+            }
+        }
         if self.train.blocks_per_segment().is_some() {
             if self.model.attnres_block_len().is_some() {
                 return Err(Error::config(

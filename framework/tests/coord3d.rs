@@ -388,3 +388,58 @@ fn cached_decoding_at_coordinates_equals_the_full_forward() {
     let err = max_abs_diff(&got, &full);
     assert!(err < 1e-4 * max_abs(&full), "{err}");
 }
+
+/// `data.coords = "line_col"`: batches carry line/column coordinates, the loss is the model's at
+/// those coordinates (not the diagonal's), and the config refuses what cannot read them.
+#[test]
+fn line_col_data_trains_at_line_and_column_coordinates() {
+    use strata::config::ExperimentConfig;
+    use strata::data::{Dataset, Split};
+    use strata::tokenizer::ByteTokenizer;
+    use strata::train::batch_loss;
+
+    let dir = std::env::temp_dir().join(format!("strata-line-col-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let table = "name  | count\n------+------\nalpha |    12\nbeta  |     7\n".repeat(40);
+    std::fs::write(dir.join("table.txt"), &table).unwrap();
+    let text = format!(
+        "[model]\nattention = \"coord3d\"\nd_model = 48\nn_heads = 4\nn_layers = 2\n\
+         max_seq_len = 64\n[data]\npath = \"{}\"\ncoords = \"line_col\"\n\
+         [train]\nseq_len = 64\nbatch_size = 2\nsample_tokens = 0\n",
+        dir.join("table.txt").display()
+    );
+    let config = ExperimentConfig::from_toml(&text, &[]).unwrap();
+    let data = Dataset::load(&config.data, &ByteTokenizer, Split::Train, 64).unwrap();
+    let batch = data.train_batch(1, 0, 0, 2, 64).unwrap();
+    let coords = batch
+        .coords
+        .clone()
+        .expect("line_col batches carry coordinates");
+    assert!(coords.xyz.iter().any(|c| c[1] != c[0] || c[2] != c[0]));
+
+    let model = model(&config.model);
+    let device = Default::default();
+    let (loss, _) = batch_loss(&model, &batch, &device);
+    let inputs = ids_tensor::<B>(&batch.inputs, [2, 64], &device);
+    let by_hand = model.forward_at(inputs.clone(), &coords).unwrap();
+    let targets = ids_tensor::<B>(&batch.targets, [2, 64], &device);
+    let want = strata::model::cross_entropy(by_hand, targets.clone());
+    let diagonal = strata::model::cross_entropy(model.forward(inputs), targets);
+    let scalar = |t: Tensor<B, 1>| t.into_scalar().elem::<f32>();
+    assert_eq!(scalar(loss.clone()), scalar(want));
+    assert_ne!(scalar(loss), scalar(diagonal));
+
+    for (extra, key) in [
+        ("model.attention=\"dense\"", "data.coords"),
+        ("train.sample_tokens=5", "train.sample_tokens"),
+        (
+            "train.activation_checkpointing=\"block\"",
+            "train.activation_checkpointing",
+        ),
+    ] {
+        let err = ExperimentConfig::from_toml(&text, &[extra.to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{extra}: {err}");
+    }
+}

@@ -91,6 +91,7 @@ fn batch(batch: usize, seq: usize, masked: bool) -> Batch {
         loss_mask,
         batch,
         seq,
+        coords: None,
     }
 }
 

@@ -121,6 +121,15 @@ fn resume_is_exact_with_attnres_seq_block_coord3d_and_kv_share() {
             "model.kv_share=2",
         ],
     );
+    check_resume(
+        "resume-line-col",
+        &[
+            "model.attention=\"coord3d\"",
+            "model.coord3d_block_len=4",
+            "data.coords=\"line_col\"",
+            "train.sample_tokens=0",
+        ],
+    );
 }
 
 /// Kills a run right after a checkpoint, resumes it, and checks that it ends exactly as an

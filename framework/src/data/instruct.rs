@@ -122,6 +122,7 @@ impl PackedRows {
             loss_mask: Vec::with_capacity(rows.len() * seq),
             batch: rows.len(),
             seq,
+            coords: None,
         };
         for &r in rows {
             let at = r * self.row_len;

@@ -7,6 +7,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -16,6 +17,7 @@ pub mod instruct;
 
 use crate::error::{Error, Result};
 use crate::io::atomic_write;
+use crate::nn::coord3d::Coords;
 use crate::tokenizer::{Tokenizer, fnv1a64};
 pub use instruct::{ChatTemplate, PackedRows, load_instructions};
 
@@ -28,6 +30,18 @@ pub enum DataFormat {
     Text,
     /// JSONL instruction data (see [`instruct`]): only response tokens are trained.
     Instruction,
+}
+
+/// The 3-D coordinates each token gets (`model.attention = "coord3d"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CoordsKind {
+    /// x = y = z = the token's index: 1-D RoPE.
+    #[default]
+    Diagonal,
+    /// x = the token's index, y = its line, z = its column (both in tokens, counted from the
+    /// window's start): for code and tables. See [`crate::nn::coord3d::Coords::line_col`].
+    LineCol,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +65,8 @@ pub struct DataConfig {
     pub chat_template: ChatTemplate,
     /// Skip (and count) malformed instruction lines instead of stopping at the first.
     pub skip_malformed: bool,
+    /// Token coordinates for `model.attention = "coord3d"`: `diagonal` or `line_col`.
+    pub coords: CoordsKind,
 }
 
 impl Default for DataConfig {
@@ -65,6 +81,7 @@ impl Default for DataConfig {
             format: DataFormat::Text,
             chat_template: ChatTemplate::Chatml,
             skip_malformed: false,
+            coords: CoordsKind::Diagonal,
         }
     }
 }
@@ -85,6 +102,13 @@ impl DataConfig {
                 format!("{prefix}path"),
                 self.path.display(),
                 "a .jsonl file when data.format = \"instruction\"",
+            ));
+        }
+        if self.coords == CoordsKind::LineCol && self.format != DataFormat::Text {
+            return Err(Error::config(
+                format!("{prefix}coords"),
+                "\"line_col\"",
+                "\"diagonal\" for instruction data (line/column coordinates are for text)",
             ));
         }
         if self.path.as_os_str().is_empty() {
@@ -307,6 +331,8 @@ pub struct TokenSplit {
     len: usize,
     /// UTF-8 bytes of text behind the tokens, for bits per byte.
     pub text_bytes: u64,
+    /// Under `coords = "line_col"`: which token ids end a line (their text holds a newline).
+    pub line_breaks: Option<Arc<Vec<bool>>>,
 }
 
 impl TokenSplit {
@@ -449,6 +475,7 @@ fn open_cache(path: &Path, key: &str) -> Result<Option<TokenSplit>> {
         return Ok(None);
     }
     Ok(Some(TokenSplit {
+        line_breaks: None,
         map,
         data_start,
         width,
@@ -466,6 +493,8 @@ pub struct Batch {
     pub loss_mask: Vec<bool>,
     pub batch: usize,
     pub seq: usize,
+    /// The inputs' 3-D coordinates, where the data asks for other than the diagonal.
+    pub coords: Option<Coords>,
 }
 
 impl Batch {
@@ -477,12 +506,17 @@ impl Batch {
             inputs.extend_from_slice(&w[..seq]);
             targets.extend_from_slice(&w[1..]);
         }
+        let coords = split
+            .line_breaks
+            .as_ref()
+            .map(|breaks| Coords::line_col(&inputs, starts.len(), seq, breaks));
         Batch {
             inputs,
             targets,
             loss_mask: Vec::new(),
             batch: starts.len(),
             seq,
+            coords,
         }
     }
 }
@@ -504,7 +538,13 @@ impl Dataset {
         seq_len: usize,
     ) -> Result<Self> {
         Ok(match config.format {
-            DataFormat::Text => Dataset::Stream(load_split(config, tokenizer, split)?),
+            DataFormat::Text => {
+                let mut tokens = load_split(config, tokenizer, split)?;
+                if config.coords == CoordsKind::LineCol {
+                    tokens.line_breaks = Some(Arc::new(line_breaks(tokenizer)));
+                }
+                Dataset::Stream(tokens)
+            }
             DataFormat::Instruction => {
                 Dataset::Rows(load_instructions(config, tokenizer, split, seq_len)?)
             }
@@ -546,6 +586,14 @@ impl Dataset {
             Dataset::Rows(rows) => rows.bytes_per_token(),
         }
     }
+}
+
+/// Which token ids end a line: those whose text, decoded alone, holds a newline. (A token that
+/// is not text alone, such as one byte of a multi-byte character, holds none.)
+pub fn line_breaks(tokenizer: &dyn Tokenizer) -> Vec<bool> {
+    (0..tokenizer.vocab_size() as u32)
+        .map(|id| tokenizer.decode(&[id]).is_ok_and(|t| t.contains('\n')))
+        .collect()
 }
 
 /// Random windows for training. They depend only on (seed, step, micro-step), so a resumed run

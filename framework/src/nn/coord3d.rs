@@ -117,6 +117,26 @@ impl Coords {
         }
     }
 
+    /// Code and tables: x = the token's index in its row, y = the line it is on and z = its
+    /// column, both in tokens and counted from the row's start (so a first line that began
+    /// before the row counts its columns from there). `breaks[id]` says whether token `id`
+    /// ends a line; the token after it starts the next.
+    pub fn line_col(ids: &[u32], batch: usize, seq: usize, breaks: &[bool]) -> Self {
+        let mut xyz = Vec::with_capacity(ids.len());
+        for row in ids.chunks(seq) {
+            let (mut line, mut line_start) = (0i64, 0i64);
+            for (t, &id) in row.iter().enumerate() {
+                let t = t as i64;
+                xyz.push([t, line, t - line_start]);
+                if breaks.get(id as usize).copied().unwrap_or(false) {
+                    line += 1;
+                    line_start = t + 1;
+                }
+            }
+        }
+        Self { batch, seq, xyz }
+    }
+
     /// Every coordinate moved by `delta` (scores must not change).
     pub fn shifted(&self, delta: [i64; 3]) -> Self {
         let xyz = self
@@ -263,6 +283,31 @@ mod tests {
         assert_eq!(bms.last_reader(6), Some(6 + 8 - 1));
         assert_eq!(bms.last_reader(5), Some(5 + 4 - 1));
         assert_eq!(bms.last_reader(0), None);
+    }
+
+    #[test]
+    fn line_col_counts_lines_and_columns_from_the_row_start() {
+        let mut breaks = vec![false; 259];
+        breaks[b'\n' as usize] = true;
+        let ids: Vec<u32> = b"ab\ncd\n\nefgh\n".iter().map(|&b| u32::from(b)).collect();
+        let coords = Coords::line_col(&ids, 2, 6, &breaks);
+        let want = [
+            // row 1: "ab\ncd\n"
+            [0, 0, 0],
+            [1, 0, 1],
+            [2, 0, 2],
+            [3, 1, 0],
+            [4, 1, 1],
+            [5, 1, 2],
+            // row 2: "\nefgh\n", counted afresh
+            [0, 0, 0],
+            [1, 1, 0],
+            [2, 1, 1],
+            [3, 1, 2],
+            [4, 1, 3],
+            [5, 1, 4],
+        ];
+        assert_eq!(coords.xyz, want);
     }
 
     #[test]

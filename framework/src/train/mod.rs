@@ -549,7 +549,14 @@ pub fn batch_loss<B: Backend>(
     device: &B::Device,
 ) -> (Tensor<B, 1>, usize) {
     let (inputs, targets) = batch_tensors::<B>(batch, device);
-    logits_loss(model.forward(inputs), targets, batch, device)
+    let logits = match &batch.coords {
+        // ExperimentConfig::validate allows coordinates only for coord3d models.
+        Some(coords) => model
+            .forward_at(inputs, coords)
+            .unwrap_or_else(|e| panic!("batch coordinates on this model: {e}")),
+        None => model.forward(inputs),
+    };
+    logits_loss(logits, targets, batch, device)
 }
 
 /// The mean loss of `logits` over the targets `batch` counts (all of them, or those its loss
