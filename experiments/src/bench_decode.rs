@@ -1,6 +1,8 @@
 //! `strata bench-decode CONFIG...`: per-token KV-cache decoding latency of each config's model
-//! (random weights, same seed), with the ratio to the first config measured in the same run.
-//! Rounds alternate between the configs so that drift in the machine's speed hits all alike.
+//! (random weights, same seed), with the ratio to the first config measured in the same run, and
+//! the key/value rows and bytes the cache holds at the end (fewer where a sparse attention drops
+//! keys, or with cross-layer sharing). Rounds alternate between the configs so that drift in the
+//! machine's speed hits all alike.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,6 +30,10 @@ pub struct Args {
     /// Tokens decoded one at a time per round.
     #[arg(long, default_value_t = 64)]
     tokens: usize,
+    /// Prefill the prompt this many tokens at a time (0: at once), for long prompts whose
+    /// attention scores would not fit at once.
+    #[arg(long, default_value_t = 0)]
+    chunk: usize,
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// CSV to write (atomically); printed to stdout either way.
@@ -76,13 +82,21 @@ fn run_with<B: Backend>(
         .map(|i| (i * 37 + 11) % vocab)
         .collect();
     let mut per_token = vec![Vec::new(); models.len()];
+    let mut kv_rows = vec![0; models.len()];
+    let chunk = if args.chunk == 0 {
+        prompt.len()
+    } else {
+        args.chunk
+    };
     // Round 0 warms caches and allocators and is not counted.
     for round in 0..=args.rounds {
-        for (model, times) in models.iter().zip(&mut per_token) {
+        for ((model, times), rows) in models.iter().zip(&mut per_token).zip(&mut kv_rows) {
             let mut cache = model.new_cache();
-            let logits =
-                model.forward_cached(ids_tensor(&prompt, [1, prompt.len()], device), &mut cache);
-            let _ = logits.into_data();
+            for part in prompt.chunks(chunk) {
+                let logits =
+                    model.forward_cached(ids_tensor(part, [1, part.len()], device), &mut cache);
+                let _ = logits.slice_dim(1, part.len() - 1..part.len()).into_data();
+            }
             let start = Instant::now();
             let mut token = prompt[prompt.len() - 1];
             for _ in 0..args.tokens {
@@ -99,25 +113,36 @@ fn run_with<B: Backend>(
             if round > 0 {
                 times.push(start.elapsed().as_secs_f64() * 1e3 / args.tokens as f64);
             }
+            *rows = cache.cached_len();
         }
     }
     let medians: Vec<f64> = per_token.iter_mut().map(|t| median(t)).collect();
     let machine = machine_name();
     let mut csv = String::from(
-        "config,residual,attention,params,prompt_tokens,decode_tokens,rounds,ms_per_token,ratio_to_first,backend,machine\n",
+        "config,residual,attention,params,prompt_tokens,decode_tokens,rounds,ms_per_token,ratio_to_first,kv_rows,kv_mib,backend,machine\n",
     );
-    for ((path, config), ms) in args.configs.iter().zip(configs).zip(&medians) {
+    let bytes_per_value = match args.backend.dtype {
+        crate::backend::Dtype::F32 => 4,
+        crate::backend::Dtype::F16 | crate::backend::Dtype::Bf16 => 2,
+    };
+    for (((path, config), ms), rows) in args.configs.iter().zip(configs).zip(&medians).zip(&kv_rows)
+    {
+        let m = &config.model;
+        let cached_layers = (0..m.n_layers).filter(|&i| m.owns_kv(i)).count();
+        // Rows of the fullest layer, so an upper bound where layers evict alike (they do).
+        let kv_bytes = rows * cached_layers * 2 * m.kv_heads() * m.head_dim() * bytes_per_value;
         csv += &format!(
-            "{},{:?},{:?},{},{},{},{},{:.4},{:.3},{},\"{}\"\n",
+            "{},{:?},{:?},{},{},{},{},{:.4},{:.3},{rows},{:.2},{},\"{}\"\n",
             path.display(),
-            config.model.residual,
-            config.model.attention,
-            config.model.num_params(),
+            m.residual,
+            m.attention,
+            m.num_params(),
             args.prompt,
             args.tokens,
             args.rounds,
             ms,
             ms / medians[0],
+            kv_bytes as f64 / (1 << 20) as f64,
             args.backend.label(),
             machine
         );
