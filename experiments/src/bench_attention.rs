@@ -14,7 +14,7 @@ use burn::tensor::Distribution;
 use burn::tensor::backend::AutodiffBackend;
 use strata::io::atomic_write;
 use strata::nn::attention::dense_causal;
-use strata::nn::coord3d::{Bms, bms_attention, bms_attention_masked};
+use strata::nn::coord3d::{Bms, MAX_SCORES_PER_PASS, bms_attention, bms_attention_masked};
 use strata::nn::seq_block::seq_block_attention;
 
 use crate::backend::BackendArgs;
@@ -138,21 +138,26 @@ fn run_with<B: AutodiffBackend>(args: &Args, device: &B::Device) -> Result<()> {
     Ok(())
 }
 
-/// Elements of the largest intermediate, the attention scores.
+/// Elements of the largest intermediate, the attention scores of one pass.
 fn score_elements(args: &Args, seq: usize, variant: &Variant) -> usize {
-    let keys = match variant {
-        Variant::Dense => seq,
-        Variant::SeqBlock(_) => args.block_len + seq.div_ceil(args.block_len),
+    let rows_and_heads = args.batch * args.heads;
+    match variant {
+        Variant::Dense => rows_and_heads * seq * seq,
+        Variant::SeqBlock(_) => {
+            let blocks = seq.div_ceil(args.block_len);
+            rows_and_heads * blocks * args.block_len * (args.block_len + blocks)
+        }
+        // Query blocks go in passes of at most MAX_SCORES_PER_PASS scores (one block at least).
         Variant::Coord3d(bms) => {
             let blocks = seq.div_ceil(bms.block_len);
             let width = (0..blocks)
                 .map(|i| bms.kept_blocks(i).len())
                 .max()
                 .unwrap_or(1);
-            width * bms.block_len
+            let per_block = rows_and_heads * bms.block_len * width * bms.block_len;
+            (per_block * blocks).min(MAX_SCORES_PER_PASS).max(per_block)
         }
-    };
-    args.batch * args.heads * seq.next_multiple_of(args.block_len.max(1)) * keys
+    }
 }
 
 /// Largest |Δ| between the gathered BMS path and the dense masked one, relative to the largest

@@ -112,7 +112,8 @@ fn a_leaders_key_projection_reaches_the_next_layer() {
         let wk = model.blocks[0].attn.wk.as_mut().unwrap();
         wk.weight = wk.weight.clone().map(|w| w * 3.0);
         let after = host(model.forward(input()));
-        let changed = max_abs_diff(&before, &after) > 1e-4;
+        // Without sharing nothing downstream reads wk: the logits are bit-identical.
+        let changed = max_abs_diff(&before, &after) > 0.0;
         assert_eq!(changed, should_matter, "kv_share = {kv_share}");
     }
 }

@@ -175,33 +175,83 @@ pub fn default_sections(pairs: usize) -> [usize; 3] {
     [pairs - 2 * third, third, third]
 }
 
+/// Scores one pass of [`bms_attention`] may hold: under 2^31, so that GPU kernels indexing with
+/// 32-bit integers stay exact, and a bound on the pass's memory.
+pub const MAX_SCORES_PER_PASS: usize = 1 << 30;
+
 /// BMS attention for training and prefill: queries and keys at the same token positions,
 /// `[batch, heads, seq, head_dim]` with keys already repeated to every query head.
 ///
 /// Each query block gathers its kept key blocks (padded to the longest list, the padding
 /// masked), so memory and time are O(n · max kept keys) = O(n log n), and every step is an
-/// ordinary tensor op: it runs and differentiates on every backend.
+/// ordinary tensor op: it runs and differentiates on every backend. Query blocks go in passes
+/// of at most [`MAX_SCORES_PER_PASS`] scores.
 pub fn bms_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     bms: Bms,
 ) -> Tensor<B, 4> {
+    bms_attention_in_passes(q, k, v, bms, MAX_SCORES_PER_PASS)
+}
+
+/// [`bms_attention`] with at most `max_scores` scores per pass (at least one query block).
+pub fn bms_attention_in_passes<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bms: Bms,
+    max_scores: usize,
+) -> Tensor<B, 4> {
     let [batch, heads, seq, head_dim] = q.dims();
-    let device = q.device();
     let b = bms.block_len;
     let blocks = seq.div_ceil(b);
-    let padded = blocks * b;
     let lists: Vec<Vec<usize>> = (0..blocks).map(|i| bms.kept_blocks(i)).collect();
     let width = lists.iter().map(Vec::len).max().unwrap_or(1);
+    let split = |x: Tensor<B, 4>| into_blocks(x, b).reshape([batch, heads, blocks, b, head_dim]);
+    let (q, k, v) = (split(q), split(k), split(v));
+    let step = (max_scores / (batch * heads * b * width * b)).max(1);
+    let passes: Vec<Tensor<B, 5>> = (0..blocks)
+        .step_by(step)
+        .map(|first| {
+            let last = (first + step).min(blocks);
+            let q = q.clone().slice_dim(2, first..last);
+            query_blocks(
+                q,
+                k.clone(),
+                v.clone(),
+                &lists[first..last],
+                first,
+                width,
+                b,
+            )
+        })
+        .collect();
+    Tensor::cat(passes, 2)
+        .reshape([batch, heads, blocks * b, head_dim])
+        .slice_dim(2, 0..seq)
+}
 
+/// Attention of query blocks `first..first + lists.len()` (`q: [batch, heads, count, b, d]`)
+/// over their kept key blocks of `k`, `v` (`[batch, heads, blocks, b, d]`), `width` slots each.
+fn query_blocks<B: Backend>(
+    q: Tensor<B, 5>,
+    k: Tensor<B, 5>,
+    v: Tensor<B, 5>,
+    lists: &[Vec<usize>],
+    first: usize,
+    width: usize,
+    b: usize,
+) -> Tensor<B, 5> {
+    let [batch, heads, count, _, head_dim] = q.dims();
+    let device = q.device();
     // Slot s of query block i holds key block lists[i][s]; missing slots repeat block i and are
     // masked, as are keys after the query inside its own block. The mask is put together on
     // the device from per-slot flags and one b×b causal tile, so the host builds O(n/b) entries.
-    let mut index = Vec::with_capacity(blocks * width);
-    let mut empty = Vec::with_capacity(blocks * width);
-    let mut diagonal = Vec::with_capacity(blocks * width);
-    for (i, list) in lists.iter().enumerate() {
+    let mut index = Vec::with_capacity(count * width);
+    let mut empty = Vec::with_capacity(count * width);
+    let mut diagonal = Vec::with_capacity(count * width);
+    for (i, list) in (first..).zip(lists) {
         for s in 0..width {
             let j = list.get(s).copied();
             index.push(j.unwrap_or(i) as i64);
@@ -210,37 +260,30 @@ pub fn bms_attention<B: Backend>(
         }
     }
     let flags = |v: Vec<bool>| {
-        Tensor::<B, 2, Bool>::from_data(TensorData::new(v, [blocks, width]), &device)
-            .reshape([blocks, 1, width, 1])
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(v, [count, width]), &device)
+            .reshape([count, 1, width, 1])
     };
     let later: Vec<bool> = (0..b * b).map(|rc| rc % b > rc / b).collect();
     let later = Tensor::<B, 2, Bool>::from_data(TensorData::new(later, [b, b]), &device)
         .reshape([1, b, 1, b]);
     let mask = flags(empty)
-        .expand([blocks, b, width, b])
+        .expand([count, b, width, b])
         .bool_or(
             flags(diagonal)
-                .expand([blocks, b, width, b])
-                .bool_and(later.expand([blocks, b, width, b])),
+                .expand([count, b, width, b])
+                .bool_and(later.expand([count, b, width, b])),
         )
-        .reshape([blocks, b, width * b])
+        .reshape([count, b, width * b])
         .unsqueeze::<5>();
-    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [blocks * width]), &device);
-
-    let split = |x: Tensor<B, 4>| into_blocks(x, b).reshape([batch, heads, blocks, b, head_dim]);
-    let gather = |x: Tensor<B, 4>| {
-        split(x)
-            .select(2, index.clone())
-            .reshape([batch, heads, blocks, width * b, head_dim])
+    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [count * width]), &device);
+    let gather = |x: Tensor<B, 5>| {
+        x.select(2, index.clone())
+            .reshape([batch, heads, count, width * b, head_dim])
     };
-    let (q, k, v) = (split(q), gather(k), gather(v));
     let scale = (head_dim as f64).powf(-0.5);
-    let scores = q.matmul(k.swap_dims(3, 4)) * scale; // [batch, heads, blocks, b, width·b]
+    let scores = q.matmul(gather(k).swap_dims(3, 4)) * scale; // [batch, heads, count, b, width·b]
     let weights = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 4);
-    weights
-        .matmul(v)
-        .reshape([batch, heads, padded, head_dim])
-        .slice_dim(2, 0..seq)
+    weights.matmul(gather(v))
 }
 
 /// BMS attention computed densely: Burn's attention with the full n×n mask of
