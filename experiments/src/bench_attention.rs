@@ -142,7 +142,10 @@ fn run_with<B: AutodiffBackend>(args: &Args, device: &B::Device) -> Result<()> {
 fn score_elements(args: &Args, seq: usize, variant: &Variant) -> usize {
     let rows_and_heads = args.batch * args.heads;
     match variant {
-        Variant::Dense => rows_and_heads * seq * seq,
+        // Query rows go in passes of at most MAX_SCORES_PER_PASS scores (one row at least).
+        Variant::Dense => (rows_and_heads * seq * seq)
+            .min(MAX_SCORES_PER_PASS)
+            .max(rows_and_heads * seq),
         Variant::SeqBlock(_) => {
             let blocks = seq.div_ceil(args.block_len);
             rows_and_heads * blocks * args.block_len * (args.block_len + blocks)

@@ -5,7 +5,7 @@ use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
-use super::coord3d::{Bms, bms_attention, bms_attention_masked};
+use super::coord3d::{Bms, MAX_SCORES_PER_PASS, bms_attention, bms_attention_masked};
 use super::lora::LoraLinear;
 use super::rope::Phases;
 use super::seq_block::{seq_block_attention, seq_block_attention_at};
@@ -203,8 +203,46 @@ impl<B: Backend> Attention<B> {
 }
 
 /// Softmax attention of queries at the last `q_len` of `kv_len` positions over every key up to
-/// their own position.
+/// their own position. Queries go in passes of at most [`MAX_SCORES_PER_PASS`] scores: GPU
+/// kernels index with 32 bits, and a larger score tensor came back wrong without an error.
 pub fn dense_causal<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+    dense_causal_in_passes(q, k, v, MAX_SCORES_PER_PASS)
+}
+
+/// [`dense_causal`] with at most `max_scores` scores per pass (one query row at least).
+pub fn dense_causal_in_passes<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    max_scores: usize,
+) -> Tensor<B, 4> {
+    let [batch, heads, seq, _] = q.dims();
+    let kv_len = k.dims()[2];
+    let rows = (max_scores / (batch * heads * kv_len)).max(1);
+    if seq <= rows {
+        return dense_causal_pass(q, k, v);
+    }
+    // Queries r0..r1 are the last ones of the keys up to their own positions.
+    let passes = (0..seq)
+        .step_by(rows)
+        .map(|r0| {
+            let r1 = (r0 + rows).min(seq);
+            let end = kv_len - seq + r1;
+            dense_causal_pass(
+                q.clone().slice_dim(2, r0..r1),
+                k.clone().slice_dim(2, 0..end),
+                v.clone().slice_dim(2, 0..end),
+            )
+        })
+        .collect();
+    Tensor::cat(passes, 2)
+}
+
+fn dense_causal_pass<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
     let (seq, kv_len) = (q.dims()[2], k.dims()[2]);
     // Burn's causal flag masks col > row, which is right only when queries and keys start
     // at the same position; with cached keys the queries sit at the end, so build the mask.
