@@ -23,19 +23,14 @@ bin=${STRATA_BIN:-target/cuda-plain/release/strata}
 export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
 export LD_LIBRARY_PATH=$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}
 raw="$results/attention_gpu_raw.csv"
+. "$(dirname "$0")/gpu_sampler.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$results/gpu.txt"
 
 # Runs "$@" (which prints CSV rows) beside a memory sampler; appends each row with its label and
 # the sampled peak, or one row that says why the run failed.
 measured() {
   local label=$1; shift
-  local samples; samples=$(mktemp)
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$samples" &
-  local sampler=$!
-  timeout "${RUN_TIMEOUT:-240}" "$@" > /tmp/attention-run.out 2> /tmp/attention-run.err
-  local rc=$?
-  kill $sampler; wait $sampler 2>/dev/null
-  local peak; peak=$(sort -n "$samples" | tail -1)
+  run_sampled /tmp/attention-run.out /tmp/attention-run.err "${RUN_TIMEOUT:-240}" "$@"
   local rows; rows=$(grep -v '^variant,' /tmp/attention-run.out | grep ',')
   if [ $rc -eq 0 ] && [ -n "$rows" ]; then
     while IFS= read -r row; do echo "$label,$peak,$row" >> "$raw"; done <<< "$rows"
@@ -67,15 +62,12 @@ done
 if [ "${ONLY:-all}" = all ] || [ "${ONLY:-all}" = model ]; then
   for seq in ${MODEL_SEQS:-4096 16384}; do
     for kind in dense coord3d; do
-      samples=$(mktemp)
-      nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$samples" &
-      sampler=$!
-      line=$(timeout "${RUN_TIMEOUT:-240}" "$bin" bench-train configs/bench/gpt2_small.toml \
+      run_sampled /tmp/attention-model.out /tmp/attention-model.err "${RUN_TIMEOUT:-240}" \
+        "$bin" bench-train configs/bench/gpt2_small.toml \
         --backend cuda --dtype bf16 --steps 3 --warmup 1 --set train.batch_size=1 \
         --set "train.seq_len=$seq" --set "model.max_seq_len=$seq" --set "model.attention=\"$kind\"" \
-        --set 'train.activation_checkpointing="block"' 2> /tmp/attention-model.err | tail -1)
-      kill $sampler; wait $sampler 2>/dev/null
-      peak=$(sort -n "$samples" | tail -1)
+        --set 'train.activation_checkpointing="block"'
+      line=$(tail -1 /tmp/attention-model.out)
       [ -n "$line" ] || line="{\"failed\": \"$(grep -m1 -iE 'memory|error|panicked' /tmp/attention-model.err | cut -c1-120 | tr '\"' "'")\"}"
       python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d.update(attention=sys.argv[2], peak_device_mib=int(sys.argv[3])); print(json.dumps(d))' \
         "$line" "$kind" "$peak" | tee -a "$results/attention_model_raw.jsonl"

@@ -21,20 +21,14 @@ export LD_LIBRARY_PATH=$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1
 raw="$results/lora_gpu.jsonl"
 touch "$raw"
+. "$(dirname "$0")/gpu_sampler.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$results/gpu.txt"
 
 # Runs "$@" with a memory sampler beside it; appends the command's JSON line with the peak added.
 measured() {
   local label=$1; shift
-  local samples; samples=$(mktemp)
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$samples" &
-  local sampler=$!
-  local out rc
-  timeout "${RUN_TIMEOUT:-420}" "$@" > /tmp/lora-run.out 2> /tmp/lora-run.err
-  rc=$?
-  out=$(tail -1 /tmp/lora-run.out)
-  kill $sampler; wait $sampler 2>/dev/null
-  local peak; peak=$(sort -n "$samples" | tail -1)
+  run_sampled /tmp/lora-run.out /tmp/lora-run.err "${RUN_TIMEOUT:-420}" "$@"
+  local out; out=$(tail -1 /tmp/lora-run.out)
   if [ $rc -eq 0 ] && [ -n "$out" ]; then
     python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["label"]=sys.argv[2]; d["peak_device_mib"]=int(sys.argv[3]); print(json.dumps(d))' \
       "$out" "$label" "$peak" >> "$raw"
