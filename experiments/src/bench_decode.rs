@@ -117,7 +117,7 @@ fn run_with<B: Backend>(
         }
     }
     let medians: Vec<f64> = per_token.iter_mut().map(|t| median(t)).collect();
-    let machine = machine_name();
+    let machine = strata::train::machine_name();
     let mut csv = String::from(
         "config,residual,attention,params,prompt_tokens,decode_tokens,rounds,ms_per_token,ratio_to_first,kv_rows,kv_mib,backend,machine\n",
     );
@@ -152,19 +152,4 @@ fn run_with<B: Backend>(
         atomic_write(out, |f| f.write_all(csv.as_bytes()))?;
     }
     Ok(())
-}
-
-/// CPU model and logical core count, for the results file.
-pub fn machine_name() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} threads")
 }

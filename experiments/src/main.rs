@@ -12,6 +12,7 @@ mod import;
 mod memory;
 mod merge;
 mod report;
+mod sweep;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -62,6 +63,8 @@ enum Command {
     BenchTrain(bench::Args),
     /// Forward + backward time and memory of dense against sequence-block attention, as CSV.
     BenchAttention(bench_attention::Args),
+    /// Run a grid (and random draws) of configs from one sweep file; resumes where it stopped.
+    Sweep(sweep::Args),
     /// A Markdown report with tables and plots over finished runs.
     Report(report::Args),
     /// Per-token KV-cache decoding latency of several configs' models, with ratios, as CSV.
@@ -81,6 +84,7 @@ fn main() {
         Command::BenchTrain(args) => bench::run(args),
         Command::BenchDecode(args) => bench_decode::run(args),
         Command::Report(args) => report::run(args),
+        Command::Sweep(args) => sweep::run(args),
         Command::Export(args) => export::run(args),
         Command::BenchAttention(args) => bench_attention::run(args),
     };

@@ -1,9 +1,12 @@
-//! `strata report RUN_DIR... -o REPORT.md`: a Markdown report over finished runs, its figures in
-//! the folder beside it named after it (`REPORT/`). Runs are
-//! grouped by config name (seeds of one config form a group); the report has a table per run,
-//! one per group with the spread over seeds and the difference to a baseline group, SVG plots
-//! (validation loss against tokens and wall time, training loss, per-layer RMS of activations and
-//! gradients, AttnRes weight heat maps) and, optionally, benchmark JSONL files as tables.
+//! `strata report RUN_DIR... | SWEEP_DIR -o REPORT.md`: a Markdown report over finished runs, a
+//! self-contained `REPORT.html` beside it, and its figures (PNG and SVG) in the folder of the same
+//! name (`REPORT/`). Runs are grouped by config name (the seeds of one config form a group; a
+//! sweep names its runs that way); the report has a table per run, one per group with the spread
+//! over seeds and the difference to a baseline group, plots (validation loss against tokens and
+//! wall time with the seed spread as a band, training loss, gradient norm, learning rate,
+//! per-layer RMS of activations and gradients, AttnRes weight heat maps), benchmark results
+//! (JSON lines or CSV; speed against sequence length on log axes), the configs and what differs
+//! between them, and where and how it was made.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -11,6 +14,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use strata::config::ExperimentConfig;
 use strata::io::atomic_write;
@@ -18,7 +23,7 @@ use strata::train::TrainSummary;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Run directories, or folders holding run directories.
+    /// Run directories, or folders holding run directories (a sweep's folder).
     #[arg(required = true)]
     runs: Vec<PathBuf>,
     /// The Markdown file to write; figures go into the folder of the same name beside it.
@@ -32,7 +37,8 @@ pub struct Args {
     /// The group the others are compared with; default: the first group.
     #[arg(long)]
     baseline: Option<String>,
-    /// Benchmark results (JSON lines) to include as tables.
+    /// Benchmark results to include as tables (JSON lines, or CSV with `#` header lines); a CSV
+    /// with a seq_len column is also plotted.
     #[arg(long)]
     bench: Vec<PathBuf>,
 }
@@ -68,6 +74,16 @@ pub fn run(args: Args) -> Result<()> {
                 .filter(|p| p.join("summary.json").exists())
                 .collect();
             inside.sort();
+            // A sweep's runs in the order of its file (the first configuration is the baseline).
+            let order = sweep_order(path);
+            inside.sort_by_key(|p| {
+                let name = p
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                order.iter().position(|n| *n == name).unwrap_or(usize::MAX)
+            });
             if inside.is_empty() {
                 bail!(
                     "{}: neither a finished run (no summary.json) nor a folder of runs",
@@ -77,6 +93,10 @@ pub fn run(args: Args) -> Result<()> {
             dirs.extend(inside);
         }
     }
+    if dirs.is_empty() {
+        bail!("no finished runs given");
+    }
+    register_fonts()?;
     let runs = dirs
         .iter()
         .map(|d| read_run(d).with_context(|| format!("reading run {}", d.display())))
@@ -118,13 +138,51 @@ pub fn run(args: Args) -> Result<()> {
     }
     md += &group_table(&groups, 0);
     md += &run_table(&runs);
-    for bench in &args.bench {
-        md += &bench_table(bench)?;
-    }
     md += &plots(&figures, &figures_link, &groups)?;
+    for bench in &args.bench {
+        md += &bench_section(bench, &figures, &figures_link)?;
+    }
+    md += &config_section(&runs);
     md += &provenance(&args);
     atomic_write(&args.out, |f| f.write_all(md.as_bytes()))?;
-    println!("wrote {} and {}/", args.out.display(), figures.display());
+    let html_path = args.out.with_extension("html");
+    let html = to_html(&args.title, &md, &figures, &figures_link)?;
+    atomic_write(&html_path, |f| f.write_all(html.as_bytes()))?;
+    println!(
+        "wrote {}, {} and {}/",
+        args.out.display(),
+        html_path.display(),
+        figures.display()
+    );
+    Ok(())
+}
+
+/// The run names of a sweep folder's `sweep.json`, in the sweep's order; empty elsewhere.
+fn sweep_order(folder: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(folder.join("sweep.json")) else {
+        return Vec::new();
+    };
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    manifest["runs"]
+        .as_array()
+        .map(|runs| {
+            runs.iter()
+                .filter_map(|r| r["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The PNG backend draws text with ab_glyph, from font bytes registered here.
+fn register_fonts() -> Result<()> {
+    for style in [FontStyle::Normal, FontStyle::Bold] {
+        let bytes = match style {
+            FontStyle::Bold => dejavu::sans::bold(),
+            _ => dejavu::sans::regular(),
+        };
+        plotters::style::register_font("sans-serif", style, bytes)
+            .map_err(|_| anyhow::anyhow!("the embedded DejaVu Sans font did not load"))?;
+    }
     Ok(())
 }
 
@@ -175,21 +233,20 @@ fn read_run(dir: &Path) -> Result<Run> {
 fn read_csv(path: &Path) -> Result<BTreeMap<String, Vec<f64>>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut lines = text.lines();
-    let header: Vec<String> = lines
-        .next()
-        .with_context(|| format!("{}: empty file", path.display()))?
-        .split(',')
-        .map(str::to_owned)
-        .collect();
+    let mut lines = text.lines().filter(|l| !l.starts_with('#'));
+    let header = split_csv_line(
+        lines
+            .next()
+            .with_context(|| format!("{}: empty file", path.display()))?,
+    );
     let mut columns: BTreeMap<String, Vec<f64>> =
         header.iter().map(|h| (h.clone(), Vec::new())).collect();
     for line in lines {
-        for (name, cell) in header.iter().zip(line.split(',')) {
+        for (name, cell) in header.iter().zip(split_csv_line(line)) {
             columns
                 .get_mut(name)
                 .expect("every header name has a column")
-                .push(cell.trim().parse().unwrap_or(f64::NAN));
+                .push(cell.parse().unwrap_or(f64::NAN));
         }
     }
     Ok(columns)
@@ -276,47 +333,117 @@ fn group_table(groups: &[(String, Vec<&Run>)], baseline: usize) -> String {
 
 fn run_table(runs: &[Run]) -> String {
     let mut md = String::from(
-        "## Runs\n\n| run | configuration | seed | residual | attention | parameters | steps | tokens | \
-         final train loss | val loss | bits/byte | tokens/s as run | wall (s) | backend |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "## Runs\n\nPeak memory is the training process's peak resident host memory (on CPU \
+         backends, the model's device); GPU memory is sampled by the GPU benchmark scripts, not \
+         by the runner.\n\n\
+         | run | configuration | seed | parameters | steps | tokens | final train loss | \
+         val loss | perplexity | bits/byte | tokens/s as run | wall (s) | peak host memory (MiB) | \
+         backend | machine |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in runs {
         let s = &r.summary;
-        let m = &r.config.model;
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:?} | {:?} | {:.2}M | {} | {:.2}M | {:.4} | {:.4} | {:.4} | {:.0} | {:.0} | {} |",
+            "| {} | {} | {} | {:.2}M | {} | {:.2}M | {:.4} | {:.4} | {:.2} | {:.4} | {:.0} | {:.0} | {} | {} | {} |",
             r.dir.file_name().unwrap_or_default().to_string_lossy(),
             s.name,
             r.config.train.seed,
-            m.residual,
-            m.attention,
             s.params as f64 / 1e6,
             s.steps,
             s.tokens as f64 / 1e6,
             s.final_train_loss,
             s.val_loss,
+            s.val_perplexity,
             s.val_bits_per_byte,
             s.tokens_per_sec,
             s.wall_secs,
-            s.backend
+            s.peak_host_mib
+                .map_or("—".to_owned(), |m| format!("{m:.0}")),
+            s.backend,
+            if s.machine.is_empty() {
+                "—"
+            } else {
+                &s.machine
+            },
         );
     }
     md + "\n"
 }
 
-/// A JSON-lines benchmark file as a table: one column per key that varies between rows; keys
-/// that several rows share with one value are listed above the table.
-fn bench_table(path: &Path) -> Result<String> {
+/// One CSV line split at commas outside double quotes (`""` inside quotes is a quote).
+fn split_csv_line(line: &str) -> Vec<String> {
+    let (mut cells, mut cell, mut quoted) = (Vec::new(), String::new(), false);
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                cell.push('"');
+                chars.next();
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => cells.push(std::mem::take(&mut cell).trim().to_owned()),
+            c => cell.push(c),
+        }
+    }
+    cells.push(cell.trim().to_owned());
+    cells
+}
+
+type Row = serde_json::Map<String, serde_json::Value>;
+
+/// Benchmark rows from JSON lines, or from a CSV (numbers where a cell parses as one) whose
+/// `#` lines describe the machine and are returned as notes.
+fn read_bench(path: &Path) -> Result<(Vec<String>, Vec<Row>)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let rows: Vec<serde_json::Map<String, serde_json::Value>> = text
+    if path.extension().is_some_and(|e| e == "csv") {
+        let notes = text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .map(|l| l.trim().to_owned())
+            .collect();
+        let mut lines = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty());
+        let header = split_csv_line(
+            lines
+                .next()
+                .with_context(|| format!("{}: no header", path.display()))?,
+        );
+        let rows = lines
+            .map(|line| {
+                header
+                    .iter()
+                    .zip(split_csv_line(line))
+                    .map(|(k, v)| {
+                        let value = match v.parse::<f64>() {
+                            Ok(x) => serde_json::Number::from_f64(x)
+                                .map_or(serde_json::Value::Null, serde_json::Value::Number),
+                            Err(_) => serde_json::Value::String(v),
+                        };
+                        (k.clone(), value)
+                    })
+                    .collect()
+            })
+            .collect();
+        return Ok((notes, rows));
+    }
+    let rows = text
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
             serde_json::from_str(l).with_context(|| format!("{}: not JSON: {l}", path.display()))
         })
         .collect::<Result<_>>()?;
+    Ok((Vec::new(), rows))
+}
+
+/// A benchmark file as a table: one column per key that varies between rows; keys that every
+/// row shares with one value are listed above it. With a `seq_len` column, each `ms_*` column is
+/// also plotted against it on log axes, one line per value of the remaining text columns.
+fn bench_section(path: &Path, figures: &Path, link: &str) -> Result<String> {
+    let (notes, rows) = read_bench(path)?;
     let mut keys: Vec<String> = Vec::new();
     for row in &rows {
         for k in row.keys() {
@@ -328,6 +455,7 @@ fn bench_table(path: &Path) -> Result<String> {
     let cell = |v: Option<&serde_json::Value>| match v {
         Some(serde_json::Value::Number(n)) => number(n.as_f64().unwrap_or(f64::NAN)),
         Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) => "—".into(),
         Some(serde_json::Value::Array(items)) => items
             .iter()
             .map(|i| i.as_f64().map(number).unwrap_or_else(|| i.to_string()))
@@ -336,7 +464,7 @@ fn bench_table(path: &Path) -> Result<String> {
         Some(other) => other.to_string(),
         None => String::new(),
     };
-    let (common, varying): (Vec<String>, Vec<String>) = keys.into_iter().partition(|k| {
+    let (common, varying): (Vec<String>, Vec<String>) = keys.iter().cloned().partition(|k| {
         let first = rows.iter().find_map(|r| r.get(k));
         let present = rows.iter().filter(|r| r.contains_key(k.as_str())).count();
         present > 1
@@ -344,10 +472,11 @@ fn bench_table(path: &Path) -> Result<String> {
                 .iter()
                 .all(|r| r.get(k).is_none_or(|v| Some(v) == first))
     });
-    let mut md = format!(
-        "## Benchmark: {}\n\n",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    );
+    let file_name = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut md = format!("## Benchmark: {file_name}\n\n");
+    for note in &notes {
+        let _ = writeln!(md, "- {note}");
+    }
     for k in &common {
         let value = rows.iter().find_map(|r| r.get(k));
         let _ = writeln!(md, "- {k}: {}", cell(value));
@@ -362,7 +491,58 @@ fn bench_table(path: &Path) -> Result<String> {
         let cells: Vec<String> = varying.iter().map(|k| cell(row.get(k))).collect();
         let _ = writeln!(md, "| {} |", cells.join(" | "));
     }
-    Ok(md + "\n")
+    md.push('\n');
+
+    if !varying.iter().any(|k| k == "seq_len") {
+        return Ok(md);
+    }
+    let labels: Vec<&String> = varying
+        .iter()
+        .filter(|k| {
+            rows.iter()
+                .any(|r| matches!(r.get(*k), Some(serde_json::Value::String(_))))
+        })
+        .collect();
+    let stem = file_name
+        .trim_end_matches(".csv")
+        .trim_end_matches(".jsonl");
+    for metric in varying.iter().filter(|k| k.starts_with("ms_")) {
+        let mut series: Vec<Series> = Vec::new();
+        for row in &rows {
+            let label = labels
+                .iter()
+                .map(|k| cell(row.get(*k)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let x = row.get("seq_len").and_then(|v| v.as_f64());
+            let y = row.get(metric).and_then(|v| v.as_f64());
+            let (Some(x), Some(y)) = (x, y) else { continue };
+            if !(x > 0.0 && y > 0.0) {
+                continue;
+            }
+            match series.iter_mut().find(|s| s.name == label) {
+                Some(s) => s.points.push((x, y)),
+                None => {
+                    let color = PALETTE[series.len() % PALETTE.len()];
+                    series.push(Series::line(label, color, vec![(x, y)]));
+                }
+            }
+        }
+        let file = format!("bench_{stem}_{metric}");
+        let title = format!("{stem}: {metric} against sequence length");
+        let drawn = line_plot(
+            &figures.join(&file),
+            &title,
+            "sequence length (tokens, log scale)",
+            &format!("{metric} (milliseconds, log scale)"),
+            &series,
+            (true, true),
+        )?;
+        if drawn {
+            let _ = writeln!(md, "![{title}]({link}/{file}.png)\n");
+        }
+    }
+    Ok(md)
 }
 
 /// Very large values in scientific notation, large ones as integers, small ones to 4 decimals.
@@ -390,92 +570,159 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(23, 190, 207),
 ];
 
-type Series = (String, RGBColor, Vec<(f64, f64)>);
+/// One line of a plot; `band` (x, low, high) is shaded under it where a group has several seeds.
+struct Series {
+    name: String,
+    color: RGBColor,
+    points: Vec<(f64, f64)>,
+    band: Vec<(f64, f64, f64)>,
+}
+
+impl Series {
+    fn line(name: String, color: RGBColor, points: Vec<(f64, f64)>) -> Self {
+        Self {
+            name,
+            color,
+            points,
+            band: Vec::new(),
+        }
+    }
+}
+
+/// A group's runs as one series: the mean over seeds at each logged row, with mean ± one sample
+/// standard deviation as the band. The runs of a group share their logging schedule, so the
+/// n-th finite point of each run is the same step.
+fn group_series(
+    name: &str,
+    color: RGBColor,
+    runs: &[&Run],
+    x: &str,
+    y: &str,
+    x_scale: f64,
+) -> Series {
+    let per_run: Vec<Vec<(f64, f64)>> = runs
+        .iter()
+        .map(|run| {
+            run.metrics[x]
+                .iter()
+                .zip(&run.metrics[y])
+                .filter(|(a, b)| a.is_finite() && b.is_finite())
+                .map(|(a, b)| (a * x_scale, *b))
+                .collect()
+        })
+        .collect();
+    let len = per_run.iter().map(Vec::len).min().unwrap_or(0);
+    let mut series = Series::line(
+        if runs.len() > 1 {
+            format!("{name} ({} seeds, ±1 sd)", runs.len())
+        } else {
+            name.to_owned()
+        },
+        color,
+        Vec::new(),
+    );
+    for i in 0..len {
+        let xs: Vec<f64> = per_run.iter().map(|p| p[i].0).collect();
+        let ys: Vec<f64> = per_run.iter().map(|p| p[i].1).collect();
+        let (x, (y, sd)) = (mean_std(&xs).0, mean_std(&ys));
+        series.points.push((x, y));
+        if runs.len() > 1 {
+            series.band.push((x, y - sd, y + sd));
+        }
+    }
+    series
+}
 
 fn plots(out: &Path, link: &str, groups: &[(String, Vec<&Run>)]) -> Result<String> {
-    let mut md = String::from("## Figures\n\n");
-    let per_run = |x: &str, y: &str, x_scale: f64| -> Vec<Series> {
-        let mut series = Vec::new();
-        for (g, (name, runs)) in groups.iter().enumerate() {
-            for run in runs {
-                let (xs, ys) = (&run.metrics[x], &run.metrics[y]);
-                let points: Vec<(f64, f64)> = xs
-                    .iter()
-                    .zip(ys)
-                    .filter(|(a, b)| a.is_finite() && b.is_finite())
-                    .map(|(a, b)| (a * x_scale, *b))
-                    .collect();
-                series.push((name.clone(), PALETTE[g % PALETTE.len()], points));
-            }
-        }
-        series
+    let mut md = String::from(
+        "## Figures\n\nEach configuration's line is the mean over its runs; where it has several \
+         seeds, the band is the mean ± one sample standard deviation. Every figure is in the \
+         report's folder as PNG and SVG.\n\n",
+    );
+    let per_group = |x: &str, y: &str, x_scale: f64| -> Vec<Series> {
+        groups
+            .iter()
+            .enumerate()
+            .map(|(g, (name, runs))| {
+                group_series(name, PALETTE[g % PALETTE.len()], runs, x, y, x_scale)
+            })
+            .collect()
     };
     let figures = [
         (
-            "val_loss_tokens.svg",
+            "val_loss_tokens",
             "Validation loss against tokens",
             "tokens seen (millions)",
             "validation loss (nats/token)",
-            per_run("tokens", "val_loss", 1e-6),
+            per_group("tokens", "val_loss", 1e-6),
             false,
         ),
         (
-            "val_loss_time.svg",
+            "val_loss_time",
             "Validation loss against wall time",
             "wall time (s)",
             "validation loss (nats/token)",
-            per_run("elapsed_sec", "val_loss", 1.0),
+            per_group("elapsed_sec", "val_loss", 1.0),
             false,
         ),
         (
-            "train_loss.svg",
+            "train_loss",
             "Training loss",
             "tokens seen (millions)",
             "training loss (nats/token)",
-            per_run("tokens", "train_loss", 1e-6),
+            per_group("tokens", "train_loss", 1e-6),
             false,
         ),
         (
-            "grad_norm.svg",
+            "throughput",
+            "Training throughput",
+            "tokens seen (millions)",
+            "tokens per second",
+            per_group("tokens", "tokens_per_sec", 1e-6),
+            false,
+        ),
+        (
+            "grad_norm",
             "Gradient norm (before clipping)",
             "tokens seen (millions)",
-            "global gradient L2 norm",
-            per_run("tokens", "grad_norm", 1e-6),
+            "global gradient L2 norm (log scale)",
+            per_group("tokens", "grad_norm", 1e-6),
             true,
         ),
         (
-            "learning_rate.svg",
+            "learning_rate",
             "Learning rate",
             "tokens seen (millions)",
             "learning rate",
-            per_run("tokens", "lr", 1e-6),
+            per_group("tokens", "lr", 1e-6),
             false,
         ),
     ];
     for (file, title, x, y, series, log_y) in figures {
-        line_plot(&out.join(file), title, x, y, &series, log_y)?;
-        let _ = writeln!(md, "![{title}]({link}/{file})\n");
+        if line_plot(&out.join(file), title, x, y, &series, (false, log_y))? {
+            let _ = writeln!(md, "![{title}]({link}/{file}.png)\n");
+        }
     }
 
     // Per-layer RMS, averaged over each group's runs.
     for (column, file, title, y) in [
         (
             "input_rms",
-            "depth_input_rms.svg",
+            "depth_input_rms",
             "RMS of each sub-layer's input h_l (validation tokens)",
-            "RMS of h_l",
+            "RMS of h_l (log scale)",
         ),
         (
             "output_rms",
-            "depth_output_rms.svg",
+            "depth_output_rms",
             "RMS of each sub-layer's output f_l(h_l)",
-            "RMS of f_l(h_l)",
+            "RMS of f_l(h_l) (log scale)",
         ),
         (
             "grad_rms",
-            "depth_grad_rms.svg",
+            "depth_grad_rms",
             "RMS of each sub-layer's parameter gradient (last step)",
-            "gradient RMS",
+            "gradient RMS (log scale)",
         ),
     ] {
         let series: Vec<Series> = groups
@@ -496,19 +743,23 @@ fn plots(out: &Path, link: &str, groups: &[(String, Vec<&Run>)]) -> Result<Strin
                     })
                     .filter(|(_, v)| v.is_finite() && *v > 0.0)
                     .collect();
-                Some((name.clone(), PALETTE[g % PALETTE.len()], points))
+                Some(Series::line(
+                    name.clone(),
+                    PALETTE[g % PALETTE.len()],
+                    points,
+                ))
             })
             .collect();
-        if series.iter().any(|(_, _, p)| !p.is_empty()) {
-            line_plot(
-                &out.join(file),
-                title,
-                "sub-layer (attention 2i, MLP 2i+1; last: final read)",
-                y,
-                &series,
-                true,
-            )?;
-            let _ = writeln!(md, "![{title}]({link}/{file})\n");
+        let drawn = line_plot(
+            &out.join(file),
+            title,
+            "sub-layer (attention 2i, MLP 2i+1; last: final read)",
+            y,
+            &series,
+            (false, true),
+        )?;
+        if drawn {
+            let _ = writeln!(md, "![{title}]({link}/{file}.png)\n");
         }
     }
 
@@ -517,34 +768,40 @@ fn plots(out: &Path, link: &str, groups: &[(String, Vec<&Run>)]) -> Result<Strin
             continue;
         }
         let file = format!(
-            "depth_weights_{}.svg",
+            "depth_weights_{}",
             name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
         );
         let title = format!("{name}: mean AttnRes weight of each source (rows: reading sub-layer)");
         heat_map(&out.join(&file), &title, runs)?;
-        let _ = writeln!(md, "![{title}]({link}/{file})\n");
+        let _ = writeln!(md, "![{title}]({link}/{file}.png)\n");
     }
     Ok(md)
 }
 
+const LINE_PLOT_SIZE: (u32, u32) = (900, 520);
+
+/// Draws `series` into `<stem>.svg` and `<stem>.png`; false (and no files) when there is
+/// nothing to draw. `log` is (x, y); a log axis needs positive values.
 fn line_plot(
-    path: &Path,
+    stem: &Path,
     title: &str,
     x_desc: &str,
     y_desc: &str,
     series: &[Series],
-    log_y: bool,
-) -> Result<()> {
-    let points = series.iter().flat_map(|(_, _, p)| p.iter());
+    log: (bool, bool),
+) -> Result<bool> {
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y);
-        y1 = y1.max(y);
+    for s in series {
+        let bands = s.band.iter().flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]);
+        for (x, y) in s.points.iter().copied().chain(bands) {
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+        }
     }
     if x0 > x1 {
-        return Ok(());
+        return Ok(false);
     }
     if x1 == x0 {
         x1 = x0 + 1.0;
@@ -552,43 +809,110 @@ fn line_plot(
     if y1 == y0 {
         y1 = y0 + 1e-3;
     }
-    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    let frame = Frame {
+        title,
+        x_desc,
+        y_desc,
+        x: (x0, x1),
+        y: (y0, y1),
+        log: (log.0 && x0 > 0.0, log.1 && y0 > 0.0),
+    };
+    let svg = stem.with_extension("svg");
+    draw_lines(
+        &SVGBackend::new(&svg, LINE_PLOT_SIZE).into_drawing_area(),
+        &frame,
+        series,
+    )?;
+    let png = stem.with_extension("png");
+    draw_lines(
+        &BitMapBackend::new(&png, LINE_PLOT_SIZE).into_drawing_area(),
+        &frame,
+        series,
+    )?;
+    Ok(true)
+}
+
+struct Frame<'a> {
+    title: &'a str,
+    x_desc: &'a str,
+    y_desc: &'a str,
+    x: (f64, f64),
+    y: (f64, f64),
+    log: (bool, bool),
+}
+
+fn draw_lines<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    frame: &Frame,
+    series: &[Series],
+) -> Result<()> {
     root.fill(&WHITE).map_err(plot_error)?;
-    let mut builder = ChartBuilder::on(&root);
+    let mut builder = ChartBuilder::on(root);
     builder
-        .caption(title, ("sans-serif", 22))
+        .caption(frame.title, ("sans-serif", 22))
         .margin(16)
         .x_label_area_size(50)
-        .y_label_area_size(80);
-    let style = |s: &RGBColor| s.stroke_width(2);
-    let mut legend: Vec<String> = Vec::new();
+        .y_label_area_size(85);
+    let (x0, x1) = frame.x;
+    let (y0, y1) = frame.y;
+    let pad = (y1 - y0) * 0.05;
+    let (ly0, ly1) = (y0 * 0.9, y1 * 1.1);
+    let (lx0, lx1) = (x0 * 0.9, x1 * 1.1);
+    // Each axis kind is its own coordinate type, so the same drawing code is expanded per pair.
     macro_rules! draw {
-        ($chart:expr) => {{
-            let mut chart = $chart;
+        ($x:expr, $y:expr) => {{
+            let mut chart = builder.build_cartesian_2d($x, $y).map_err(plot_error)?;
             chart
                 .configure_mesh()
-                .x_desc(x_desc)
-                .y_desc(y_desc)
+                .x_desc(frame.x_desc)
+                .y_desc(frame.y_desc)
                 .axis_desc_style(("sans-serif", 17))
                 .label_style(("sans-serif", 14))
+                .x_label_formatter(&|v: &f64| number(*v))
+                .y_label_formatter(&|v: &f64| number(*v))
+                .light_line_style(RGBColor(235, 235, 235))
                 .draw()
                 .map_err(plot_error)?;
-            for (name, color, pts) in series {
-                let drawn = chart
-                    .draw_series(LineSeries::new(pts.iter().copied(), style(color)))
+            for s in series.iter().filter(|s| !s.band.is_empty()) {
+                let outline: Vec<(f64, f64)> = s
+                    .band
+                    .iter()
+                    .map(|&(x, _, hi)| (x, hi))
+                    .chain(s.band.iter().rev().map(|&(x, lo, _)| (x, lo)))
+                    .collect();
+                chart
+                    .draw_series(std::iter::once(Polygon::new(
+                        outline,
+                        s.color.mix(0.18).filled(),
+                    )))
                     .map_err(plot_error)?;
-                // One legend entry per group, however many seeds it has.
-                if !legend.contains(name) {
-                    legend.push(name.clone());
-                    let color = *color;
-                    drawn.label(name.as_str()).legend(move |(x, y)| {
+            }
+            for s in series.iter().filter(|s| !s.points.is_empty()) {
+                let color = s.color;
+                chart
+                    .draw_series(LineSeries::new(
+                        s.points.iter().copied(),
+                        color.stroke_width(2),
+                    ))
+                    .map_err(plot_error)?
+                    .label(s.name.as_str())
+                    .legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
                     });
+                if s.points.len() <= 12 {
+                    chart
+                        .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                        .map_err(plot_error)?;
                 }
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
+                .position(if frame.log.0 {
+                    // Speed against length rises to the right.
+                    SeriesLabelPosition::UpperLeft
+                } else {
+                    SeriesLabelPosition::UpperRight
+                })
                 .label_font(("sans-serif", 15))
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK)
@@ -596,27 +920,20 @@ fn line_plot(
                 .map_err(plot_error)?;
         }};
     }
-    if log_y && y0 > 0.0 {
-        draw!(
-            builder
-                .build_cartesian_2d(x0..x1, (y0 * 0.9..y1 * 1.1).log_scale())
-                .map_err(plot_error)?
-        );
-    } else {
-        let pad = (y1 - y0) * 0.05;
-        draw!(
-            builder
-                .build_cartesian_2d(x0..x1, y0 - pad..y1 + pad)
-                .map_err(plot_error)?
-        );
+    match frame.log {
+        // Sequence lengths are powers of two: label the x axis at them.
+        (true, true) => draw!((lx0..lx1).log_scale().base(2.0), (ly0..ly1).log_scale()),
+        (true, false) => draw!((lx0..lx1).log_scale().base(2.0), y0 - pad..y1 + pad),
+        (false, true) => draw!(x0..x1, (ly0..ly1).log_scale()),
+        (false, false) => draw!(x0..x1, y0 - pad..y1 + pad),
     }
     root.present().map_err(plot_error)?;
     Ok(())
 }
 
 /// Rows: the reading sub-layer (bottom: the first; top: the final read); columns: its sources;
-/// shade: the mean weight over the group's runs, white 0 to dark blue 1.
-fn heat_map(path: &Path, title: &str, runs: &[&Run]) -> Result<()> {
+/// shade: the mean weight over the group's runs, white 0 to dark blue 1. Written as SVG and PNG.
+fn heat_map(stem: &Path, title: &str, runs: &[&Run]) -> Result<()> {
     let mut sum: BTreeMap<(usize, usize), (f64, usize)> = BTreeMap::new();
     for run in runs {
         for &(layer, source, weight) in &run.weights {
@@ -625,14 +942,41 @@ fn heat_map(path: &Path, title: &str, runs: &[&Run]) -> Result<()> {
             entry.1 += 1;
         }
     }
-    let layers = sum.keys().map(|k| k.0).max().unwrap_or(0) + 1;
-    let sources = sum.keys().map(|k| k.1).max().unwrap_or(0) + 1;
+    let mean: BTreeMap<(usize, usize), f64> = sum
+        .into_iter()
+        .map(|(k, (total, n))| (k, total / n as f64))
+        .collect();
+    let layers = mean.keys().map(|k| k.0).max().unwrap_or(0) + 1;
+    let sources = mean.keys().map(|k| k.1).max().unwrap_or(0) + 1;
     let cell = (26u32).min(700 / sources.max(1) as u32).max(12);
-    let width = 140 + cell * sources as u32;
-    let height = 110 + cell * layers as u32;
-    let root = SVGBackend::new(path, (width.max(520), height)).into_drawing_area();
+    let size = (
+        (140 + cell * sources as u32).max(620),
+        120 + cell * layers as u32,
+    );
+    let svg = stem.with_extension("svg");
+    draw_heat_map(
+        &SVGBackend::new(&svg, size).into_drawing_area(),
+        title,
+        &mean,
+        (layers, sources),
+    )?;
+    let png = stem.with_extension("png");
+    draw_heat_map(
+        &BitMapBackend::new(&png, size).into_drawing_area(),
+        title,
+        &mean,
+        (layers, sources),
+    )
+}
+
+fn draw_heat_map<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    mean: &BTreeMap<(usize, usize), f64>,
+    (layers, sources): (usize, usize),
+) -> Result<()> {
     root.fill(&WHITE).map_err(plot_error)?;
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 15))
         .margin(10)
         .x_label_area_size(40)
@@ -648,8 +992,7 @@ fn heat_map(path: &Path, title: &str, runs: &[&Run]) -> Result<()> {
         .draw()
         .map_err(plot_error)?;
     chart
-        .draw_series(sum.iter().map(|(&(layer, source), &(total, n))| {
-            let w = total / n as f64;
+        .draw_series(mean.iter().map(|(&(layer, source), &w)| {
             let shade = |c: u8| (255.0 - w * (255.0 - f64::from(c))) as u8;
             Rectangle::new(
                 [
@@ -668,23 +1011,179 @@ fn plot_error<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing a figure: {e:?}")
 }
 
-fn provenance(args: &Args) -> String {
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
+/// A config as dotted keys and TOML values, for the diff between runs.
+fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        toml::Value::String(text) => {
+            out.insert(prefix.to_owned(), text.clone());
+        }
+        other => {
+            out.insert(prefix.to_owned(), other.to_string());
+        }
+    }
+}
+
+/// The keys whose values differ between runs, then every run's resolved config.
+fn config_section(runs: &[Run]) -> String {
+    let flat: Vec<BTreeMap<String, String>> = runs
+        .iter()
+        .map(|r| {
+            let mut out = BTreeMap::new();
+            if let Ok(value) = toml::Value::try_from(&r.config) {
+                flatten("", &value, &mut out);
+            }
+            out
+        })
+        .collect();
+    let mut keys: Vec<&String> = flat.iter().flat_map(|f| f.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let differing: Vec<&String> = keys
+        .into_iter()
+        // The name follows from the rest (a sweep names runs by their swept values).
+        .filter(|k| *k != "name" && flat.iter().any(|f| f.get(*k) != flat[0].get(*k)))
+        .collect();
+    let mut md = String::from("## Configurations\n\n");
+    if differing.is_empty() {
+        md += "Every run has the same config.\n\n";
+    } else {
+        let _ = write!(
+            md,
+            "The keys whose values differ between runs (— where a run's config has no such key):\n\n\
+             | run | {} |\n|---|{}\n",
+            differing
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            "---|".repeat(differing.len())
+        );
+        for (run, f) in runs.iter().zip(&flat) {
+            let cells: Vec<String> = differing
+                .iter()
+                .map(|k| f.get(*k).cloned().unwrap_or_else(|| "—".into()))
+                .collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} |",
+                run.dir.file_name().unwrap_or_default().to_string_lossy(),
+                cells.join(" | ")
+            );
+        }
+        md.push('\n');
+    }
+    for run in runs {
+        let _ = write!(
+            md,
+            "<details><summary>{}/config.toml</summary>\n\n```toml\n{}```\n\n</details>\n\n",
+            run.dir.display(),
+            run.config.to_toml()
+        );
+    }
+    md
+}
+
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    std::process::Command::new(program)
+        .args(args)
         .output()
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+}
+
+fn provenance(args: &Args) -> String {
+    let commit = command_output("git", &["rev-parse", "--short", "HEAD"])
         .unwrap_or_else(|| "unknown".into());
+    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"])
+        .is_some_and(|s| !s.is_empty());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| format!(" {}", s.trim()))
+        .unwrap_or_default();
     let command: Vec<String> = std::env::args().collect();
     format!(
-        "## Provenance\n\n- generated by strata {} at commit {commit} with `{}`\n- runs: {}\n",
-        env!("CARGO_PKG_VERSION"),
+        "## Provenance\n\n\
+         - command: `{}`\n\
+         - strata {} at commit {commit}{}\n\
+         - burn {}, cubecl {}, {}\n\
+         - report made on: {} ({}{kernel}); each run's own machine is in the runs table\n\
+         - runs: {}\n",
         command.join(" "),
+        env!("CARGO_PKG_VERSION"),
+        if dirty {
+            " (with uncommitted changes)"
+        } else {
+            ""
+        },
+        env!("STRATA_BURN_VERSION"),
+        env!("STRATA_CUBECL_VERSION"),
+        env!("STRATA_RUSTC_VERSION"),
+        strata::train::machine_name(),
+        std::env::consts::OS,
         args.runs
             .iter()
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(", ")
     )
+}
+
+/// The report as one HTML file: the Markdown rendered, each figure inlined as its SVG.
+fn to_html(title: &str, md: &str, figures: &Path, link: &str) -> Result<String> {
+    let mut options = pulldown_cmark::Options::empty();
+    options.insert(pulldown_cmark::Options::ENABLE_TABLES);
+    let mut body = String::new();
+    pulldown_cmark::html::push_html(&mut body, pulldown_cmark::Parser::new_ext(md, options));
+    let prefix = format!("src=\"{link}/");
+    let mut html = String::new();
+    let mut rest = body.as_str();
+    while let Some(at) = rest.find(&prefix) {
+        html.push_str(&rest[..at]);
+        let after = &rest[at + prefix.len()..];
+        let end = after.find('"').context("unterminated image link")?;
+        let svg_path = figures.join(&after[..end]).with_extension("svg");
+        let svg =
+            std::fs::read(&svg_path).with_context(|| format!("reading {}", svg_path.display()))?;
+        let _ = write!(
+            html,
+            "src=\"data:image/svg+xml;base64,{}\"",
+            base64::engine::general_purpose::STANDARD.encode(svg)
+        );
+        rest = &after[end + 1..];
+    }
+    html.push_str(rest);
+    Ok(format!(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{}</title><style>\n\
+         body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; }}\n\
+         table {{ border-collapse: collapse; font-size: 0.85em; display: block; overflow-x: auto; }}\n\
+         th, td {{ border: 1px solid #ccc; padding: 3px 6px; text-align: left; }}\n\
+         img {{ max-width: 100%; }}\n\
+         pre {{ background: #f6f6f6; padding: 0.5em; overflow-x: auto; }}\n\
+         </style></head><body>\n{html}</body></html>\n",
+        title.replace('&', "&amp;").replace('<', "&lt;")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_cells_keep_quoted_commas() {
+        assert_eq!(
+            split_csv_line(r#"dense,1024,"Xeon, 2 threads","say ""hi""""#),
+            ["dense", "1024", "Xeon, 2 threads", r#"say "hi""#]
+        );
+        assert_eq!(split_csv_line("a,,b"), ["a", "", "b"]);
+    }
 }

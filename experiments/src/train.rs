@@ -56,11 +56,22 @@ pub fn run_config(args: Args, config: ExperimentConfig) -> Result<()> {
         (None, Some(dir)) => dir.clone(),
         (None, None) => args.runs.join(format!("{}-{}", config.name, timestamp())),
     };
-    dispatch!(autodiff, args.backend, |B, device| run_with::<B>(
-        &config,
-        &run_dir,
-        args.resume.is_some(),
-        &args.backend.label(),
+    train_in(&config, &run_dir, args.resume.is_some(), &args.backend)
+}
+
+/// Trains `config` in `run_dir` (continuing from its latest checkpoint when `resume` is set) and
+/// prints samples from the result.
+pub fn train_in(
+    config: &ExperimentConfig,
+    run_dir: &Path,
+    resume: bool,
+    backend: &BackendArgs,
+) -> Result<()> {
+    dispatch!(autodiff, backend, |B, device| run_with::<B>(
+        config,
+        run_dir,
+        resume,
+        &backend.label(),
         &device
     ))
 }

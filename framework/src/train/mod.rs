@@ -281,6 +281,9 @@ pub struct TrainSummary {
     /// AdamW's two moments for the trained parameters (MiB).
     #[serde(default)]
     pub optimizer_mib: f64,
+    /// Where the run trained: CPU model and threads, and the GPUs where nvidia-smi lists any.
+    #[serde(default)]
+    pub machine: String,
 }
 
 const METRICS_HEADER: &str =
@@ -292,6 +295,44 @@ pub fn peak_host_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// Starts a new peak for [`peak_host_mib`] (Linux: the current resident size), so that runs one
+/// after another in one process (a sweep) each report their own peak.
+pub fn reset_peak_host() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// CPU model and logical core count, then the GPUs (name, driver) where nvidia-smi lists any:
+/// the machine a result came from, for results files and run summaries.
+pub fn machine_name() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let gpus = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name,driver_version", "--format=csv,noheader"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(|l| l.replace(", ", " driver "))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .filter(|g| !g.is_empty());
+    match gpus {
+        Some(gpus) => format!("{cpu}, {cores} threads; {gpus}"),
+        None => format!("{cpu}, {cores} threads"),
+    }
 }
 
 /// Trains `config` in `run_dir`, continuing from its latest checkpoint when `resume` is set.
@@ -317,6 +358,7 @@ pub fn train<B: AutodiffBackend>(
         ));
     }
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    reset_peak_host();
     let train_split = Dataset::load(&config.data, tokenizer, Split::Train, tc.seq_len)?;
     let val_split = Dataset::load(&config.data, tokenizer, Split::Validation, tc.seq_len)?;
     let val_batches = val_split.validation_batches(tc.eval_batches, tc.batch_size, tc.seq_len)?;
@@ -514,6 +556,7 @@ pub fn train<B: AutodiffBackend>(
         trainable_mib,
         // AdamW keeps two moments per trained value, in the value's type.
         optimizer_mib: 2.0 * trainable_mib,
+        machine: machine_name(),
     };
     let mut depth = eval::depth_profile(&model, &val_batches);
     depth.set_gradients(&last_grad_squares);
