@@ -187,18 +187,26 @@ fn report_export_and_their_errors() {
         report.starts_with("# Tiny") && report.contains("| tiny | 2 |"),
         "{report}"
     );
-    for figure in [
-        "val_loss_tokens.svg",
-        "val_loss_time.svg",
-        "depth_input_rms.svg",
-    ] {
-        let svg = std::fs::read_to_string(dir.join("rep/report").join(figure)).unwrap();
+    for figure in ["val_loss_tokens", "val_loss_time", "depth_input_rms"] {
+        let svg = std::fs::read_to_string(dir.join(format!("rep/report/{figure}.svg"))).unwrap();
         assert!(svg.contains("<svg") && svg.contains("</svg>"), "{figure}");
+        let png = std::fs::read(dir.join(format!("rep/report/{figure}.png"))).unwrap();
         assert!(
-            report.contains(&format!("(report/{figure})")),
+            png.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "{figure}.png is not a PNG"
+        );
+        assert!(
+            report.contains(&format!("(report/{figure}.png)")),
             "{figure} not linked"
         );
     }
+    // The HTML report carries its figures inside.
+    let html = std::fs::read_to_string(dir.join("rep/report.html")).unwrap();
+    assert!(
+        html.contains("<table>") && html.contains("src=\"data:image/svg+xml;base64,"),
+        "report.html"
+    );
+    assert!(!html.contains("src=\"report/"), "report.html links a file");
 
     let out = strata(
         &["export", "runs/s1", "--type", "q8_0", "-o", "tiny.gguf"],
@@ -429,4 +437,135 @@ sample_tokens = 5
         "{}",
         text(&out)
     );
+}
+
+/// The sweep file of `sweep_resumes_and_reports`: two learning rates × two seeds.
+const SWEEP: &str = r#"
+name = "lrs"
+base = "tiny.toml"
+[set]
+"train.sample_tokens" = 0
+[grid]
+"train.lr" = [1e-3, 3e-3]
+"train.seed" = [1, 2]
+"#;
+
+#[test]
+fn sweep_resumes_and_reports() {
+    let dir = workspace("sweep");
+    std::fs::write(dir.join("sweep.toml"), SWEEP).unwrap();
+    let names = [
+        "lr=1e-3,seed=1",
+        "lr=1e-3,seed=2",
+        "lr=3e-3,seed=1",
+        "lr=3e-3,seed=2",
+    ];
+
+    let out = strata(&["sweep", "sweep.toml", "--dry-run"], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    for name in names {
+        assert!(
+            text(&out).contains(&format!("{name} [new]")),
+            "{}",
+            text(&out)
+        );
+    }
+    assert!(!dir.join("runs/lrs").exists(), "a dry run trains nothing");
+
+    let out = strata(&["sweep", "sweep.toml"], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let summary = |name: &str| -> serde_json::Value {
+        let path = dir.join("runs/lrs").join(name).join("summary.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    for name in names {
+        let config =
+            std::fs::read_to_string(dir.join("runs/lrs").join(name).join("config.toml")).unwrap();
+        let (lr, seed) = (&name[3..7], &name[13..]);
+        assert!(
+            config.contains(&format!("seed = {seed}")),
+            "{name}: {config}"
+        );
+        assert!(
+            config.contains(&format!("lr = {}", lr.parse::<f64>().unwrap())),
+            "{name}"
+        );
+        // Seeds of one learning rate share a config name: the report's groups.
+        assert_eq!(summary(name)["name"], format!("lrs-lr={lr}"));
+        assert_eq!(summary(name)["steps"], 6);
+    }
+
+    // Interrupt one run after its step-3 checkpoint: drop what step 6 wrote.
+    let cut = dir.join("runs/lrs").join(names[2]);
+    let finished = summary(names[2]);
+    std::fs::remove_file(cut.join("summary.json")).unwrap();
+    std::fs::remove_dir_all(cut.join("checkpoints/step-0000006")).unwrap();
+    std::fs::write(cut.join("checkpoints/latest"), "step-0000003").unwrap();
+    let untouched =
+        std::fs::read(dir.join("runs/lrs").join(names[0]).join("summary.json")).unwrap();
+    let out = strata(&["sweep", "sweep.toml"], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let log = text(&out);
+    assert_eq!(log.matches("finished earlier, skipped").count(), 3, "{log}");
+    assert!(log.contains("resuming at step 3"), "{log}");
+    // Resuming replays the uninterrupted run exactly.
+    assert_eq!(summary(names[2])["val_loss"], finished["val_loss"]);
+    assert_eq!(
+        std::fs::read(dir.join("runs/lrs").join(names[0]).join("summary.json")).unwrap(),
+        untouched,
+        "a finished run was redone"
+    );
+
+    let out = strata(&["report", "runs/lrs", "-o", "rep/sweep.md"], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let report = std::fs::read_to_string(dir.join("rep/sweep.md")).unwrap();
+    assert!(
+        report.contains("| lrs-lr=1e-3 | 2 |") && report.contains("| lrs-lr=3e-3 | 2 |"),
+        "{report}"
+    );
+    assert!(dir.join("rep/sweep/val_loss_tokens.png").exists());
+    assert!(
+        report.contains("| run | `train.lr` | `train.seed` |"),
+        "{report}"
+    );
+
+    // A changed sweep file does not silently continue a run started under the old one.
+    std::fs::remove_file(cut.join("summary.json")).unwrap();
+    std::fs::write(
+        dir.join("sweep.toml"),
+        SWEEP.replace(
+            "sample_tokens\" = 0",
+            "sample_tokens\" = 0\n\"train.max_steps\" = 9",
+        ),
+    )
+    .unwrap();
+    let out = strata(&["sweep", "sweep.toml"], &dir);
+    assert!(
+        !out.status.success() && text(&out).contains("different config"),
+        "{}",
+        text(&out)
+    );
+
+    // Bad sweep files name the key.
+    for (body, expected) in [
+        ("[grid]\n\"train.nope\" = [1]", "nope"),
+        ("[grid]\n\"train.lr\" = []", "grid.\"train.lr\""),
+        (
+            "[random]\n\"train.lr\" = { log_uniform = [0, 1] }",
+            "random.\"train.lr\"",
+        ),
+        ("[extra]\nx = 1", "`extra`: unknown key"),
+    ] {
+        std::fs::write(
+            dir.join("bad.toml"),
+            format!("base = \"tiny.toml\"\n{body}\n"),
+        )
+        .unwrap();
+        let out = strata(&["sweep", "bad.toml", "--dry-run"], &dir);
+        assert!(
+            !out.status.success() && text(&out).contains(expected),
+            "{body}: {}",
+            text(&out)
+        );
+    }
 }
