@@ -30,6 +30,8 @@ parser.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
 parser.add_argument("--checkpointing", action="store_true")
 parser.add_argument("--warmup", type=int, default=2)
 parser.add_argument("--steps", type=int, default=6)
+parser.add_argument("--device", default="cuda", help="cuda, or cpu (with --threads)")
+parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
 args = parser.parse_args()
 
 m = tomllib.load(open(args.config, "rb"))["model"]
@@ -41,8 +43,11 @@ config = LlamaConfig(
     attn_implementation="sdpa",
 )
 dtype = torch.float32 if args.dtype == "f32" else torch.bfloat16
+cuda = args.device == "cuda"
+if args.threads:
+    torch.set_num_threads(args.threads)
 torch.manual_seed(0)
-with torch.device("cuda"):
+with torch.device(args.device):
     model = LlamaForCausalLM(config).to(dtype)
 if args.checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -55,16 +60,18 @@ optimizer = torch.optim.AdamW(trainable, lr=1e-4)
 tokens = args.batch * args.seq
 times = []
 for step in range(args.warmup + args.steps):
-    if step == args.warmup:
+    if step == args.warmup and cuda:
         torch.cuda.reset_peak_memory_stats()
-    ids = torch.randint(0, m["vocab_size"], (args.batch, args.seq), device="cuda")
-    torch.cuda.synchronize()
+    ids = torch.randint(0, m["vocab_size"], (args.batch, args.seq), device=args.device)
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     if step >= args.warmup:
         times.append(time.perf_counter() - start)
 times.sort()
@@ -73,8 +80,8 @@ print(json.dumps({
     "batch_size": args.batch, "seq_len": args.seq, "lora_rank": args.rank,
     "trainable_params": sum(p.numel() for p in trainable),
     "tokens_per_sec": tokens / times[len(times) // 2], "median_step_secs": times[len(times) // 2],
-    "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-    "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+    "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+    "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
     "peak_host_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    "torch": torch.__version__,
+    "torch": torch.__version__, "device": args.device,
 }))

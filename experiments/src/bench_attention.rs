@@ -70,6 +70,7 @@ fn run_with<B: AutodiffBackend>(args: &Args, device: &B::Device) -> Result<()> {
         "variant,seq_len,block_len,summaries,window,batch,heads,head_dim,ms_fwd,ms_fwd_bwd,peak_mib,\
          time_vs_dense,memory_vs_dense,backend,machine,max_rel_err_vs_masked\n",
     );
+    print!("{csv}");
     let machine = strata::train::machine_name();
     let bms = Bms::new(args.coord3d_block_len, args.coord3d_window);
     let mut variants = Vec::new();

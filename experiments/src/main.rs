@@ -4,6 +4,7 @@ mod backend;
 mod bench;
 mod bench_attention;
 mod bench_decode;
+mod bench_suite;
 mod eval;
 mod export;
 mod finetune;
@@ -59,6 +60,8 @@ enum Command {
     Export(export::Args),
     /// Sample text from a checkpoint.
     Generate(generate::Args),
+    /// The benchmark suites (train, attention, infer, lora) as CSV files, with peers where installed.
+    Bench(bench_suite::Args),
     /// Training throughput (tokens/s) of a config's model on random tokens, as JSON.
     BenchTrain(bench::Args),
     /// Forward + backward time and memory of dense against sequence-block attention, as CSV.
@@ -81,6 +84,7 @@ fn main() {
         Command::Import(args) => import::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench_suite::run(args),
         Command::BenchTrain(args) => bench::run(args),
         Command::BenchDecode(args) => bench_decode::run(args),
         Command::Report(args) => report::run(args),

@@ -372,7 +372,7 @@ fn run_table(runs: &[Run]) -> String {
 }
 
 /// One CSV line split at commas outside double quotes (`""` inside quotes is a quote).
-fn split_csv_line(line: &str) -> Vec<String> {
+pub fn split_csv_line(line: &str) -> Vec<String> {
     let (mut cells, mut cell, mut quoted) = (Vec::new(), String::new(), false);
     let mut chars = line.chars().peekable();
     while let Some(c) = chars.next() {

@@ -209,6 +209,12 @@ fn run_with<B: AutodiffBackend>(
     Ok(())
 }
 
+/// Today's UTC date as YYYY-MM-DD.
+pub fn today() -> String {
+    let t = timestamp();
+    format!("{}-{}-{}", &t[..4], &t[4..6], &t[6..8])
+}
+
 /// UTC time as YYYYMMDD-HHMMSS (civil-from-days, H. Hinnant's algorithm).
 fn timestamp() -> String {
     let secs = std::time::SystemTime::now()

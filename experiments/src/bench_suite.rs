@@ -1,0 +1,401 @@
+//! `strata bench --suite train|attention|infer|lora|all`: the end-to-end figures, each suite one
+//! CSV under `--results` (default `benches/results/`) named `<suite>_<cpu|backend>.csv`, its `#`
+//! lines describing the machine, the build and the peer. Every measurement runs in its own
+//! `strata` process (one at a time), so one's memory peak or warm caches do not leak into the
+//! next. Peers (PyTorch for train, transformers + PEFT for lora) run in the same invocation where
+//! `--python` can import them; otherwise the file says they were skipped and why.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use strata::io::atomic_write;
+
+use crate::backend::BackendArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// train, attention, infer, lora or all.
+    #[arg(long, default_value = "all")]
+    suite: String,
+    /// Folder the CSV files go to.
+    #[arg(long, default_value = "benches/results")]
+    results: PathBuf,
+    /// The Python that runs the peers (PyTorch; transformers + PEFT).
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Timed steps per training measurement (after 3 warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Fewer and shorter points: a smoke run of every suite in about a minute.
+    #[arg(long)]
+    quick: bool,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+const SUITES: [&str; 4] = ["train", "attention", "infer", "lora"];
+
+pub fn run(args: Args) -> Result<()> {
+    let suites: Vec<&str> = match args.suite.as_str() {
+        "all" => SUITES.to_vec(),
+        s if SUITES.contains(&s) => vec![s],
+        other => bail!("--suite {other}: expected one of train, attention, infer, lora, all"),
+    };
+    std::fs::create_dir_all(&args.results)
+        .with_context(|| format!("creating {}", args.results.display()))?;
+    let device_kind = match args.backend.backend.as_str() {
+        "flex" | "ndarray" => "cpu".to_owned(),
+        other => other.to_owned(),
+    };
+    for suite in suites {
+        let out = args.results.join(format!("{suite}_{device_kind}.csv"));
+        println!("== suite {suite} -> {}", out.display());
+        let (about, peer, rows) = match suite {
+            "train" => train_suite(&args)?,
+            "attention" => attention_suite(&args)?,
+            "infer" => infer_suite(&args)?,
+            _ => lora_suite(&args)?,
+        };
+        write_results(&out, suite, about, &peer, &rows)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// The model shapes of the train suite: (name, config, overrides).
+const TRAIN_SHAPES: [(&str, &str, &[&str]); 2] = [
+    ("default-0.8M", "configs/shakespeare.toml", &[]),
+    (
+        "d256-L6-4.8M",
+        "configs/shakespeare.toml",
+        &[
+            "model.d_model=256",
+            "model.n_layers=6",
+            "model.n_heads=8",
+            "model.n_kv_heads=8",
+            "model.ffn_hidden=688",
+        ],
+    ),
+];
+
+type Rows = Vec<Vec<(String, String)>>;
+
+fn train_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
+    let peer = python_has(&args.python, &["torch"]);
+    let threads = threads();
+    let mut rows = Vec::new();
+    for (shape, config, overrides) in TRAIN_SHAPES {
+        let steps = if args.quick { 2 } else { args.steps };
+        let mut cmd = strata_cmd("bench-train", &args.backend);
+        cmd.args([config, "--steps", &steps.to_string()]);
+        for o in overrides {
+            cmd.args(["--set", o]);
+        }
+        let ours = json_line(&mut cmd)?;
+        let mut row = vec![
+            cell("shape", shape),
+            cell("params", &ours["params"]),
+            cell("batch_size", &ours["batch_size"]),
+            cell("seq_len", &ours["seq_len"]),
+            cell("threads", threads),
+            cell("strata_backend", ours["backend"].as_str().unwrap_or("")),
+            cell(
+                "strata_tokens_per_sec",
+                format!("{:.1}", num(&ours["tokens_per_sec"])),
+            ),
+        ];
+        if peer.is_ok() {
+            let mut cmd = Command::new(&args.python);
+            cmd.args(["scripts/reference/train_torch.py", config, "--bench"])
+                .args([
+                    "--steps",
+                    &steps.to_string(),
+                    "--threads",
+                    &threads.to_string(),
+                ])
+                .args(["--device", torch_device(&args.backend)]);
+            for o in overrides {
+                cmd.args(["--set", o]);
+            }
+            let torch = json_line(&mut cmd)?;
+            let ratio = num(&ours["tokens_per_sec"]) / num(&torch["tokens_per_sec"]);
+            row.extend([
+                cell("pytorch", torch["torch"].as_str().unwrap_or("")),
+                cell(
+                    "pytorch_tokens_per_sec",
+                    format!("{:.1}", num(&torch["tokens_per_sec"])),
+                ),
+                cell("ratio_strata_over_pytorch", format!("{ratio:.3}")),
+            ]);
+        }
+        rows.push(row);
+    }
+    let about = "training step (forward, backward, AdamW) on random tokens: tokens/s over the \
+                 timed steps after 3 warm-up steps; the two frameworks run one after the other";
+    Ok((about, peer_note("PyTorch", &args.python, &peer), rows))
+}
+
+fn attention_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
+    let seq = if args.quick {
+        "256,512"
+    } else {
+        "1024,2048,4096,8192"
+    };
+    let mut cmd = strata_cmd("bench-attention", &args.backend);
+    cmd.args(["--kinds", "dense,coord3d", "--summaries"]).args([
+        "--seq",
+        seq,
+        "--rounds",
+        if args.quick { "1" } else { "3" },
+    ]);
+    let rows = csv_rows(&run_text(&mut cmd)?)?;
+    let about = "one attention layer's sequence mixing (batch 1, 6 heads of 64): dense causal \
+                 against coord3d's block multi-scale pruning (block 128, window 4), forward and \
+                 forward + backward milliseconds, peak host heap; no peer: the GPU comparison \
+                 with PyTorch SDPA and FlexAttention is benches/attention_gpu.sh";
+    Ok((about, "peer: none on the CPU (see above)".into(), rows))
+}
+
+fn infer_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
+    let (prompt, tokens) = if args.quick {
+        ("64", "4")
+    } else {
+        ("1024", "32")
+    };
+    let mut cmd = strata_cmd("bench-decode", &args.backend);
+    cmd.args([
+        "configs/coord3d/decode_dense.toml",
+        "configs/coord3d/decode_coord3d.toml",
+        "configs/coord3d/decode_coord3d_kv2.toml",
+    ])
+    .args(["--prompt", prompt, "--tokens", tokens, "--rounds", "2"]);
+    let rows = csv_rows(&run_text(&mut cmd)?)?;
+    let about = "KV-cache decoding, milliseconds per token after a prefilled prompt, of one \
+                 51M-parameter shape with dense attention, coord3d pruning, and coord3d with \
+                 K/V shared by layer pairs; KV rows and MiB are the cache at the end";
+    let peer = "peer: none yet (a llama.cpp decode comparison on the same exported model is not \
+                part of this suite)";
+    Ok((about, peer.into(), rows))
+}
+
+fn lora_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
+    let peer = python_has(&args.python, &["torch", "transformers", "peft"]);
+    let config = "configs/bench/lora_cpu.toml";
+    let (batch, seq) = (4, 256);
+    let steps = if args.quick { 2 } else { args.steps };
+    let mut rows = Vec::new();
+    for rank in [8, 16] {
+        let mut cmd = strata_cmd("bench-train", &args.backend);
+        cmd.args([config, "--lora-rank", &rank.to_string()])
+            .args(["--steps", &steps.to_string()])
+            .args(["--set", &format!("train.batch_size={batch}")])
+            .args(["--set", &format!("train.seq_len={seq}")]);
+        let ours = json_line(&mut cmd)?;
+        let mut row = vec![
+            cell("lora_rank", rank),
+            cell("params", &ours["params"]),
+            cell("batch_size", batch),
+            cell("seq_len", seq),
+            cell("strata_backend", ours["backend"].as_str().unwrap_or("")),
+            cell(
+                "strata_tokens_per_sec",
+                format!("{:.1}", num(&ours["tokens_per_sec"])),
+            ),
+            cell(
+                "strata_peak_host_mib",
+                format!("{:.0}", num(&ours["peak_host_mib"])),
+            ),
+        ];
+        if peer.is_ok() {
+            let mut cmd = Command::new(&args.python);
+            cmd.args(["benches/lora_peft.py", config, "--rank", &rank.to_string()])
+                .args(["--batch", &batch.to_string(), "--seq", &seq.to_string()])
+                .args(["--steps", &steps.to_string(), "--warmup", "3"])
+                .args(["--device", torch_device(&args.backend)])
+                .args(["--threads", &threads().to_string()]);
+            let peft = json_line(&mut cmd)?;
+            let ratio = num(&ours["tokens_per_sec"]) / num(&peft["tokens_per_sec"]);
+            row.extend([
+                cell(
+                    "peft_tokens_per_sec",
+                    format!("{:.1}", num(&peft["tokens_per_sec"])),
+                ),
+                cell(
+                    "peft_peak_host_mib",
+                    format!("{:.0}", num(&peft["peak_host_mib"])),
+                ),
+                cell("ratio_strata_over_peft", format!("{ratio:.3}")),
+            ]);
+        }
+        rows.push(row);
+    }
+    let about = "LoRA training step (adapters of rank r, alpha 2r, on all seven projections of a \
+                 frozen random base; AdamW on the adapters) on random tokens, tokens/s after 3 \
+                 warm-up steps, and the process's peak resident host memory";
+    Ok((
+        about,
+        peer_note("transformers + PEFT", &args.python, &peer),
+        rows,
+    ))
+}
+
+/// This binary again: `strata VERB --backend B --dtype D`.
+fn strata_cmd(verb: &str, backend: &BackendArgs) -> Command {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("strata"));
+    let mut cmd = Command::new(exe);
+    cmd.args([verb, "--backend", &backend.backend])
+        .args(["--dtype", &format!("{:?}", backend.dtype).to_lowercase()]);
+    cmd
+}
+
+/// Runs a command (its stderr shown as it goes) and returns its stdout.
+fn run_text(cmd: &mut Command) -> Result<String> {
+    let shown = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    println!("  $ {shown}");
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting {shown}"))?;
+    if !out.status.success() {
+        bail!("{shown} failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The last line of a command's output, as JSON.
+fn json_line(cmd: &mut Command) -> Result<serde_json::Value> {
+    let text = run_text(cmd)?;
+    let line = text.lines().last().context("no output")?;
+    serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))
+}
+
+/// A CSV as rows of (column, cell), cells as written.
+fn csv_rows(text: &str) -> Result<Rows> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header = crate::report::split_csv_line(lines.next().context("no CSV header")?);
+    Ok(lines
+        .map(|l| {
+            header
+                .iter()
+                .cloned()
+                .zip(crate::report::split_csv_line(l))
+                .collect()
+        })
+        .collect())
+}
+
+fn cell(name: &str, value: impl std::fmt::Display) -> (String, String) {
+    (name.to_owned(), value.to_string())
+}
+
+fn num(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn torch_device(backend: &BackendArgs) -> &'static str {
+    if backend.backend == "cuda" {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+/// Ok(versions) when `python` imports every module, Err(why not) otherwise.
+fn python_has(python: &str, modules: &[&str]) -> Result<String, String> {
+    let code = format!(
+        "import {m}; print(' '.join(x.__name__ + ' ' + x.__version__ for x in [{m}]))",
+        m = modules.join(", ")
+    );
+    match Command::new(python).args(["-c", &code]).output() {
+        Err(e) => Err(format!("{python} did not start: {e}")),
+        Ok(o) if !o.status.success() => Err(format!(
+            "{python} cannot import {}: {}",
+            modules.join(", "),
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .trim()
+        )),
+        Ok(o) => Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned()),
+    }
+}
+
+fn peer_note(name: &str, python: &str, peer: &Result<String, String>) -> String {
+    match peer {
+        Ok(versions) => format!("peer: {name} ({versions}, run by {python})"),
+        Err(why) => {
+            println!("  {name} skipped: {why}");
+            format!("peer: {name} skipped: {why}")
+        }
+    }
+}
+
+/// The suite's CSV: `#` lines (what was measured, machine, build, peer), then the table.
+fn write_results(path: &Path, suite: &str, about: &str, peer: &str, rows: &Rows) -> Result<()> {
+    let header: Vec<&String> = rows
+        .first()
+        .map(|r| r.iter().map(|(k, _)| k).collect())
+        .unwrap_or_default();
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let quote = |c: &str| {
+        if c.contains([',', '"']) {
+            format!("\"{}\"", c.replace('"', "\"\""))
+        } else {
+            c.to_owned()
+        }
+    };
+    atomic_write(path, |f| {
+        writeln!(f, "# strata bench --suite {suite}: {about}")?;
+        writeln!(f, "# machine: {}", strata::train::machine_name())?;
+        writeln!(
+            f,
+            "# date: {}; strata {} at commit {commit}; burn {}",
+            crate::train::today(),
+            env!("CARGO_PKG_VERSION"),
+            env!("STRATA_BURN_VERSION")
+        )?;
+        writeln!(f, "# {peer}")?;
+        writeln!(
+            f,
+            "{}",
+            header
+                .iter()
+                .map(|h| quote(h))
+                .collect::<Vec<_>>()
+                .join(",")
+        )?;
+        for row in rows {
+            let cells: Vec<String> = header
+                .iter()
+                .map(|h| {
+                    row.iter()
+                        .find(|(k, _)| k == *h)
+                        .map_or(String::new(), |(_, v)| quote(v))
+                })
+                .collect();
+            writeln!(f, "{}", cells.join(","))?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
