@@ -1,6 +1,6 @@
 //! `strata bench-train CONFIG [--lora-rank R]`: forward + backward + AdamW step on random tokens
 //! (with the config's activation checkpointing and offload),
-//! timed after warm-up steps, printed as one JSON line for `benches/train_cpu.py` (and, with
+//! timed after warm-up steps, printed as one JSON line for `strata bench --suite train` (and, with
 //! LoRA adapters on a frozen random base, `benches/lora_gpu.sh`) to compare with PyTorch.
 
 use std::path::PathBuf;

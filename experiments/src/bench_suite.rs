@@ -279,6 +279,13 @@ fn json_line(cmd: &mut Command) -> Result<serde_json::Value> {
 fn csv_rows(text: &str) -> Result<Rows> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header = crate::report::split_csv_line(lines.next().context("no CSV header")?);
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = header.iter().find(|h| !seen.insert(h.as_str())) {
+        bail!(
+            "the CSV's header names column {dup:?} twice: {}",
+            header.join(",")
+        );
+    }
     Ok(lines
         .map(|l| {
             header

@@ -193,6 +193,7 @@ fn read_run(dir: &Path) -> Result<Run> {
     let metrics = read_csv(&dir.join("metrics.csv"))?;
     // The columns the figures plot.
     for column in [
+        "step",
         "tokens",
         "elapsed_sec",
         "lr",
@@ -649,6 +650,29 @@ fn plots(out: &Path, link: &str, groups: &[(String, Vec<&Run>)]) -> Result<Strin
             .collect()
     };
     let figures = [
+        (
+            "loss_steps",
+            "Training and validation loss against step",
+            "optimizer step",
+            "loss (nats/token)",
+            per_group("step", "train_loss", 1.0)
+                .into_iter()
+                .map(|s| Series {
+                    name: format!("{} train", s.name),
+                    ..s
+                })
+                // Validation: the same colour, with a marker at each of its few points.
+                .chain(
+                    per_group("step", "val_loss", 1.0)
+                        .into_iter()
+                        .map(|s| Series {
+                            name: format!("{} validation", s.name),
+                            ..s
+                        }),
+                )
+                .collect(),
+            false,
+        ),
         (
             "val_loss_tokens",
             "Validation loss against tokens",
