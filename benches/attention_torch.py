@@ -1,6 +1,8 @@
-"""PyTorch peers for `strata bench-attention` on a GPU: one attention variant at one sequence
-length, forward and forward + backward, timed with CUDA events (median of --rounds after
-warm-up), printed as one CSV row in bench-attention's columns.
+"""PyTorch peers for `strata bench-attention`: one attention variant at one sequence length,
+forward and forward + backward, timed (CUDA events on a GPU, the wall clock on the CPU; median of
+--rounds after warm-up), printed as one CSV row in bench-attention's columns. On the CPU
+(`--device cpu`, used by `strata bench --suite attention`) only sdpa runs, in f32, and peak
+memory is not measured (NaN).
 
   sdpa      torch.nn.functional.scaled_dot_product_attention, causal (cuDNN / flash kernels)
   flex_bms  FlexAttention (torch.compile) with coord3d's block multi-scale mask as a block mask;
@@ -13,6 +15,7 @@ import argparse
 import math
 import os
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +39,23 @@ def keep_table(blocks, window, device):
     return table.to(device)
 
 
-def median_ms(fn, rounds):
-    for _ in range(3):
+def cpu_name():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "cpu"
+
+
+def median_ms(fn, rounds, cuda):
+    for _ in range(3 if cuda else 2):
         fn()
     times = []
     for _ in range(rounds):
+        if not cuda:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -60,8 +75,15 @@ def main():
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     args = p.parse_args()
-    dev, dtype = "cuda", torch.bfloat16
+    cuda = args.device == "cuda"
+    if not cuda and args.variant != "sdpa":
+        p.error("on the CPU only --variant sdpa runs")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev, dtype = args.device, torch.bfloat16 if cuda else torch.float32
     shape = (args.batch, args.heads, args.seq, args.head_dim)
     torch.manual_seed(0)
     q, k, v = (torch.randn(shape, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -104,15 +126,17 @@ def main():
         out.sum().backward()
         q.grad = k.grad = v.grad = None
 
-    ms_fwd = median_ms(forward, args.rounds)
-    torch.cuda.reset_peak_memory_stats()
-    ms_fwd_bwd = median_ms(forward_backward, args.rounds)
-    peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    name = torch.cuda.get_device_name()
+    ms_fwd = median_ms(forward, args.rounds, cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    ms_fwd_bwd = median_ms(forward_backward, args.rounds, cuda)
+    peak_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+    name = torch.cuda.get_device_name() if cuda else cpu_name()
+    dtype_name = "bf16" if cuda else "f32"
     print(
         f"torch_{args.variant},{args.seq},{block_len},0,{window},{args.batch},{args.heads},"
         f"{args.head_dim},{ms_fwd:.3f},{ms_fwd_bwd:.3f},{peak_mib:.1f},NaN,NaN,"
-        f"torch-{torch.__version__}-bf16,\"{name}, {os.cpu_count()} threads\",{check:.2e}"
+        f"torch-{torch.__version__}-{dtype_name},\"{name}, {os.cpu_count()} threads\",{check:.2e}"
     )
 
 

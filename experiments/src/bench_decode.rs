@@ -2,7 +2,8 @@
 //! (random weights, same seed), with the ratio to the first config measured in the same run, and
 //! the key/value rows and bytes the cache holds at the end (fewer where a sparse attention drops
 //! keys, or with cross-layer sharing). Rounds alternate between the configs so that drift in the
-//! machine's speed hits all alike.
+//! machine's speed hits all alike. The prompt is byte ids `(37 i + 11) mod 256` and each decoded
+//! token is the greedy choice: benches/infer_llama_cpp.py does the same in llama.cpp.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,6 +40,10 @@ pub struct Args {
     /// CSV to write (atomically); printed to stdout either way.
     #[arg(long, short)]
     out: Option<PathBuf>,
+    /// Also write the first config's model (the same random weights) as an f32 GGUF file, for
+    /// timing llama.cpp on it (benches/infer_llama_cpp.py).
+    #[arg(long)]
+    gguf_out: Option<PathBuf>,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -77,6 +82,17 @@ fn run_with<B: Backend>(
             c.model.init::<B>(device)
         })
         .collect();
+    if let Some(path) = &args.gguf_out {
+        strata::gguf::export::export_llama(
+            &models[0],
+            &configs[0].model,
+            &configs[0].tokenizer,
+            &configs[0].name,
+            strata::gguf::GgmlType::F32,
+            path,
+        )
+        .with_context(|| format!("--gguf-out {}", path.display()))?;
+    }
     let vocab = configs[0].model.vocab_size.min(256) as u32;
     let prompt: Vec<u32> = (0..args.prompt as u32)
         .map(|i| (i * 37 + 11) % vocab)

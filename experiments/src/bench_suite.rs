@@ -25,6 +25,9 @@ pub struct Args {
     /// The Python that runs the peers (PyTorch; transformers + PEFT).
     #[arg(long, default_value = "python3")]
     python: String,
+    /// A llama.cpp built by `bash scripts/check/llama_cpp.sh DIR` (the infer suite's peer).
+    #[arg(long, default_value = "target/llama-cpp")]
+    llama_cpp: PathBuf,
     /// Timed steps per training measurement (after 3 warm-up steps).
     #[arg(long, default_value_t = 10)]
     steps: usize,
@@ -138,24 +141,74 @@ fn train_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
 }
 
 fn attention_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
-    let seq = if args.quick {
-        "256,512"
+    let peer = python_has(&args.python, &["torch"]);
+    let seqs: &[usize] = if args.quick {
+        &[256, 512]
     } else {
-        "1024,2048,4096,8192"
+        &[1024, 2048, 4096, 8192]
     };
+    let seq_list = seqs
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let rounds = if args.quick { "1" } else { "3" };
     let mut cmd = strata_cmd("bench-attention", &args.backend);
-    cmd.args(["--kinds", "dense,coord3d", "--summaries"]).args([
-        "--seq",
-        seq,
-        "--rounds",
-        if args.quick { "1" } else { "3" },
-    ]);
-    let rows = csv_rows(&run_text(&mut cmd)?)?;
+    cmd.args(["--kinds", "dense,coord3d", "--summaries"])
+        .args(["--seq", &seq_list, "--rounds", rounds]);
+    let text = run_text(&mut cmd)?;
+    let header = text
+        .lines()
+        .next()
+        .context("bench-attention printed nothing")?
+        .to_owned();
+    let mut rows = csv_rows(&text)?;
+    if peer.is_ok() {
+        for &seq in seqs {
+            let mut cmd = Command::new(&args.python);
+            cmd.args([
+                "benches/attention_torch.py",
+                "--variant",
+                "sdpa",
+                "--device",
+            ])
+            .args([torch_device(&args.backend), "--seq", &seq.to_string()])
+            .args(["--heads", "6", "--head-dim", "64", "--rounds", rounds])
+            .args(["--threads", &threads().to_string()]);
+            let line = run_text(&mut cmd)?;
+            let mut row = csv_rows(&format!("{header}\n{}", line.trim()))?
+                .pop()
+                .context("attention_torch.py printed no row")?;
+            // Its time as a ratio to Strata's dense path at the same length.
+            let dense = rows
+                .iter()
+                .find(|r| {
+                    value_of(r, "seq_len") == seq as f64
+                        && r.iter().any(|(k, v)| k == "variant" && v == "dense")
+                })
+                .map_or(f64::NAN, |r| value_of(r, "ms_fwd_bwd"));
+            let ratio = value_of(&row, "ms_fwd_bwd") / dense;
+            if let Some(cell) = row.iter_mut().find(|(k, _)| k == "time_vs_dense") {
+                cell.1 = format!("{ratio:.3}");
+            }
+            rows.push(row);
+        }
+        rows.sort_by(|a, b| value_of(a, "seq_len").total_cmp(&value_of(b, "seq_len")));
+    }
     let about = "one attention layer's sequence mixing (batch 1, 6 heads of 64): dense causal \
-                 against coord3d's block multi-scale pruning (block 128, window 4), forward and \
-                 forward + backward milliseconds, peak host heap; no peer: the GPU comparison \
-                 with PyTorch SDPA and FlexAttention is benches/attention_gpu.sh";
-    Ok((about, "peer: none on the CPU (see above)".into(), rows))
+                 against coord3d's block multi-scale pruning (block 128, window 4), and PyTorch's \
+                 scaled_dot_product_attention (causal) as the peer; forward and forward + \
+                 backward milliseconds, peak host heap (Strata only); time_vs_dense is against \
+                 Strata's dense path. The GPU comparison, with FlexAttention on coord3d's mask, \
+                 is benches/attention_gpu.sh";
+    Ok((about, peer_note("PyTorch SDPA", &args.python, &peer), rows))
+}
+
+fn value_of(row: &[(String, String)], key: &str) -> f64 {
+    row.iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 fn infer_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
@@ -164,20 +217,95 @@ fn infer_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
     } else {
         ("1024", "32")
     };
+    let rounds = "2";
+    let gguf = std::env::temp_dir().join(format!("strata-infer-{}.gguf", std::process::id()));
     let mut cmd = strata_cmd("bench-decode", &args.backend);
     cmd.args([
         "configs/coord3d/decode_dense.toml",
         "configs/coord3d/decode_coord3d.toml",
         "configs/coord3d/decode_coord3d_kv2.toml",
     ])
-    .args(["--prompt", prompt, "--tokens", tokens, "--rounds", "2"]);
-    let rows = csv_rows(&run_text(&mut cmd)?)?;
-    let about = "KV-cache decoding, milliseconds per token after a prefilled prompt, of one \
-                 51M-parameter shape with dense attention, coord3d pruning, and coord3d with \
-                 K/V shared by layer pairs; KV rows and MiB are the cache at the end";
-    let peer = "peer: none yet (a llama.cpp decode comparison on the same exported model is not \
-                part of this suite)";
-    Ok((about, peer.into(), rows))
+    .args(["--prompt", prompt, "--tokens", tokens, "--rounds", rounds]);
+    let peer = llama_cpp_python(&args.llama_cpp);
+    if peer.is_ok() {
+        cmd.arg("--gguf-out").arg(&gguf);
+    }
+    let mut rows = csv_rows(&run_text(&mut cmd)?)?;
+    if let Ok((python, lib)) = &peer {
+        let mut cmd = Command::new(python);
+        cmd.env("LLAMA_CPP_LIB_PATH", lib)
+            .arg("benches/infer_llama_cpp.py")
+            .arg(&gguf)
+            .args(["--prompt", prompt, "--tokens", tokens, "--rounds", rounds])
+            .args(["--threads", &threads().to_string()]);
+        let result = json_line(&mut cmd);
+        let _ = std::fs::remove_file(&gguf);
+        let theirs = result?;
+        let ms = num(&theirs["ms_per_token"]);
+        let mut row = rows
+            .first()
+            .cloned()
+            .context("bench-decode printed no row")?;
+        for (key, value) in row.iter_mut() {
+            match key.as_str() {
+                "config" => *value = "llama.cpp on decode_dense.toml's f32 GGUF export".into(),
+                "ms_per_token" => *value = format!("{ms:.4}"),
+                "ratio_to_first" => {
+                    *value = format!("{:.3}", ms / value_of(&rows[0], "ms_per_token"));
+                }
+                "kv_rows" | "kv_mib" => *value = "NaN".into(),
+                "backend" => {
+                    *value = format!(
+                        "llama.cpp (llama-cpp-python {}), f16 KV cache",
+                        theirs["version"].as_str().unwrap_or("?")
+                    );
+                }
+                _ => {}
+            }
+        }
+        rows.push(row);
+    }
+    let about = "KV-cache decoding, milliseconds per token (greedy) after a prefilled prompt, of \
+                 one 51M-parameter shape with dense attention, coord3d pruning, and coord3d with \
+                 K/V shared by layer pairs, and llama.cpp on the dense model's GGUF export (same \
+                 weights); KV rows and MiB are Strata's cache at the end; ratios are to the \
+                 first row";
+    let note = match &peer {
+        Ok((python, _)) => format!("peer: llama.cpp (run by {})", python.display()),
+        Err(why) => {
+            println!("  llama.cpp skipped: {why}");
+            format!("peer: llama.cpp skipped: {why}")
+        }
+    };
+    Ok((about, note, rows))
+}
+
+/// The Python and library folder of a llama.cpp built by scripts/check/llama_cpp.sh, when
+/// its bindings import.
+fn llama_cpp_python(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+    let python = dir.join("venv/bin/python");
+    let lib = dir.join("build/bin");
+    let out = Command::new(&python)
+        .env("LLAMA_CPP_LIB_PATH", &lib)
+        .args(["-c", "import llama_cpp"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Ok((python, lib)),
+        Ok(o) => Err(format!(
+            "{} cannot import llama_cpp: {}",
+            python.display(),
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .trim()
+        )),
+        Err(e) => Err(format!(
+            "no llama.cpp build at {} ({e}); bash scripts/check/llama_cpp.sh {} builds one",
+            dir.display(),
+            dir.display()
+        )),
+    }
 }
 
 fn lora_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
@@ -357,12 +485,7 @@ fn write_results(path: &Path, suite: &str, about: &str, peer: &str, rows: &Rows)
         .first()
         .map(|r| r.iter().map(|(k, _)| k).collect())
         .unwrap_or_default();
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    let commit = crate::report::command_output("git", &["rev-parse", "--short", "HEAD"])
         .unwrap_or_else(|| "unknown".into());
     let quote = |c: &str| {
         if c.contains([',', '"']) {

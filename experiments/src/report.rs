@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use plotters::coord::Shift;
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use strata::config::ExperimentConfig;
 use strata::io::atomic_write;
@@ -577,6 +578,8 @@ struct Series {
     color: RGBColor,
     points: Vec<(f64, f64)>,
     band: Vec<(f64, f64, f64)>,
+    /// Drawn dashed (validation beside training in one figure).
+    dashed: bool,
 }
 
 impl Series {
@@ -586,6 +589,7 @@ impl Series {
             color,
             points,
             band: Vec::new(),
+            dashed: false,
         }
     }
 }
@@ -634,17 +638,47 @@ fn group_series(
     series
 }
 
+/// Group names for legends: without the prefix they all share (a sweep's name), cut at a `-`.
+fn legend_names(groups: &[(String, Vec<&Run>)]) -> Vec<String> {
+    let names: Vec<&str> = groups.iter().map(|(n, _)| n.as_str()).collect();
+    if names.len() < 2 {
+        return names.iter().map(|n| n.to_string()).collect();
+    }
+    let mut common = names[0].len();
+    for n in &names[1..] {
+        let shared = names[0]
+            .bytes()
+            .zip(n.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        common = common.min(shared);
+    }
+    let cut = names[0][..common].rfind('-').map_or(0, |i| i + 1);
+    names
+        .iter()
+        .map(|n| {
+            if n.len() > cut {
+                n[cut..].to_owned()
+            } else {
+                n.to_string()
+            }
+        })
+        .collect()
+}
+
 fn plots(out: &Path, link: &str, groups: &[(String, Vec<&Run>)]) -> Result<String> {
     let mut md = String::from(
         "## Figures\n\nEach configuration's line is the mean over its runs; where it has several \
          seeds, the band is the mean ± one sample standard deviation. Every figure is in the \
          report's folder as PNG and SVG.\n\n",
     );
+    let names = legend_names(groups);
     let per_group = |x: &str, y: &str, x_scale: f64| -> Vec<Series> {
         groups
             .iter()
+            .zip(&names)
             .enumerate()
-            .map(|(g, (name, runs))| {
+            .map(|(g, ((_, runs), name))| {
                 group_series(name, PALETTE[g % PALETTE.len()], runs, x, y, x_scale)
             })
             .collect()
@@ -661,12 +695,13 @@ fn plots(out: &Path, link: &str, groups: &[(String, Vec<&Run>)]) -> Result<Strin
                     name: format!("{} train", s.name),
                     ..s
                 })
-                // Validation: the same colour, with a marker at each of its few points.
+                // Validation: the same colour, dashed.
                 .chain(
                     per_group("step", "val_loss", 1.0)
                         .into_iter()
                         .map(|s| Series {
                             name: format!("{} validation", s.name),
+                            dashed: true,
                             ..s
                         }),
                 )
@@ -787,7 +822,7 @@ fn plots(out: &Path, link: &str, groups: &[(String, Vec<&Run>)]) -> Result<Strin
         }
     }
 
-    for (name, runs) in groups {
+    for ((name, runs), short) in groups.iter().zip(&names) {
         if runs.iter().all(|r| r.weights.is_empty()) {
             continue;
         }
@@ -795,7 +830,7 @@ fn plots(out: &Path, link: &str, groups: &[(String, Vec<&Run>)]) -> Result<Strin
             "depth_weights_{}",
             name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
         );
-        let title = format!("{name}: mean AttnRes weight of each source (rows: reading sub-layer)");
+        let title = format!("{short}: mean AttnRes weight of each source (white 0, dark blue 1)");
         heat_map(&out.join(&file), &title, runs)?;
         let _ = writeln!(md, "![{title}]({link}/{file}.png)\n");
     }
@@ -913,16 +948,25 @@ fn draw_lines<DB: DrawingBackend>(
             }
             for s in series.iter().filter(|s| !s.points.is_empty()) {
                 let color = s.color;
-                chart
-                    .draw_series(LineSeries::new(
-                        s.points.iter().copied(),
-                        color.stroke_width(2),
-                    ))
-                    .map_err(plot_error)?
-                    .label(s.name.as_str())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-                    });
+                let points = s.points.iter().copied();
+                if s.dashed {
+                    chart
+                        .draw_series(DashedLineSeries::new(points, 9, 6, color.stroke_width(2)))
+                        .map_err(plot_error)?
+                        .label(s.name.as_str())
+                        .legend(move |(x, y)| {
+                            let style = color.stroke_width(3);
+                            DashedPathElement::new(vec![(x, y), (x + 24, y)], 6, 4, style)
+                        });
+                } else {
+                    chart
+                        .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                        .map_err(plot_error)?
+                        .label(s.name.as_str())
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+                        });
+                }
                 if s.points.len() <= 12 {
                     chart
                         .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
@@ -974,7 +1018,7 @@ fn heat_map(stem: &Path, title: &str, runs: &[&Run]) -> Result<()> {
     let sources = mean.keys().map(|k| k.1).max().unwrap_or(0) + 1;
     let cell = (26u32).min(700 / sources.max(1) as u32).max(12);
     let size = (
-        (140 + cell * sources as u32).max(620),
+        (140 + cell * sources as u32).max(760),
         120 + cell * layers as u32,
     );
     let svg = stem.with_extension("svg");
@@ -1117,7 +1161,8 @@ fn config_section(runs: &[Run]) -> String {
     md
 }
 
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
+/// A command's trimmed stdout, when it runs and succeeds.
+pub fn command_output(program: &str, args: &[&str]) -> Option<String> {
     std::process::Command::new(program)
         .args(args)
         .output()
