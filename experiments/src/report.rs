@@ -335,19 +335,19 @@ fn group_table(groups: &[(String, Vec<&Run>)], baseline: usize) -> String {
 
 fn run_table(runs: &[Run]) -> String {
     let mut md = String::from(
-        "## Runs\n\nPeak memory is the training process's peak resident host memory (on CPU \
-         backends, the model's device); GPU memory is sampled by the GPU benchmark scripts, not \
-         by the runner.\n\n\
+        "## Runs\n\nPeak host memory is the training process's peak resident memory (on CPU \
+         backends, the model's device). Peak device memory (CUDA backends) is the GPU's memory in \
+         use above its level when the run started, sampled every 100 ms.\n\n\
          | run | configuration | seed | parameters | steps | tokens | final train loss | \
          val loss | perplexity | bits/byte | tokens/s as run | wall (s) | peak host memory (MiB) | \
-         backend | machine |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         peak device memory (MiB) | backend | machine |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in runs {
         let s = &r.summary;
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.2}M | {} | {:.2}M | {:.4} | {:.4} | {:.2} | {:.4} | {:.0} | {:.0} | {} | {} | {} |",
+            "| {} | {} | {} | {:.2}M | {} | {:.2}M | {:.4} | {:.4} | {:.2} | {:.4} | {:.0} | {:.0} | {} | {} | {} | {} |",
             r.dir.file_name().unwrap_or_default().to_string_lossy(),
             s.name,
             r.config.train.seed,
@@ -361,6 +361,8 @@ fn run_table(runs: &[Run]) -> String {
             s.tokens_per_sec,
             s.wall_secs,
             s.peak_host_mib
+                .map_or("—".to_owned(), |m| format!("{m:.0}")),
+            s.peak_device_mib
                 .map_or("—".to_owned(), |m| format!("{m:.0}")),
             s.backend,
             if s.machine.is_empty() {

@@ -28,8 +28,18 @@ for f in report.md report.html report/val_loss_tokens.png report/val_loss_tokens
   [ -s "$out/report/$f" ] || { echo "missing $out/report/$f"; exit 1; }
 done
 
-export STRATA_RUNS=$PWD/$out/runs/notebook-check STRATA_RESULTS=$PWD/benches/results MPLBACKEND=agg
+export STRATA_RUNS=$PWD/$out/runs/notebook-check STRATA_RESULTS=$PWD/benches/results
 for nb in notebooks/*.ipynb; do
   "$venv/bin/python" -m nbconvert --to notebook --execute --output-dir "$out/executed" "$nb"
 done
+# Each executed notebook drew figures (an error in a cell already failed nbconvert).
+"$venv/bin/python" - "$out/executed" <<'PY'
+import json, pathlib, sys
+for p in sorted(pathlib.Path(sys.argv[1]).glob("*.ipynb")):
+    cells = json.loads(p.read_text())["cells"]
+    images = sum("image/png" in o.get("data", {}) for c in cells for o in c.get("outputs", []))
+    if images == 0:
+        sys.exit(f"{p}: executed without drawing a figure")
+    print(f"{p.name}: {images} figures")
+PY
 echo "notebooks: $(ls notebooks/*.ipynb | wc -l) executed on $STRATA_RUNS"

@@ -284,6 +284,10 @@ pub struct TrainSummary {
     /// Where the run trained: CPU model and threads, and the GPUs where nvidia-smi lists any.
     #[serde(default)]
     pub machine: String,
+    /// On CUDA backends: the peak of the GPU's memory in use during the run above what was in use
+    /// when it started (nvidia-smi's memory.used, sampled every 100 ms; MiB).
+    #[serde(default)]
+    pub peak_device_mib: Option<f64>,
 }
 
 const METRICS_HEADER: &str =
@@ -301,6 +305,51 @@ pub fn peak_host_mib() -> Option<f64> {
 /// after another in one process (a sweep) each report their own peak.
 pub fn reset_peak_host() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Samples the memory in use on GPU 0 (nvidia-smi's memory.used every 100 ms) from `start` to
+/// `finish`, which returns the peak above the first sample: the device memory of the work done
+/// in between, where nothing else uses the GPU. Process-level CUDA figures are not reachable
+/// through Burn, and nvidia-smi's per-process list is empty inside many containers.
+pub struct DeviceMemorySampler {
+    child: std::process::Child,
+    reader: std::thread::JoinHandle<Option<f64>>,
+}
+
+impl DeviceMemorySampler {
+    /// None where nvidia-smi does not run.
+    pub fn start() -> Option<Self> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("nvidia-smi")
+            .args([
+                "--query-gpu=memory.used",
+                "--format=csv,noheader,nounits",
+                "-i",
+                "0",
+            ])
+            .arg("-lms")
+            .arg("100")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let stdout = child.stdout.take()?;
+        let reader = std::thread::spawn(move || {
+            let mut samples = std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(|l| l.ok())
+                .filter_map(|l| l.trim().parse::<f64>().ok());
+            let first = samples.next()?;
+            Some(samples.fold(first, f64::max) - first)
+        });
+        Some(Self { child, reader })
+    }
+
+    pub fn finish(mut self) -> Option<f64> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reader.join().ok().flatten()
+    }
 }
 
 /// CPU model and logical core count, then the GPUs (name, driver) where nvidia-smi lists any:
@@ -359,6 +408,10 @@ pub fn train<B: AutodiffBackend>(
     }
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     reset_peak_host();
+    let device_memory = backend_name
+        .starts_with("cuda")
+        .then(DeviceMemorySampler::start)
+        .flatten();
     let train_split = Dataset::load(&config.data, tokenizer, Split::Train, tc.seq_len)?;
     let val_split = Dataset::load(&config.data, tokenizer, Split::Validation, tc.seq_len)?;
     let val_batches = val_split.validation_batches(tc.eval_batches, tc.batch_size, tc.seq_len)?;
@@ -557,6 +610,7 @@ pub fn train<B: AutodiffBackend>(
         // AdamW keeps two moments per trained value, in the value's type.
         optimizer_mib: 2.0 * trainable_mib,
         machine: machine_name(),
+        peak_device_mib: device_memory.and_then(DeviceMemorySampler::finish),
     };
     let mut depth = eval::depth_profile(&model, &val_batches);
     depth.set_gradients(&last_grad_squares);
