@@ -86,7 +86,7 @@ const TRAIN_SHAPES: [(&str, &str, &[&str]); 2] = [
 type Rows = Vec<Vec<(String, String)>>;
 
 fn train_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
-    let peer = python_has(&args.python, &["torch"]);
+    let peer = peer_device(&args.backend).and_then(|_| python_has(&args.python, &["torch"]));
     let threads = threads();
     let mut rows = Vec::new();
     for (shape, config, overrides) in TRAIN_SHAPES {
@@ -118,7 +118,7 @@ fn train_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
                     "--threads",
                     &threads.to_string(),
                 ])
-                .args(["--device", torch_device(&args.backend)]);
+                .args(["--device", peer_device(&args.backend).unwrap_or("cpu")]);
             for o in overrides {
                 cmd.args(["--set", o]);
             }
@@ -141,7 +141,7 @@ fn train_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
 }
 
 fn attention_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
-    let peer = python_has(&args.python, &["torch"]);
+    let peer = peer_device(&args.backend).and_then(|_| python_has(&args.python, &["torch"]));
     let seqs: &[usize] = if args.quick {
         &[256, 512]
     } else {
@@ -172,7 +172,11 @@ fn attention_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
                 "sdpa",
                 "--device",
             ])
-            .args([torch_device(&args.backend), "--seq", &seq.to_string()])
+            .args([
+                peer_device(&args.backend).unwrap_or("cpu"),
+                "--seq",
+                &seq.to_string(),
+            ])
             .args(["--heads", "6", "--head-dim", "64", "--rounds", rounds])
             .args(["--threads", &threads().to_string()]);
             let line = run_text(&mut cmd)?;
@@ -226,7 +230,14 @@ fn infer_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
         "configs/coord3d/decode_coord3d_kv2.toml",
     ])
     .args(["--prompt", prompt, "--tokens", tokens, "--rounds", rounds]);
-    let peer = llama_cpp_python(&args.llama_cpp);
+    // scripts/check/llama_cpp.sh builds llama.cpp for the CPU: a peer only for CPU backends.
+    let peer = peer_device(&args.backend).and_then(|device| match device {
+        "cpu" => llama_cpp_python(&args.llama_cpp),
+        _ => Err(format!(
+            "the llama.cpp build at {} runs on the CPU, this suite on {device}",
+            args.llama_cpp.display()
+        )),
+    });
     if peer.is_ok() {
         cmd.arg("--gguf-out").arg(&gguf);
     }
@@ -309,7 +320,8 @@ fn llama_cpp_python(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
 }
 
 fn lora_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
-    let peer = python_has(&args.python, &["torch", "transformers", "peft"]);
+    let peer = peer_device(&args.backend)
+        .and_then(|_| python_has(&args.python, &["torch", "transformers", "peft"]));
     let config = "configs/bench/lora_cpu.toml";
     let (batch, seq) = (4, 256);
     let steps = if args.quick { 2 } else { args.steps };
@@ -341,7 +353,7 @@ fn lora_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
             cmd.args(["benches/lora_peft.py", config, "--rank", &rank.to_string()])
                 .args(["--batch", &batch.to_string(), "--seq", &seq.to_string()])
                 .args(["--steps", &steps.to_string(), "--warmup", "3"])
-                .args(["--device", torch_device(&args.backend)])
+                .args(["--device", peer_device(&args.backend).unwrap_or("cpu")])
                 .args(["--threads", &threads().to_string()]);
             let peft = json_line(&mut cmd)?;
             let ratio = num(&ours["tokens_per_sec"]) / num(&peft["tokens_per_sec"]);
@@ -440,11 +452,13 @@ fn threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-fn torch_device(backend: &BackendArgs) -> &'static str {
-    if backend.backend == "cuda" {
-        "cuda"
-    } else {
-        "cpu"
+/// The device a Python peer runs on to match `backend`: the GPU for cuda, the CPU for the CPU
+/// backends; none for wgpu, whose device the peers here do not drive.
+fn peer_device(backend: &BackendArgs) -> Result<&'static str, String> {
+    match backend.backend.as_str() {
+        "cuda" => Ok("cuda"),
+        "flex" | "ndarray" => Ok("cpu"),
+        other => Err(format!("no peer runs on the device of --backend {other}")),
     }
 }
 
@@ -485,8 +499,6 @@ fn write_results(path: &Path, suite: &str, about: &str, peer: &str, rows: &Rows)
         .first()
         .map(|r| r.iter().map(|(k, _)| k).collect())
         .unwrap_or_default();
-    let commit = crate::report::command_output("git", &["rev-parse", "--short", "HEAD"])
-        .unwrap_or_else(|| "unknown".into());
     let quote = |c: &str| {
         if c.contains([',', '"']) {
             format!("\"{}\"", c.replace('"', "\"\""))
@@ -499,9 +511,10 @@ fn write_results(path: &Path, suite: &str, about: &str, peer: &str, rows: &Rows)
         writeln!(f, "# machine: {}", strata::train::machine_name())?;
         writeln!(
             f,
-            "# date: {}; strata {} at commit {commit}; burn {}",
+            "# date: {}; strata {} built from commit {}; burn {}",
             crate::train::today(),
             env!("CARGO_PKG_VERSION"),
+            env!("STRATA_GIT_COMMIT"),
             env!("STRATA_BURN_VERSION")
         )?;
         writeln!(f, "# {peer}")?;

@@ -1163,21 +1163,7 @@ fn config_section(runs: &[Run]) -> String {
     md
 }
 
-/// A command's trimmed stdout, when it runs and succeeds.
-pub fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-}
-
 fn provenance(args: &Args) -> String {
-    let commit = command_output("git", &["rev-parse", "--short", "HEAD"])
-        .unwrap_or_else(|| "unknown".into());
-    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"])
-        .is_some_and(|s| !s.is_empty());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| format!(" {}", s.trim()))
         .unwrap_or_default();
@@ -1185,17 +1171,13 @@ fn provenance(args: &Args) -> String {
     format!(
         "## Provenance\n\n\
          - command: `{}`\n\
-         - strata {} at commit {commit}{}\n\
+         - strata {} built from commit {} (a `-dirty` suffix: with uncommitted changes)\n\
          - burn {}, cubecl {}, {}\n\
          - report made on: {} ({}{kernel}); each run's own machine is in the runs table\n\
          - runs: {}\n",
         command.join(" "),
         env!("CARGO_PKG_VERSION"),
-        if dirty {
-            " (with uncommitted changes)"
-        } else {
-            ""
-        },
+        env!("STRATA_GIT_COMMIT"),
         env!("STRATA_BURN_VERSION"),
         env!("STRATA_CUBECL_VERSION"),
         env!("STRATA_RUSTC_VERSION"),
