@@ -1,5 +1,5 @@
 //! Microbenchmarks on the CPU default backend (Flex), one group per part of a model's life:
-//! matmul, attention against sequence length (dense causal and coord3d's pruning), the
+//! matmul, attention against sequence length (dense causal, coord3d's pruning, sequence-block), the
 //! per-token layers (RMSNorm, RoPE, SwiGLU), GGUF quantize/dequantize per type, GGUF write and
 //! read, one training step and one decoding step of a small model.
 //!
@@ -18,6 +18,7 @@ use strata::model::ModelConfig;
 use strata::nn::attention::dense_causal;
 use strata::nn::coord3d::{Bms, bms_attention};
 use strata::nn::rope::Rope;
+use strata::nn::seq_block::seq_block_attention;
 use strata::tokenizer::TokenizerConfig;
 
 type B = Flex;
@@ -57,6 +58,10 @@ fn attention(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("coord3d", seq), &seq, |bench, _| {
             bench.iter(|| done(bms_attention(q.clone(), k.clone(), v.clone(), bms)))
+        });
+        // Sequence-block attention: blocks of 64, every earlier block's summary.
+        group.bench_with_input(BenchmarkId::new("seq_block", seq), &seq, |bench, _| {
+            bench.iter(|| done(seq_block_attention(q.clone(), k.clone(), v.clone(), 64, 0)))
         });
     }
     group.finish();

@@ -1,4 +1,4 @@
-//! `strata report RUN_DIR... | SWEEP_DIR -o REPORT.md`: a Markdown report over finished runs, a
+//! `strata report RUN_DIR... | SWEEP_DIR -o REPORT.md|DIR`: a Markdown report over finished runs, a
 //! self-contained `REPORT.html` beside it, and its figures (PNG and SVG) in the folder of the same
 //! name (`REPORT/`). Runs are grouped by config name (the seeds of one config form a group; a
 //! sweep names its runs that way); the report has a table per run, one per group with the spread
@@ -27,7 +27,8 @@ pub struct Args {
     /// Run directories, or folders holding run directories (a sweep's folder).
     #[arg(required = true)]
     runs: Vec<PathBuf>,
-    /// The Markdown file to write; figures go into the folder of the same name beside it.
+    /// The Markdown file to write (or a folder: FOLDER/report.md); REPORT.html and the figures'
+    /// folder REPORT/ go beside it.
     #[arg(long, short)]
     out: PathBuf,
     #[arg(long, default_value = "Experiment report")]
@@ -58,12 +59,18 @@ struct Run {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.out.extension().is_none_or(|e| e != "md") {
-        bail!(
-            "-o {}: expected a Markdown file path ending in .md",
+    // `-o REPORT.md`, or `-o DIR` for DIR/report.md.
+    let args = match args.out.extension() {
+        Some(e) if e == "md" => args,
+        None => Args {
+            out: args.out.join("report.md"),
+            ..args
+        },
+        Some(_) => bail!(
+            "-o {}: expected a Markdown file path ending in .md, or a folder",
             args.out.display()
-        );
-    }
+        ),
+    };
     let mut dirs = Vec::new();
     for path in &args.runs {
         if path.join("summary.json").exists() {

@@ -516,14 +516,16 @@ fn sweep_resumes_and_reports() {
         "a finished run was redone"
     );
 
-    let out = strata(&["report", "runs/lrs", "-o", "rep/sweep.md"], &dir);
+    // A folder as -o: report.md, report.html and report/ inside it.
+    let out = strata(&["report", "runs/lrs", "-o", "rep"], &dir);
     assert!(out.status.success(), "{}", text(&out));
-    let report = std::fs::read_to_string(dir.join("rep/sweep.md")).unwrap();
+    assert!(dir.join("rep/report.html").exists());
+    let report = std::fs::read_to_string(dir.join("rep/report.md")).unwrap();
     assert!(
         report.contains("| lrs-lr=1e-3 | 2 |") && report.contains("| lrs-lr=3e-3 | 2 |"),
         "{report}"
     );
-    assert!(dir.join("rep/sweep/val_loss_tokens.png").exists());
+    assert!(dir.join("rep/report/val_loss_tokens.png").exists());
     assert!(
         report.contains("| run | `train.lr` | `train.seed` |"),
         "{report}"
