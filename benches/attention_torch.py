@@ -1,8 +1,8 @@
 """PyTorch peers for `strata bench-attention`: one attention variant at one sequence length,
 forward and forward + backward, timed (CUDA events on a GPU, the wall clock on the CPU; median of
---rounds after warm-up), printed as one CSV row in bench-attention's columns. On the CPU
-(`--device cpu`, used by `strata bench --suite attention`) only sdpa runs, in f32, and peak
-memory is not measured (NaN).
+--rounds after warm-up), printed as one CSV row in bench-attention's columns. `--dtype`
+defaults to bf16 on the GPU and f32 on the CPU; `strata bench --suite attention` passes its
+backend's. On the CPU (`--device cpu`) only sdpa runs and peak memory is not measured (NaN).
 
   sdpa      torch.nn.functional.scaled_dot_product_attention, causal (cuDNN / flash kernels)
   flex_bms  FlexAttention (torch.compile) with coord3d's block multi-scale mask as a block mask;
@@ -77,13 +77,17 @@ def main():
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default=None,
+                   help="default: bf16 on the GPU, f32 on the CPU")
     args = p.parse_args()
     cuda = args.device == "cuda"
     if not cuda and args.variant != "sdpa":
         p.error("on the CPU only --variant sdpa runs")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev, dtype = args.device, torch.bfloat16 if cuda else torch.float32
+    dtype_name = args.dtype or ("bf16" if cuda else "f32")
+    dev = args.device
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype_name]
     shape = (args.batch, args.heads, args.seq, args.head_dim)
     torch.manual_seed(0)
     q, k, v = (torch.randn(shape, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -132,7 +136,6 @@ def main():
     ms_fwd_bwd = median_ms(forward_backward, args.rounds, cuda)
     peak_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
     name = torch.cuda.get_device_name() if cuda else cpu_name()
-    dtype_name = "bf16" if cuda else "f32"
     print(
         f"torch_{args.variant},{args.seq},{block_len},0,{window},{args.batch},{args.heads},"
         f"{args.head_dim},{ms_fwd:.3f},{ms_fwd_bwd:.3f},{peak_mib:.1f},NaN,NaN,"

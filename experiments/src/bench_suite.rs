@@ -178,6 +178,10 @@ fn attention_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
                 &seq.to_string(),
             ])
             .args(["--heads", "6", "--head-dim", "64", "--rounds", rounds])
+            .args([
+                "--dtype",
+                &format!("{:?}", args.backend.dtype).to_lowercase(),
+            ])
             .args(["--threads", &threads().to_string()]);
             let line = run_text(&mut cmd)?;
             let mut row = csv_rows(&format!("{header}\n{}", line.trim()))?
