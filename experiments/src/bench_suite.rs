@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use strata::io::atomic_write;
 
 use crate::backend::BackendArgs;
+use crate::report::csv_rows;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -86,7 +87,8 @@ const TRAIN_SHAPES: [(&str, &str, &[&str]); 2] = [
 type Rows = Vec<Vec<(String, String)>>;
 
 fn train_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
-    let peer = peer_device(&args.backend).and_then(|_| python_has(&args.python, &["torch"]));
+    let peer =
+        peer_device(&args.backend).and_then(|_| python_has(Command::new(&args.python), &["torch"]));
     let threads = threads();
     let mut rows = Vec::new();
     for (shape, config, overrides) in TRAIN_SHAPES {
@@ -141,7 +143,8 @@ fn train_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
 }
 
 fn attention_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
-    let peer = peer_device(&args.backend).and_then(|_| python_has(&args.python, &["torch"]));
+    let peer =
+        peer_device(&args.backend).and_then(|_| python_has(Command::new(&args.python), &["torch"]));
     let seqs: &[usize] = if args.quick {
         &[256, 512]
     } else {
@@ -246,7 +249,7 @@ fn infer_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
         cmd.arg("--gguf-out").arg(&gguf);
     }
     let mut rows = csv_rows(&run_text(&mut cmd)?)?;
-    if let Ok((python, lib)) = &peer {
+    if let Ok((python, lib, _)) = &peer {
         let mut cmd = Command::new(python);
         cmd.env("LLAMA_CPP_LIB_PATH", lib)
             .arg("benches/infer_llama_cpp.py")
@@ -285,47 +288,37 @@ fn infer_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
                  K/V shared by layer pairs, and llama.cpp on the dense model's GGUF export (same \
                  weights); KV rows and MiB are Strata's cache at the end; ratios are to the \
                  first row";
-    let note = match &peer {
-        Ok((python, _)) => format!("peer: llama.cpp (run by {})", python.display()),
-        Err(why) => {
-            println!("  llama.cpp skipped: {why}");
-            format!("peer: llama.cpp skipped: {why}")
-        }
+    let (python, versions) = match &peer {
+        Ok((python, _, versions)) => (python.display().to_string(), Ok(versions.clone())),
+        Err(why) => (String::new(), Err(why.clone())),
     };
-    Ok((about, note, rows))
+    Ok((about, peer_note("llama.cpp", &python, &versions), rows))
 }
 
-/// The Python and library folder of a llama.cpp built by scripts/check/llama_cpp.sh, when
-/// its bindings import.
-fn llama_cpp_python(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
-    let python = dir.join("venv/bin/python");
-    let lib = dir.join("build/bin");
-    let out = Command::new(&python)
-        .env("LLAMA_CPP_LIB_PATH", &lib)
-        .args(["-c", "import llama_cpp"])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => Ok((python, lib)),
-        Ok(o) => Err(format!(
-            "{} cannot import llama_cpp: {}",
-            python.display(),
-            String::from_utf8_lossy(&o.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-                .trim()
-        )),
-        Err(e) => Err(format!(
-            "no llama.cpp build at {} ({e}); bash scripts/check/llama_cpp.sh {} builds one",
+/// The Python and library folder of a llama.cpp built by scripts/check/llama_cpp.sh, with the
+/// bindings' version, when they import.
+fn llama_cpp_python(dir: &Path) -> Result<(PathBuf, PathBuf, String), String> {
+    let (python, lib) = (dir.join("venv/bin/python"), dir.join("build/bin"));
+    if !python.exists() {
+        return Err(format!(
+            "no llama.cpp build at {}; bash scripts/check/llama_cpp.sh {} builds one",
             dir.display(),
             dir.display()
-        )),
+        ));
     }
+    let mut cmd = Command::new(&python);
+    cmd.env("LLAMA_CPP_LIB_PATH", &lib);
+    let versions = python_has(cmd, &["llama_cpp"])?;
+    Ok((python, lib, versions))
 }
 
 fn lora_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
-    let peer = peer_device(&args.backend)
-        .and_then(|_| python_has(&args.python, &["torch", "transformers", "peft"]));
+    let peer = peer_device(&args.backend).and_then(|_| {
+        python_has(
+            Command::new(&args.python),
+            &["torch", "transformers", "peft"],
+        )
+    });
     let config = "configs/bench/lora_cpu.toml";
     let (batch, seq) = (4, 256);
     let steps = if args.quick { 2 } else { args.steps };
@@ -419,28 +412,6 @@ fn json_line(cmd: &mut Command) -> Result<serde_json::Value> {
     serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))
 }
 
-/// A CSV as rows of (column, cell), cells as written.
-fn csv_rows(text: &str) -> Result<Rows> {
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header = crate::report::split_csv_line(lines.next().context("no CSV header")?);
-    let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = header.iter().find(|h| !seen.insert(h.as_str())) {
-        bail!(
-            "the CSV's header names column {dup:?} twice: {}",
-            header.join(",")
-        );
-    }
-    Ok(lines
-        .map(|l| {
-            header
-                .iter()
-                .cloned()
-                .zip(crate::report::split_csv_line(l))
-                .collect()
-        })
-        .collect())
-}
-
 fn cell(name: &str, value: impl std::fmt::Display) -> (String, String) {
     (name.to_owned(), value.to_string())
 }
@@ -467,15 +438,16 @@ fn peer_device(backend: &BackendArgs) -> Result<&'static str, String> {
 }
 
 /// Ok(versions) when `python` imports every module, Err(why not) otherwise.
-fn python_has(python: &str, modules: &[&str]) -> Result<String, String> {
+fn python_has(mut python: Command, modules: &[&str]) -> Result<String, String> {
     let code = format!(
         "import {m}; print(' '.join(x.__name__ + ' ' + x.__version__ for x in [{m}]))",
         m = modules.join(", ")
     );
-    match Command::new(python).args(["-c", &code]).output() {
-        Err(e) => Err(format!("{python} did not start: {e}")),
+    let name = python.get_program().to_string_lossy().into_owned();
+    match python.args(["-c", &code]).output() {
+        Err(e) => Err(format!("{name} did not start: {e}")),
         Ok(o) if !o.status.success() => Err(format!(
-            "{python} cannot import {}: {}",
+            "{name} cannot import {}: {}",
             modules.join(", "),
             String::from_utf8_lossy(&o.stderr)
                 .lines()

@@ -242,16 +242,11 @@ fn read_run(dir: &Path) -> Result<Run> {
 fn read_csv(path: &Path) -> Result<BTreeMap<String, Vec<f64>>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut lines = text.lines().filter(|l| !l.starts_with('#'));
-    let header = split_csv_line(
-        lines
-            .next()
-            .with_context(|| format!("{}: empty file", path.display()))?,
-    );
+    let (header, rows) = csv_table(&text).with_context(|| path.display().to_string())?;
     let mut columns: BTreeMap<String, Vec<f64>> =
         header.iter().map(|h| (h.clone(), Vec::new())).collect();
-    for line in lines {
-        for (name, cell) in header.iter().zip(split_csv_line(line)) {
+    for row in rows {
+        for (name, cell) in header.iter().zip(row) {
             columns
                 .get_mut(name)
                 .expect("every header name has a column")
@@ -259,6 +254,32 @@ fn read_csv(path: &Path) -> Result<BTreeMap<String, Vec<f64>>> {
         }
     }
     Ok(columns)
+}
+
+/// A CSV's header and rows, cells as written; `#` lines and blank lines are skipped. A header
+/// that names a column twice is an error (one name would hide the other).
+fn csv_table(text: &str) -> Result<(Vec<String>, Vec<Vec<String>>)> {
+    let mut lines = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty());
+    let header = split_csv_line(lines.next().context("empty file: no CSV header")?);
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = header.iter().find(|h| !seen.insert(h.as_str())) {
+        bail!(
+            "the CSV's header names column {dup:?} twice: {}",
+            header.join(",")
+        );
+    }
+    Ok((header, lines.map(split_csv_line).collect()))
+}
+
+/// [`csv_table`]'s rows as (column, cell) pairs.
+pub fn csv_rows(text: &str) -> Result<Vec<Vec<(String, String)>>> {
+    let (header, rows) = csv_table(text)?;
+    Ok(rows
+        .into_iter()
+        .map(|row| header.iter().cloned().zip(row).collect())
+        .collect())
 }
 
 fn mean_std(values: &[f64]) -> (f64, f64) {
@@ -383,7 +404,7 @@ fn run_table(runs: &[Run]) -> String {
 }
 
 /// One CSV line split at commas outside double quotes (`""` inside quotes is a quote).
-pub fn split_csv_line(line: &str) -> Vec<String> {
+fn split_csv_line(line: &str) -> Vec<String> {
     let (mut cells, mut cell, mut quoted) = (Vec::new(), String::new(), false);
     let mut chars = line.chars().peekable();
     while let Some(c) = chars.next() {
@@ -414,26 +435,18 @@ fn read_bench(path: &Path) -> Result<(Vec<String>, Vec<Row>)> {
             .filter_map(|l| l.strip_prefix('#'))
             .map(|l| l.trim().to_owned())
             .collect();
-        let mut lines = text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty());
-        let header = split_csv_line(
-            lines
-                .next()
-                .with_context(|| format!("{}: no header", path.display()))?,
-        );
-        let rows = lines
-            .map(|line| {
-                header
-                    .iter()
-                    .zip(split_csv_line(line))
+        let rows = csv_rows(&text)
+            .with_context(|| path.display().to_string())?
+            .into_iter()
+            .map(|row| {
+                row.into_iter()
                     .map(|(k, v)| {
                         let value = match v.parse::<f64>() {
                             Ok(x) => serde_json::Number::from_f64(x)
                                 .map_or(serde_json::Value::Null, serde_json::Value::Number),
                             Err(_) => serde_json::Value::String(v),
                         };
-                        (k.clone(), value)
+                        (k, value)
                     })
                     .collect()
             })
