@@ -205,8 +205,13 @@ impl<B: Backend> Attention<B> {
 /// Softmax attention of queries at the last `q_len` of `kv_len` positions over every key up to
 /// their own position. Queries go in passes of at most [`MAX_SCORES_PER_PASS`] scores: GPU
 /// kernels index with 32 bits, and a larger score tensor came back wrong without an error.
+/// Under autodiff this is [`super::fused::attention`]'s op, which keeps no score matrix for
+/// backward.
 pub fn dense_causal<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
-    dense_causal_in_passes(q, k, v, MAX_SCORES_PER_PASS)
+    match super::fused::attention::dense_causal_trained(q, k, v) {
+        Ok(out) => out,
+        Err((q, k, v)) => dense_causal_in_passes(q, k, v, MAX_SCORES_PER_PASS),
+    }
 }
 
 /// [`dense_causal`] with at most `max_scores` scores per pass (one query row at least).

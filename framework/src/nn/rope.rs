@@ -37,6 +37,11 @@ pub struct Phases<B: Backend> {
 impl<B: Backend> Phases<B> {
     /// Rotates `x: [batch, seq, heads, head_dim]`.
     pub fn rotate(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let (cos, sin) = (self.cos.clone(), self.sin.clone());
+        let x = match super::fused::rope::rotate_trained(x, cos, sin) {
+            Ok(out) => return out,
+            Err((x, _, _)) => x,
+        };
         let rotated = x.clone().matmul(self.rotate_half.clone().unsqueeze::<4>());
         x * self.cos.clone() + rotated * self.sin.clone()
     }

@@ -1,0 +1,465 @@
+//! Causal softmax attention with its own backward pass, for training.
+//!
+//! Under burn 0.21's autodiff, `attention` is composed of tracked tensor ops: the tape keeps the
+//! scores, their mask, the softmax and its intermediates, an n×n tensor each per head and layer,
+//! and the backward pass walks every op. This op keeps only what flash attention keeps —
+//! queries, keys, values, the output and each query row's log-sum-exp — and computes the
+//! gradients in one pass from those (Dao et al., FlashAttention, arXiv 2205.14135, §3.1 and
+//! Algorithm 4):
+//!
+//! ```text
+//! P = exp(Q Kᵀ·s − lse)       (causal entries only)
+//! dV = Pᵀ dO    dP = dO Vᵀ    D = rowsum(dO ∘ O)    dS = P ∘ (dP − D)
+//! dQ = dS K·s   dK = dSᵀ Q·s
+//! ```
+//!
+//! On the CPU backends both passes are one fused loop per (batch, head), run on every core, with
+//! no n×n tensor at all. On the GPU backends they are tensor ops in passes of queries, so the
+//! n×n scores exist for one layer at a time instead of for every layer until backward.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::prelude::*;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, TensorPrimitive};
+use rayon::prelude::*;
+
+use super::{AutodiffOp, Inner, on_host, run_on_autodiff, same};
+
+type Qkv<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+
+/// Causal attention of queries at the last `q_len` of `kv_len` positions, `[batch, heads, q_len,
+/// head_dim]` against `[batch, heads, kv_len, head_dim]`, through this op when `B` is one of the
+/// autodiff backends compiled in; `Err` gives the inputs back for any other backend.
+pub fn dense_causal_trained<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Result<Tensor<B, 4>, Qkv<B>> {
+    run_on_autodiff(CausalAttentionOp(q, k, v), Inner::Any).map_err(|op| (op.0, op.1, op.2))
+}
+
+struct CausalAttentionOp<B: Backend>(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+
+impl<B: Backend> AutodiffOp<B> for CausalAttentionOp<B> {
+    type Output = Tensor<B, 4>;
+
+    fn run<I: Backend>(self) -> Tensor<B, 4> {
+        let out = causal_attention_autodiff::<I>(same(self.0), same(self.1), same(self.2));
+        same(out)
+    }
+}
+
+#[derive(Debug)]
+struct CausalAttention;
+
+/// Saved for backward: q, k, v, the output and the row log-sum-exp `[batch, heads, q_len]`.
+type Saved<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+);
+
+impl<B: Backend> Backward<B, 3> for CausalAttention {
+    type State = Saved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad_out = grads.consume::<B>(&ops.node);
+        let (q, k, v, out, lse) = ops.state;
+        let wrap = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
+        let (dq, dk, dv) = causal_backward(
+            wrap(q),
+            wrap(k),
+            wrap(v),
+            wrap(out),
+            Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)),
+            wrap(grad_out),
+        );
+        let [pq, pk, pv] = ops.parents;
+        for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, grad.into_primitive().tensor());
+            }
+        }
+    }
+}
+
+fn causal_attention_autodiff<B: Backend>(
+    q: Tensor<Autodiff<B>, 4>,
+    k: Tensor<Autodiff<B>, 4>,
+    v: Tensor<Autodiff<B>, 4>,
+) -> Tensor<Autodiff<B>, 4> {
+    let (q, k, v) = (
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+    );
+    let inner =
+        |p: &FloatTensor<B>| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p.clone()));
+    let (qi, ki, vi) = (
+        inner(&q.primitive),
+        inner(&k.primitive),
+        inner(&v.primitive),
+    );
+    let out = match CausalAttention
+        .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (out, lse) = causal_forward(qi.clone(), ki.clone(), vi.clone());
+            let state = (
+                qi.into_primitive().tensor(),
+                ki.into_primitive().tensor(),
+                vi.into_primitive().tensor(),
+                out.clone().into_primitive().tensor(),
+                lse.into_primitive().tensor(),
+            );
+            prep.finish(state, out.into_primitive().tensor())
+        }
+        OpsKind::UnTracked(prep) => {
+            let (out, _) = causal_forward(qi, ki, vi);
+            prep.finish(out.into_primitive().tensor())
+        }
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Output `[b, h, q_len, d]` and row log-sum-exp `[b, h, q_len]`.
+pub fn causal_forward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    if on_host::<B>() && q.dtype() == DType::F32 {
+        host::forward(q, k, v)
+    } else {
+        device::forward(q, k, v, crate::nn::coord3d::MAX_SCORES_PER_PASS)
+    }
+}
+
+/// Gradients of q, k and v.
+pub fn causal_backward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    out: Tensor<B, 4>,
+    lse: Tensor<B, 3>,
+    grad_out: Tensor<B, 4>,
+) -> Qkv<B> {
+    if on_host::<B>() && q.dtype() == DType::F32 {
+        host::backward(q, k, v, out, lse, grad_out)
+    } else {
+        device::backward(
+            q,
+            k,
+            v,
+            out,
+            lse,
+            grad_out,
+            crate::nn::coord3d::MAX_SCORES_PER_PASS,
+        )
+    }
+}
+
+/// Tensor-op form, for any backend: queries in passes of at most `max_scores` scores.
+pub mod device {
+    use burn::prelude::*;
+
+    /// `true` where query i (the last `q_len` rows of `r0..r1` among `kv_len`) must not see key j.
+    fn future<B: Backend>(
+        r0: usize,
+        r1: usize,
+        q_len: usize,
+        kv_len: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 4, Bool> {
+        let start = kv_len - q_len;
+        let rows = Tensor::<B, 1, Int>::arange((start + r0) as i64..(start + r1) as i64, device)
+            .reshape([r1 - r0, 1])
+            .expand([r1 - r0, kv_len]);
+        let cols = Tensor::<B, 1, Int>::arange(0..kv_len as i64, device)
+            .reshape([1, kv_len])
+            .expand([r1 - r0, kv_len]);
+        cols.greater(rows).unsqueeze::<4>()
+    }
+
+    fn rows_per_pass(dims: [usize; 4], kv_len: usize, max_scores: usize) -> usize {
+        (max_scores / (dims[0] * dims[1] * kv_len)).max(1)
+    }
+
+    /// Scaled, masked scores of query rows `r0..r1`.
+    fn scores<B: Backend>(
+        q: &Tensor<B, 4>,
+        k: &Tensor<B, 4>,
+        r0: usize,
+        r1: usize,
+    ) -> Tensor<B, 4> {
+        let (q_len, kv_len, d) = (q.dims()[2], k.dims()[2], q.dims()[3]);
+        let s = q
+            .clone()
+            .slice_dim(2, r0..r1)
+            .matmul(k.clone().swap_dims(2, 3))
+            .mul_scalar((d as f64).powf(-0.5));
+        let [b, h, rows, _] = s.dims();
+        let future = future::<B>(r0, r1, q_len, kv_len, &q.device()).expand([b, h, rows, kv_len]);
+        s.mask_fill(future, f32::NEG_INFINITY)
+    }
+
+    pub fn forward<B: Backend>(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        max_scores: usize,
+    ) -> (Tensor<B, 4>, Tensor<B, 3>) {
+        let q_len = q.dims()[2];
+        let step = rows_per_pass(q.dims(), k.dims()[2], max_scores);
+        let (mut outs, mut lses) = (Vec::new(), Vec::new());
+        for r0 in (0..q_len).step_by(step) {
+            let s = scores(&q, &k, r0, (r0 + step).min(q_len));
+            let max = s.clone().max_dim(3);
+            let p = (s - max.clone()).exp();
+            let sum = p.clone().sum_dim(3);
+            outs.push(p.matmul(v.clone()).div(sum.clone()));
+            lses.push((max + sum.log()).squeeze_dim::<3>(3));
+        }
+        (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
+    }
+
+    pub fn backward<B: Backend>(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        out: Tensor<B, 4>,
+        lse: Tensor<B, 3>,
+        grad_out: Tensor<B, 4>,
+        max_scores: usize,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let q_len = q.dims()[2];
+        let scale = (q.dims()[3] as f64).powf(-0.5);
+        let step = rows_per_pass(q.dims(), k.dims()[2], max_scores);
+        let delta = (grad_out.clone() * out).sum_dim(3);
+        let (mut dk, mut dv) = (k.zeros_like(), v.zeros_like());
+        let mut dqs = Vec::new();
+        for r0 in (0..q_len).step_by(step) {
+            let r1 = (r0 + step).min(q_len);
+            let p =
+                (scores(&q, &k, r0, r1) - lse.clone().slice_dim(2, r0..r1).unsqueeze_dim(3)).exp();
+            let dout = grad_out.clone().slice_dim(2, r0..r1);
+            dv = dv + p.clone().swap_dims(2, 3).matmul(dout.clone());
+            let dp = dout.matmul(v.clone().swap_dims(2, 3));
+            let ds = p * (dp - delta.clone().slice_dim(2, r0..r1)) * scale;
+            dk = dk
+                + ds.clone()
+                    .swap_dims(2, 3)
+                    .matmul(q.clone().slice_dim(2, r0..r1));
+            dqs.push(ds.matmul(k.clone()));
+        }
+        (Tensor::cat(dqs, 2), dk, dv)
+    }
+}
+
+/// Fused loops over host memory, f32, one task per (batch, head). The loops read and write
+/// the `[batch, seq, heads, head_dim]` layout the projections produce, so that the inputs (views
+/// with heads and positions swapped) copy out as they lie in memory.
+pub mod host {
+    use super::*;
+    use crate::nn::fused::{from_host, host_vec};
+
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // Eight partial sums, so the compiler can keep them in one vector register.
+        let mut acc = [0.0f32; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f32 = ca
+            .remainder()
+            .iter()
+            .zip(cb.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        for (x, y) in ca.zip(cb) {
+            for l in 0..8 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y += a * x;
+        }
+    }
+
+    /// `[b, h, n, d]` values in `[b, n, h, d]` order.
+    fn seq_major<B: Backend>(t: Tensor<B, 4>) -> Vec<f32> {
+        host_vec(t.swap_dims(1, 2))
+    }
+
+    /// Rows of head `hh` of batch `bb` in a `[b, n, h, d]` buffer.
+    #[derive(Clone, Copy)]
+    struct Head {
+        bb: usize,
+        hh: usize,
+        heads: usize,
+        d: usize,
+    }
+
+    impl Head {
+        fn at(self, len: usize, i: usize) -> usize {
+            ((self.bb * len + i) * self.heads + self.hh) * self.d
+        }
+        fn row(self, t: &[f32], len: usize, i: usize) -> &[f32] {
+            &t[self.at(len, i)..][..self.d]
+        }
+        /// Writes a head's `[n, d]` rows back into the `[b, n, h, d]` buffer.
+        fn scatter(self, t: &mut [f32], len: usize, rows: &[f32]) {
+            for (i, row) in rows.chunks_exact(self.d).enumerate() {
+                let at = self.at(len, i);
+                t[at..at + self.d].copy_from_slice(row);
+            }
+        }
+    }
+
+    /// `[b, n, h, d]` values as a `[b, h, n, d]` tensor (a view with the middle axes swapped).
+    fn head_major<B: Backend>(
+        values: Vec<f32>,
+        [b, h, n, d]: [usize; 4],
+        device: &B::Device,
+    ) -> Tensor<B, 4> {
+        from_host::<B, 4>(values, [b, n, h, d], device).swap_dims(1, 2)
+    }
+
+    pub fn forward<B: Backend>(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 3>) {
+        let [b, heads, q_len, d] = q.dims();
+        let kv_len = k.dims()[2];
+        let device = q.device();
+        let (q, k, v) = (seq_major(q), seq_major(k), seq_major(v));
+        let scale = (d as f32).powf(-0.5);
+        let start = kv_len - q_len;
+        let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..b * heads)
+            .into_par_iter()
+            .map(|bh| {
+                let head = Head {
+                    bb: bh / heads,
+                    hh: bh % heads,
+                    heads,
+                    d,
+                };
+                let mut out = vec![0.0f32; q_len * d];
+                let mut lse = vec![0.0f32; q_len];
+                let mut p = vec![0.0f32; kv_len];
+                for i in 0..q_len {
+                    let keys = start + i + 1;
+                    let qi = head.row(&q, q_len, i);
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, p) in p[..keys].iter_mut().enumerate() {
+                        *p = dot(qi, head.row(&k, kv_len, j)) * scale;
+                        max = max.max(*p);
+                    }
+                    let mut sum = 0.0f32;
+                    for p in &mut p[..keys] {
+                        *p = (*p - max).exp();
+                        sum += *p;
+                    }
+                    let oi = &mut out[i * d..][..d];
+                    for (j, &p) in p[..keys].iter().enumerate() {
+                        axpy(oi, p / sum, head.row(&v, kv_len, j));
+                    }
+                    lse[i] = max + sum.ln();
+                }
+                (out, lse)
+            })
+            .collect();
+        let mut out = vec![0.0f32; b * q_len * heads * d];
+        let mut lse = Vec::with_capacity(b * heads * q_len);
+        for (bh, (rows, row_lse)) in per_head.into_iter().enumerate() {
+            let head = Head {
+                bb: bh / heads,
+                hh: bh % heads,
+                heads,
+                d,
+            };
+            head.scatter(&mut out, q_len, &rows);
+            lse.extend(row_lse);
+        }
+        (
+            head_major(out, [b, heads, q_len, d], &device),
+            from_host(lse, [b, heads, q_len], &device),
+        )
+    }
+
+    pub fn backward<B: Backend>(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        out: Tensor<B, 4>,
+        lse: Tensor<B, 3>,
+        grad_out: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, heads, q_len, d] = q.dims();
+        let kv_len = k.dims()[2];
+        let device = q.device();
+        let (q, k, v) = (seq_major(q), seq_major(k), seq_major(v));
+        let (out, dout, lse) = (seq_major(out), seq_major(grad_out), host_vec(lse));
+        let scale = (d as f32).powf(-0.5);
+        let start = kv_len - q_len;
+        type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
+        let per_head: Vec<Grads> = (0..b * heads)
+            .into_par_iter()
+            .map(|bh| {
+                let head = Head {
+                    bb: bh / heads,
+                    hh: bh % heads,
+                    heads,
+                    d,
+                };
+                let lse = &lse[bh * q_len..][..q_len];
+                let mut dq = vec![0.0f32; q_len * d];
+                let mut dk = vec![0.0f32; kv_len * d];
+                let mut dv = vec![0.0f32; kv_len * d];
+                for i in 0..q_len {
+                    let (qi, doi) = (head.row(&q, q_len, i), head.row(&dout, q_len, i));
+                    let delta = dot(doi, head.row(&out, q_len, i));
+                    let dqi = &mut dq[i * d..][..d];
+                    for j in 0..start + i + 1 {
+                        let (kj, vj) = (head.row(&k, kv_len, j), head.row(&v, kv_len, j));
+                        let p = (dot(qi, kj) * scale - lse[i]).exp();
+                        axpy(&mut dv[j * d..][..d], p, doi);
+                        let ds = p * (dot(doi, vj) - delta) * scale;
+                        axpy(dqi, ds, kj);
+                        axpy(&mut dk[j * d..][..d], ds, qi);
+                    }
+                }
+                (dq, dk, dv)
+            })
+            .collect();
+        let mut dq = vec![0.0f32; b * q_len * heads * d];
+        let mut dk = vec![0.0f32; b * kv_len * heads * d];
+        let mut dv = vec![0.0f32; b * kv_len * heads * d];
+        for (bh, (hq, hk, hv)) in per_head.into_iter().enumerate() {
+            let head = Head {
+                bb: bh / heads,
+                hh: bh % heads,
+                heads,
+                d,
+            };
+            head.scatter(&mut dq, q_len, &hq);
+            head.scatter(&mut dk, kv_len, &hk);
+            head.scatter(&mut dv, kv_len, &hv);
+        }
+        (
+            head_major(dq, [b, heads, q_len, d], &device),
+            head_major(dk, [b, heads, kv_len, d], &device),
+            head_major(dv, [b, heads, kv_len, d], &device),
+        )
+    }
+}

@@ -1,0 +1,118 @@
+//! Rotary embedding with its own backward pass, on the CPU backends: the gradient is the
+//! input's gradient turned back by the same angles. Composed of tensor ops, the rotation is a
+//! tiny matmul and two broadcast products (strided passes on the CPU) plus the backward of each.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
+use burn::tensor::ops::FloatTensor;
+use rayon::prelude::*;
+
+use super::{AutodiffOp, Inner, from_host, host_vec, run_on_autodiff, same};
+
+type Rotation<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+
+/// `x: [batch, seq, heads, head_dim]` rotated by `cos`, `sin: [batch or 1, seq, 1, head_dim]`
+/// in the rotate-half layout, through this op when `B` is autodiff over a CPU backend; `Err`
+/// gives the inputs back otherwise.
+pub fn rotate_trained<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Result<Tensor<B, 4>, Rotation<B>> {
+    run_on_autodiff(RopeOp(x, cos, sin), Inner::Host).map_err(|op| (op.0, op.1, op.2))
+}
+
+struct RopeOp<B: Backend>(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+
+impl<B: Backend> AutodiffOp<B> for RopeOp<B> {
+    type Output = Tensor<B, 4>;
+
+    fn run<I: Backend>(self) -> Tensor<B, 4> {
+        let (x, cos, sin): Rotation<Autodiff<I>> = (same(self.0), same(self.1), same(self.2));
+        same(rope_autodiff::<I>(x, cos.inner(), sin.inner()))
+    }
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<B: Backend> Backward<B, 1> for RopeBackward {
+    /// The cos and sin tables.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let [parent] = ops.parents;
+        let Some(node) = parent else { return };
+        let (cos, sin) = ops.state;
+        let wrap = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
+        let dx = rotate(wrap(grad), wrap(cos), wrap(sin), true);
+        grads.register::<B>(node.id, dx.into_primitive().tensor());
+    }
+}
+
+fn rope_autodiff<I: Backend>(
+    x: Tensor<Autodiff<I>, 4>,
+    cos: Tensor<I, 4>,
+    sin: Tensor<I, 4>,
+) -> Tensor<Autodiff<I>, 4> {
+    let x = x.into_primitive().tensor();
+    let xi = Tensor::<I, 4>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
+    let out = rotate(xi, cos.clone(), sin.clone(), false)
+        .into_primitive()
+        .tensor();
+    let out = match RopeBackward
+        .prepare::<NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            (cos.into_primitive().tensor(), sin.into_primitive().tensor()),
+            out,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Pair (j, j + half) turned by the angle whose cos and sin the tables hold at j (and j + half);
+/// `back` turns by minus that angle, which is the transpose the backward pass needs.
+pub fn rotate<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+    back: bool,
+) -> Tensor<B, 4> {
+    let [b, seq, heads, d] = x.dims();
+    let tables_per_batch = cos.dims()[0] != 1;
+    let device = x.device();
+    let half = d / 2;
+    let (x, cos, sin) = (host_vec(x), host_vec(cos), host_vec(sin));
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(heads * d)
+        .zip(x.par_chunks(heads * d))
+        .enumerate()
+        .for_each(|(bt, (out, x))| {
+            let (bb, t) = (bt / seq, bt % seq);
+            let at = (if tables_per_batch { bb * seq + t } else { t }) * d;
+            let (c, s) = (&cos[at..][..d], &sin[at..][..d]);
+            for (out, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                for j in 0..half {
+                    let (x1, x2) = (x[j], x[j + half]);
+                    if back {
+                        out[j] = x1 * c[j] + x2 * s[j + half];
+                        out[j + half] = x2 * c[j + half] - x1 * s[j];
+                    } else {
+                        out[j] = x1 * c[j] - x2 * s[j];
+                        out[j + half] = x2 * c[j + half] + x1 * s[j + half];
+                    }
+                }
+            }
+        });
+    from_host(out, [b, seq, heads, d], &device)
+}
