@@ -4,11 +4,13 @@ cannot drift.
     python3 scripts/readme_tables.py           # rewrite the tables in place
     python3 scripts/readme_tables.py --check   # exit 1 when README.md differs (CI)
 
-A table is written between two markers; the first names the file and, optionally, the columns:
+A table is written between two markers; the first names the file and, optionally, the columns
+and which rows (`where column=value/value/...`, conditions separated by `;`, all must hold):
 
     <!-- table: benches/results/train_cpu.csv | shape, params, strata_tokens_per_sec -->
     ...generated...
     <!-- /table -->
+    <!-- table: benches/results/lora_memory.csv | run, tokens_per_sec | where batch=1; seq=2048 -->
 
 The CSV's `#` lines (what was measured, the machine, the date and build, the peer) are printed
 under the table.
@@ -21,8 +23,8 @@ import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MARKER = re.compile(r"<!-- table: (?P<file>[^|>]+?)(?: \| (?P<cols>[^>]+?))? -->\n(?P<body>.*?)<!-- /table -->",
-                    re.S)
+MARKER = re.compile(r"<!-- table: (?P<file>[^|>]+?)(?: \| (?!where )(?P<cols>[^|>]+?))?"
+                    r"(?: \| where (?P<where>[^|>]+?))? -->\n(?P<body>.*?)<!-- /table -->", re.S)
 
 
 def cell(text):
@@ -39,16 +41,29 @@ def cell(text):
     return f"{value:.4g}"
 
 
-def table(path, columns):
+def conditions(text):
+    """`a=x/y; b=z` -> {a: {x, y}, b: {z}}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(";"))):
+        key, _, values = part.partition("=")
+        out[key.strip()] = {v.strip() for v in values.split("/")}
+    return out
+
+
+def table(path, columns, where=None):
     lines = (ROOT / path).read_text().splitlines()
     notes = [l[1:].strip() for l in lines if l.startswith("#")]
     rows = list(csv.DictReader(io.StringIO("\n".join(l for l in lines if not l.startswith("#")))))
     if not rows:
         sys.exit(f"{path}: no rows")
     columns = columns or list(rows[0])
-    missing = [c for c in columns if c not in rows[0]]
+    where = conditions(where)
+    missing = [c for c in [*columns, *where] if c not in rows[0]]
     if missing:
         sys.exit(f"{path}: no column {', '.join(missing)} (columns: {', '.join(rows[0])})")
+    rows = [r for r in rows if all(r[k] in values for k, values in where.items())]
+    if not rows:
+        sys.exit(f"{path}: no row has {where}")
     out = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     out += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
     out += [""] + [f"<sub>{n}</sub><br>" if i < len(notes) - 1 else f"<sub>{n}</sub>"
@@ -60,7 +75,7 @@ def render(readme):
     def replace(m):
         cols = [c.strip() for c in m["cols"].split(",")] if m["cols"] else None
         head = m.group(0).split("\n", 1)[0]
-        return f"{head}\n{table(m['file'].strip(), cols)}<!-- /table -->"
+        return f"{head}\n{table(m['file'].strip(), cols, m['where'])}<!-- /table -->"
     return MARKER.sub(replace, readme)
 
 

@@ -1,4 +1,4 @@
-//! `strata bench --suite train|attention|infer|lora|all`: the end-to-end figures, each suite one
+//! `strata bench --suite train|attention|infer|lora|quality|all`: the end-to-end figures, each suite one
 //! CSV under `--results` (default `benches/results/`) named `<suite>_<cpu|backend>.csv`, its `#`
 //! lines describing the machine, the build and the peer. Every measurement runs in its own
 //! `strata` process (one at a time), so one's memory peak or warm caches do not leak into the
@@ -17,7 +17,7 @@ use crate::report::csv_rows;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// train, attention, infer, lora or all.
+    /// train, attention, infer, lora, quality or all.
     #[arg(long, default_value = "all")]
     suite: String,
     /// Folder the CSV files go to.
@@ -39,13 +39,15 @@ pub struct Args {
     backend: BackendArgs,
 }
 
-const SUITES: [&str; 4] = ["train", "attention", "infer", "lora"];
+const SUITES: [&str; 5] = ["train", "attention", "infer", "lora", "quality"];
 
 pub fn run(args: Args) -> Result<()> {
     let suites: Vec<&str> = match args.suite.as_str() {
         "all" => SUITES.to_vec(),
         s if SUITES.contains(&s) => vec![s],
-        other => bail!("--suite {other}: expected one of train, attention, infer, lora, all"),
+        other => {
+            bail!("--suite {other}: expected one of train, attention, infer, lora, quality, all")
+        }
     };
     std::fs::create_dir_all(&args.results)
         .with_context(|| format!("creating {}", args.results.display()))?;
@@ -60,7 +62,8 @@ pub fn run(args: Args) -> Result<()> {
             "train" => train_suite(&args)?,
             "attention" => attention_suite(&args)?,
             "infer" => infer_suite(&args)?,
-            _ => lora_suite(&args)?,
+            "lora" => lora_suite(&args)?,
+            _ => quality_suite(&args)?,
         };
         write_results(&out, suite, about, &peer, &rows)?;
         println!("wrote {}", out.display());
@@ -376,6 +379,103 @@ fn lora_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
         peer_note("transformers + PEFT", &args.python, &peer),
         rows,
     ))
+}
+
+/// The default run (README's first command) and the PyTorch reference trained for the same wall
+/// time and for the same steps: the quality each reaches, and at what speed.
+fn quality_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
+    const CONFIG: &str = "configs/shakespeare.toml";
+    let peer =
+        peer_device(&args.backend).and_then(|_| python_has(Command::new(&args.python), &["torch"]));
+    let threads = threads();
+    let run_dir = std::env::temp_dir().join(format!("strata-quality-{}", std::process::id()));
+    let quick: &[&str] = if args.quick {
+        &[
+            "train.max_steps=20",
+            "train.eval_interval=10",
+            "train.eval_batches=2",
+        ]
+    } else {
+        &[]
+    };
+    let mut cmd = strata_cmd("train", &args.backend);
+    cmd.arg(CONFIG).arg("--run-dir").arg(&run_dir);
+    for o in quick {
+        cmd.args(["--set", o]);
+    }
+    let printed = run_text(&mut cmd)?;
+    if let Some(at) = printed.find("--- sample") {
+        println!("{}", &printed[at..]);
+    }
+    let path = run_dir.join("summary.json");
+    let ours: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))?;
+    std::fs::remove_dir_all(&run_dir).ok();
+    let row = |run: &str, framework: &str, v: &serde_json::Value, steps: f64, tokens: f64| {
+        vec![
+            cell("run", run),
+            cell("framework", framework),
+            cell("threads", threads),
+            cell("steps", steps),
+            cell("tokens", tokens),
+            cell("wall_secs", format!("{:.1}", num(&v["wall_secs"]))),
+            cell(
+                "tokens_per_sec",
+                format!("{:.0}", num(&v["tokens_per_sec"])),
+            ),
+            cell("val_loss", format!("{:.4}", num(&v["val_loss"]))),
+            cell(
+                "val_bits_per_byte",
+                format!("{:.4}", num(&v["val_bits_per_byte"])),
+            ),
+            cell(
+                "bpb_minus_strata",
+                format!(
+                    "{:+.4}",
+                    num(&v["val_bits_per_byte"]) - num(&ours["val_bits_per_byte"])
+                ),
+            ),
+            cell("peak_host_mib", format!("{:.0}", num(&v["peak_host_mib"]))),
+        ]
+    };
+    let strata_steps = num(&ours["steps"]);
+    let mut rows = vec![row(
+        "strata",
+        "strata",
+        &ours,
+        strata_steps,
+        num(&ours["tokens"]),
+    )];
+    if peer.is_ok() {
+        let torch = |limit: [&str; 2]| -> Result<serde_json::Value> {
+            let mut cmd = Command::new(&args.python);
+            cmd.args(["scripts/reference/train_torch.py", CONFIG])
+                .args(limit)
+                .args(["--threads", &threads.to_string()])
+                .args(["--device", peer_device(&args.backend).unwrap_or("cpu")]);
+            for o in quick {
+                cmd.args(["--set", o]);
+            }
+            json_line(&mut cmd)
+        };
+        let wall = format!("{:.1}", num(&ours["wall_secs"]));
+        let steps = format!("{strata_steps}");
+        for (run, limit) in [
+            ("pytorch-same-wall-time", ["--seconds", wall.as_str()]),
+            ("pytorch-same-steps", ["--max-steps", steps.as_str()]),
+        ] {
+            let v = torch(limit)?;
+            let tokens = num(&v["steps"]) * num(&v["batch_size"]) * num(&v["seq_len"]);
+            rows.push(row(run, "pytorch", &v, num(&v["steps"]), tokens));
+        }
+    }
+    let about = "the default run (configs/shakespeare.toml: README's first command), then the \
+                 PyTorch reference (scripts/reference/train_torch.py: same architecture, \
+                 initialisation, data split, optimizer and schedule) for the same wall time and \
+                 for the same steps; validation loss on the same windows of the held-out plays";
+    Ok((about, peer_note("PyTorch", &args.python, &peer), rows))
 }
 
 /// This binary again: `strata VERB --backend B --dtype D`.

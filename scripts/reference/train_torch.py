@@ -11,6 +11,7 @@ of the first steps, so that the cosine schedule ends when the time is up.
 
 import argparse
 import json
+import resource
 import math
 import pathlib
 import platform
@@ -253,6 +254,7 @@ def main():
             losses.append(F.cross_entropy(model(w[:, :-1]).reshape(-1, m["vocab_size"]), w[:, 1:].reshape(-1)).item())
     val_loss = sum(losses) / len(losses)
     bytes_per_token = val_bytes / len(val)
+    info["peak_host_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     info.update(steps=total, wall_secs=wall, final_train_loss=loss, val_loss=val_loss,
                 val_bits_per_byte=val_loss / math.log(2) / bytes_per_token,
                 tokens_per_sec=total * bsz * seq / wall)
