@@ -26,7 +26,8 @@ def note(r):
                 "same precision caveats as the unfused rows")
     if r["framework"] == "strata":
         return ("parameters, activations and AdamW state all in this dtype (Burn 0.21 has no mixed precision); "
-                "attention materialises the n x n scores under autodiff; no fusion or autotune")
+                "attention: the nn::fused op (before commit c69d513: composed ops keeping the n x n scores); "
+                "no fusion or autotune")
     return "autocast bf16, f32 master weights" if r.get("dtype") == "bf16" else "f32, tf32 off"
 
 
