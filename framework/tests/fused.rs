@@ -16,15 +16,7 @@ use strata::nn::attention::{dense_causal, dense_causal_in_passes};
 use strata::nn::fused::attention::{device, host};
 use strata::nn::fused::rope::rotate_trained;
 
-fn random<B: Backend, const D: usize>(seed: u64, shape: [usize; D]) -> Tensor<B, D> {
-    let mut next = common::uniform(seed);
-    let values: Vec<f32> = (0..shape.iter().product()).map(|_| next()).collect();
-    Tensor::from_data(TensorData::new(values, shape), &Default::default())
-}
-
-fn host_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
-}
+use common::{assert_close, random, values as host_values};
 
 /// Output and the gradients of q, k, v of `sum(attend(q, k, v) ∘ w)` for a fixed random `w`.
 fn run<B: AutodiffBackend>(
@@ -44,19 +36,6 @@ fn run<B: AutodiffBackend>(
         all.push(host_values(x.grad(&grads).expect("a gradient")));
     }
     all
-}
-
-fn assert_close(names: &[&str], got: &[Vec<f32>], want: &[Vec<f32>], tol: f32) {
-    for (name, (a, b)) in names.iter().zip(got.iter().zip(want)) {
-        assert_eq!(a.len(), b.len(), "{name}: lengths");
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(err <= tol * scale, "{name}: max |Δ| {err}, scale {scale}");
-    }
 }
 
 fn composed<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {

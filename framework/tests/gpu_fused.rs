@@ -9,21 +9,12 @@
 mod common;
 
 use burn::backend::Autodiff;
-use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use strata::backend::Cpu;
 use strata::nn::attention::{dense_causal, dense_causal_in_passes};
 use strata::nn::fused::attention::device;
 
-fn random<B: Backend, const D: usize>(seed: u64, shape: [usize; D]) -> Tensor<B, D> {
-    let mut next = common::uniform(seed);
-    let values: Vec<f32> = (0..shape.iter().product()).map(|_| next()).collect();
-    Tensor::from_data(TensorData::new(values, shape), &Default::default())
-}
-
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
-}
+use common::{assert_close, random, values as host};
 
 fn run<B: AutodiffBackend>(q_len: usize, kv_len: usize, fused: bool) -> Vec<Vec<f32>> {
     let (b, h, d) = (2, 3, 32);
@@ -46,18 +37,7 @@ fn check<B: AutodiffBackend>() {
     for (q_len, kv_len) in [(77, 77), (5, 77)] {
         let got = run::<B>(q_len, kv_len, true);
         let want = run::<Autodiff<Cpu>>(q_len, kv_len, false);
-        for (name, (a, b)) in ["out", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
-            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(
-                err <= 1e-4 * scale,
-                "{name} at {q_len}/{kv_len}: max |Δ| {err}, scale {scale}"
-            );
-        }
+        assert_close(&["out", "dq", "dk", "dv"], &got, &want, 1e-4);
     }
     // Several passes of queries (the form long sequences take) against one.
     let (q, k, v) = (
@@ -80,18 +60,7 @@ fn check<B: AutodiffBackend>() {
         [host(out), host(lse), host(dq), host(dk), host(dv)]
     };
     let (passes, one) = (all(2 * 40 * 7), all(usize::MAX));
-    for (a, b) in passes.iter().zip(&one) {
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            err <= 1e-5 * scale,
-            "passes against one: max |Δ| {err}, scale {scale}"
-        );
-    }
+    assert_close(&["out", "lse", "dq", "dk", "dv"], &passes, &one, 1e-5);
 }
 
 #[cfg(feature = "wgpu")]

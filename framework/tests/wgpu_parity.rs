@@ -51,13 +51,5 @@ fn wgpu_coord3d_matches_the_cpu_masked_reference() {
     }
     let gpu = run::<Autodiff<Wgpu>>(true);
     let cpu = run::<Autodiff<Cpu>>(false);
-    for (name, (a, b)) in ["out", "dq", "dk", "dv"].iter().zip(gpu.iter().zip(&cpu)) {
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(err <= 1e-4 * scale, "{name}: max |Δ| {err}, scale {scale}");
-    }
+    common::assert_close(&["out", "dq", "dk", "dv"], &gpu, &cpu, 1e-4);
 }

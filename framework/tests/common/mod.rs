@@ -75,3 +75,33 @@ pub fn uniform(mut state: u64) -> impl FnMut() -> f32 {
         (state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
     }
 }
+
+/// A tensor of `shape` filled from [`uniform`] with `seed`, on the default device.
+#[allow(dead_code)]
+pub fn random<B: Backend, const D: usize>(seed: u64, shape: [usize; D]) -> Tensor<B, D> {
+    let mut next = uniform(seed);
+    let values: Vec<f32> = (0..shape.iter().product()).map(|_| next()).collect();
+    Tensor::from_data(TensorData::new(values, shape), &Default::default())
+}
+
+/// A tensor's values as f32, in logical order.
+#[allow(dead_code)]
+pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+/// Each `got[i]` within `tol` times the largest |`want[i]`| entry of `want[i]`; the failure names
+/// the tensor (`names[i]`), the largest difference and the scale.
+#[allow(dead_code)]
+pub fn assert_close(names: &[&str], got: &[Vec<f32>], want: &[Vec<f32>], tol: f32) {
+    for (name, (a, b)) in names.iter().zip(got.iter().zip(want)) {
+        assert_eq!(a.len(), b.len(), "{name}: lengths");
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(err <= tol * scale, "{name}: max |Δ| {err}, scale {scale}");
+    }
+}
