@@ -90,8 +90,7 @@ const TRAIN_SHAPES: [(&str, &str, &[&str]); 2] = [
 type Rows = Vec<Vec<(String, String)>>;
 
 fn train_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
-    let peer =
-        peer_device(&args.backend).and_then(|_| python_has(Command::new(&args.python), &["torch"]));
+    let peer = torch_peer(args);
     let threads = threads();
     let mut rows = Vec::new();
     for (shape, config, overrides) in TRAIN_SHAPES {
@@ -146,8 +145,7 @@ fn train_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
 }
 
 fn attention_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
-    let peer =
-        peer_device(&args.backend).and_then(|_| python_has(Command::new(&args.python), &["torch"]));
+    let peer = torch_peer(args);
     let seqs: &[usize] = if args.quick {
         &[256, 512]
     } else {
@@ -385,8 +383,7 @@ fn lora_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
 /// time and for the same steps: the quality each reaches, and at what speed.
 fn quality_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
     const CONFIG: &str = "configs/shakespeare.toml";
-    let peer =
-        peer_device(&args.backend).and_then(|_| python_has(Command::new(&args.python), &["torch"]));
+    let peer = torch_peer(args);
     let threads = threads();
     let run_dir = std::env::temp_dir().join(format!("strata-quality-{}", std::process::id()));
     let quick: &[&str] = if args.quick {
@@ -535,6 +532,11 @@ fn peer_device(backend: &BackendArgs) -> Result<&'static str, String> {
         "flex" | "ndarray" => Ok("cpu"),
         other => Err(format!("no peer runs on the device of --backend {other}")),
     }
+}
+
+/// PyTorch on the suite's device: Ok(versions), or Err(why it is skipped).
+fn torch_peer(args: &Args) -> Result<String, String> {
+    peer_device(&args.backend).and_then(|_| python_has(Command::new(&args.python), &["torch"]))
 }
 
 /// Ok(versions) when `python` imports every module, Err(why not) otherwise.

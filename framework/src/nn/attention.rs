@@ -223,7 +223,7 @@ pub fn dense_causal_in_passes<B: Backend>(
 ) -> Tensor<B, 4> {
     let [batch, heads, seq, _] = q.dims();
     let kv_len = k.dims()[2];
-    let rows = (max_scores / (batch * heads * kv_len)).max(1);
+    let rows = rows_per_pass(batch * heads, kv_len, max_scores);
     if seq <= rows {
         return dense_causal_pass(q, k, v);
     }
@@ -256,7 +256,10 @@ fn dense_causal_pass<B: Backend>(
     } else if seq == 1 {
         (None, false)
     } else {
-        (Some(causal_mask::<B>(seq, kv_len, &q.device())), false)
+        (
+            Some(causal_mask::<B>(kv_len - seq, seq, kv_len, &q.device())),
+            false,
+        )
     };
     let options = AttentionModuleOptions {
         scale: None,
@@ -266,15 +269,25 @@ fn dense_causal_pass<B: Backend>(
     attention(q, k, v, mask, None, options)
 }
 
-/// `true` where query i (the last `q_len` of `kv_len` positions) must not see key j.
-fn causal_mask<B: Backend>(q_len: usize, kv_len: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
-    let start = kv_len - q_len;
-    let mut masked = Vec::with_capacity(q_len * kv_len);
-    for i in 0..q_len {
-        for j in 0..kv_len {
-            masked.push(j > start + i);
-        }
-    }
-    Tensor::<B, 2, Bool>::from_data(TensorData::new(masked, [q_len, kv_len]), device)
-        .unsqueeze::<4>()
+/// `true` where query row r, at position `first + r`, must not see key j (j > first + r):
+/// `[1, 1, rows, kv_len]`, built on the device.
+pub(crate) fn causal_mask<B: Backend>(
+    first: usize,
+    rows: usize,
+    kv_len: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let positions = Tensor::<B, 1, Int>::arange(first as i64..(first + rows) as i64, device)
+        .reshape([rows, 1])
+        .expand([rows, kv_len]);
+    let keys = Tensor::<B, 1, Int>::arange(0..kv_len as i64, device)
+        .reshape([1, kv_len])
+        .expand([rows, kv_len]);
+    keys.greater(positions).unsqueeze::<4>()
+}
+
+/// Query rows per pass so that a pass over `batch_heads` (batch × heads) sequences of `kv_len`
+/// keys holds at most `max_scores` scores (one row at least).
+pub(crate) fn rows_per_pass(batch_heads: usize, kv_len: usize, max_scores: usize) -> usize {
+    (max_scores / (batch_heads * kv_len)).max(1)
 }

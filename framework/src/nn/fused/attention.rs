@@ -130,13 +130,18 @@ fn causal_attention_autodiff<B: Backend>(
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
+/// Whether the fused host loops (f32, CPU backends) compute this op, rather than tensor ops.
+fn host_loops<B: Backend>(q: &Tensor<B, 4>) -> bool {
+    on_host::<B>() && q.dtype() == DType::F32
+}
+
 /// Output `[b, h, q_len, d]` and row log-sum-exp `[b, h, q_len]`.
 pub fn causal_forward<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
 ) -> (Tensor<B, 4>, Tensor<B, 3>) {
-    if on_host::<B>() && q.dtype() == DType::F32 {
+    if host_loops(&q) {
         host::forward(q, k, v)
     } else {
         device::forward(q, k, v, crate::nn::coord3d::MAX_SCORES_PER_PASS)
@@ -152,7 +157,7 @@ pub fn causal_backward<B: Backend>(
     lse: Tensor<B, 3>,
     grad_out: Tensor<B, 4>,
 ) -> Qkv<B> {
-    if on_host::<B>() && q.dtype() == DType::F32 {
+    if host_loops(&q) {
         host::backward(q, k, v, out, lse, grad_out)
     } else {
         device::backward(
@@ -171,27 +176,7 @@ pub fn causal_backward<B: Backend>(
 pub mod device {
     use burn::prelude::*;
 
-    /// `true` where query i (the last `q_len` rows of `r0..r1` among `kv_len`) must not see key j.
-    fn future<B: Backend>(
-        r0: usize,
-        r1: usize,
-        q_len: usize,
-        kv_len: usize,
-        device: &B::Device,
-    ) -> Tensor<B, 4, Bool> {
-        let start = kv_len - q_len;
-        let rows = Tensor::<B, 1, Int>::arange((start + r0) as i64..(start + r1) as i64, device)
-            .reshape([r1 - r0, 1])
-            .expand([r1 - r0, kv_len]);
-        let cols = Tensor::<B, 1, Int>::arange(0..kv_len as i64, device)
-            .reshape([1, kv_len])
-            .expand([r1 - r0, kv_len]);
-        cols.greater(rows).unsqueeze::<4>()
-    }
-
-    fn rows_per_pass(dims: [usize; 4], kv_len: usize, max_scores: usize) -> usize {
-        (max_scores / (dims[0] * dims[1] * kv_len)).max(1)
-    }
+    use crate::nn::attention::{causal_mask, rows_per_pass};
 
     /// Scaled, masked scores of query rows `r0..r1`.
     fn scores<B: Backend>(
@@ -207,7 +192,8 @@ pub mod device {
             .matmul(k.clone().swap_dims(2, 3))
             .mul_scalar((d as f64).powf(-0.5));
         let [b, h, rows, _] = s.dims();
-        let future = future::<B>(r0, r1, q_len, kv_len, &q.device()).expand([b, h, rows, kv_len]);
+        let future = causal_mask::<B>(kv_len - q_len + r0, rows, kv_len, &q.device())
+            .expand([b, h, rows, kv_len]);
         s.mask_fill(future, f32::NEG_INFINITY)
     }
 
@@ -218,7 +204,8 @@ pub mod device {
         max_scores: usize,
     ) -> (Tensor<B, 4>, Tensor<B, 3>) {
         let q_len = q.dims()[2];
-        let step = rows_per_pass(q.dims(), k.dims()[2], max_scores);
+        let [batch, heads, _, _] = q.dims();
+        let step = rows_per_pass(batch * heads, k.dims()[2], max_scores);
         let (mut outs, mut lses) = (Vec::new(), Vec::new());
         for r0 in (0..q_len).step_by(step) {
             let s = scores(&q, &k, r0, (r0 + step).min(q_len));
@@ -242,7 +229,8 @@ pub mod device {
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let q_len = q.dims()[2];
         let scale = (q.dims()[3] as f64).powf(-0.5);
-        let step = rows_per_pass(q.dims(), k.dims()[2], max_scores);
+        let [batch, heads, _, _] = q.dims();
+        let step = rows_per_pass(batch * heads, k.dims()[2], max_scores);
         let delta = (grad_out.clone() * out).sum_dim(3);
         let (mut dk, mut dv) = (k.zeros_like(), v.zeros_like());
         let mut dqs = Vec::new();
