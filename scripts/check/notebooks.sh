@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The research workflow end to end, as CI runs it: a small sweep on Shakespeare, its report, and
-# both notebooks executed headless on that sweep and on benches/results. Also checks that the
-# committed notebooks carry no outputs. Usage: scripts/check/notebooks.sh [VENV]
+# both notebooks executed headless on that sweep and on benches/results; the quality benchmark
+# suite at smoke size. Also checks that the committed notebooks carry no outputs.
+# Usage: scripts/check/notebooks.sh [VENV]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 venv=${1:-target/ci-venv}
@@ -43,3 +44,17 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.ipynb")):
     print(f"{p.name}: {images} figures")
 PY
 echo "notebooks: $(ls notebooks/*.ipynb | wc -l) executed on $STRATA_RUNS"
+
+# `strata bench --suite quality` at smoke size; this venv has no PyTorch, so the file must say
+# the peer was skipped and hold Strata's row alone.
+target/release/strata bench --suite quality --quick --python "$venv/bin/python" --results "$out/bench"
+"$venv/bin/python" - "$out/bench/quality_cpu.csv" <<'PY'
+import csv, sys
+lines = open(sys.argv[1]).read().splitlines()
+if not any(l.startswith("# peer: PyTorch skipped") for l in lines):
+    sys.exit(f"{sys.argv[1]}: no skipped-peer note in {lines[:4]}")
+rows = list(csv.DictReader(l for l in lines if not l.startswith("#")))
+if [r["run"] for r in rows] != ["strata"] or not 0 < float(rows[0]["val_bits_per_byte"]) < 9:
+    sys.exit(f"{sys.argv[1]}: expected one strata row with a loss, got {rows}")
+print(f"quality suite (quick): {rows[0]['val_bits_per_byte']} bits/byte, peer skipped")
+PY
