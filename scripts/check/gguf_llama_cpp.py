@@ -8,7 +8,7 @@ runner-up by more than llama.cpp's own rounding (its KV cache is f16) could move
     LLAMA_CPP_LIB_PATH=target/llama-cpp/build/bin target/llama-cpp/venv/bin/python \
         scripts/check/gguf_llama_cpp.py target/gguf-check
 
-Reads DIR/tiny-logits.json and DIR/tiny-TYPE.gguf, written by `cargo test --test gguf_export`.
+Reads DIR/tiny-logits.json and DIR/tiny-TYPE.gguf, written by `cargo test --release -p strata --test integration gguf_export::`.
 """
 
 import json

@@ -6,7 +6,7 @@ logits with the ones Strata computed from the model before export.
     pip install gguf numpy
     python scripts/check/gguf_reference.py target/gguf-check
 
-Reads DIR/tiny-logits.json (written by `cargo test --test gguf_export`) and DIR/tiny-TYPE.gguf.
+Reads DIR/tiny-logits.json (written by `cargo test --release -p strata --test integration gguf_export::`) and DIR/tiny-TYPE.gguf.
 Exits non-zero when a file's relative RMS logit error exceeds its type's tolerance.
 """
 
@@ -19,7 +19,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 # Relative RMS logit error allowed per type: f32 checks the layout exactly (f32 vs f64); the
-# others add their weight rounding (the same bounds as framework/tests/gguf_export.rs).
+# others add their weight rounding (the same bounds as framework/tests/integration/gguf_export.rs).
 TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 1.5e-2, "q8_0": 4e-2, "q4_0": 0.45, "q4_1": 0.45, "q5_0": 0.25, "q5_1": 0.25}
 
 

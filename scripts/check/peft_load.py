@@ -1,4 +1,4 @@
-"""Loads the adapter that `cargo test --test lora` leaves in target/peft-check/ with Hugging Face
+"""Loads the adapter that `cargo test --release -p strata --test integration lora::` leaves in target/peft-check/ with Hugging Face
 PEFT on the fixture base model, and compares PEFT's logits with the ones Strata computed.
 
     pip install torch transformers peft safetensors

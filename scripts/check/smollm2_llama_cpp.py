@@ -8,7 +8,7 @@ Strata's f32, f16, q8_0 and q4_k_m re-exports, and each must match Strata's scor
 (NLL_TOLERANCE); and llama-quantize makes Q4_K_M from Strata's f32 export, which must give Strata's
 q4_k_m file's tensor types and bytes.
 
-    cargo test --release -p strata --test smollm2 -- --ignored
+    cargo test --release -p strata --test integration -- --ignored smollm2::
     LLAMA_CPP_LIB_PATH=target/llama-cpp/build/bin target/llama-cpp/venv/bin/python \
         scripts/check/smollm2_llama_cpp.py target/gguf-check [target/llama-cpp/build/bin/llama-quantize]
 

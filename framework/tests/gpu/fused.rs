@@ -4,9 +4,8 @@
 //!
 //! Tolerance 1e-4 of the largest entry: GPU kernels sum in other orders and fuse multiply-adds
 //! differently from the CPU; f32 differences here are ~1e-6.
-#![cfg(any(feature = "wgpu", feature = "cuda"))]
 
-mod common;
+use crate::common;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
@@ -14,7 +13,7 @@ use strata::backend::Cpu;
 use strata::nn::attention::{dense_causal, dense_causal_in_passes};
 use strata::nn::fused::attention::device;
 
-use common::{assert_close, random, values as host};
+use crate::common::{assert_close, random, values as host};
 
 fn run<B: AutodiffBackend>(q_len: usize, kv_len: usize, fused: bool) -> Vec<Vec<f32>> {
     let (b, h, d) = (2, 3, 32);

@@ -3,7 +3,7 @@
 //! two-phase stream equals a plain per-sub-layer reading of Eq. 6; cached decoding equals the
 //! full forward; nothing reads the future; and both modes match a PyTorch reference.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -3,7 +3,7 @@
 //! checkpoints hold only the adapters and resume exactly → the PEFT-layout adapter the run saves,
 //! loaded onto the base, gives the run's logits → merged into the base, the same logits again.
 
-mod common;
+use crate::common;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -21,12 +21,6 @@ use strata::tokenizer::ByteTokenizer;
 use strata::train::{Event, ids_tensor, train};
 
 type B = Autodiff<Cpu>;
-
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("strata-finetune-{name}-{}", std::process::id()));
@@ -171,7 +165,6 @@ fn max_relative_gap(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn lora_finetune_learns_saves_peft_adapters_and_merges() {
-    let _guard = serial();
     let root = scratch("e2e");
     let base_dir = train_base(&root);
     let data = instructions(&root);
@@ -253,7 +246,6 @@ fn lora_finetune_learns_saves_peft_adapters_and_merges() {
 
 #[test]
 fn killed_and_resumed_lora_run_matches_uninterrupted_run() {
-    let _guard = serial();
     let root = scratch("resume");
     let base_dir = train_base(&root);
     let data = instructions(&root);
@@ -275,7 +267,6 @@ fn killed_and_resumed_lora_run_matches_uninterrupted_run() {
 
 #[test]
 fn a_model_section_that_disagrees_with_the_base_is_an_error() {
-    let _guard = serial();
     let root = scratch("conflict");
     let base_dir = train_base(&root);
     let data = instructions(&root);

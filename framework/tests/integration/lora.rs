@@ -4,12 +4,12 @@
 //! over two layers is ~1e-6 relative; 1e-4 leaves room for summation order and still fails for
 //! a wrong scale, a missing transpose or a dropped target).
 
-mod common;
+use crate::common;
 
+use crate::common::fixture;
 use burn::backend::{Autodiff, NdArray};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use common::fixture;
 use strata::io::hf::load_llama;
 use strata::io::params::load_safetensors;
 use strata::io::peft::{load_adapter, save_adapter};

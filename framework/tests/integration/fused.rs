@@ -6,8 +6,6 @@
 //! Tolerance 1e-5 of the largest entry: f32 throughout, sums over at most a few dozen keys
 //! taken in a different order (observed differences are ~1e-7).
 
-mod common;
-
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
@@ -16,7 +14,7 @@ use strata::nn::attention::{dense_causal, dense_causal_in_passes};
 use strata::nn::fused::attention::{device, host};
 use strata::nn::fused::rope::rotate_trained;
 
-use common::{assert_close, random, values as host_values};
+use crate::common::{assert_close, random, values as host_values};
 
 /// Output and the gradients of q, k, v of `sum(attend(q, k, v) ∘ w)` for a fixed random `w`.
 fn run<B: AutodiffBackend>(

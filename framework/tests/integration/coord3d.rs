@@ -2,7 +2,7 @@
 //! dense masked path (values and gradients), the pruning rule's properties, M-RoPE against
 //! 1-D RoPE and under shifted coordinates, and KV-cache decoding with eviction.
 
-mod common;
+use crate::common;
 
 use burn::backend::Autodiff;
 use burn::prelude::*;

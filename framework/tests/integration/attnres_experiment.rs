@@ -2,7 +2,7 @@
 //! starts from the same loss (zero-initialised queries make AttnRes and the rescaled control
 //! compute the standard model's function) and none diverges.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -9,8 +9,7 @@ use strata::backend::Cpu;
 use strata::infer::{Sampler, SamplerConfig, generate};
 use strata::io::hf::load_llama;
 
-mod common;
-use common::{check_logits, fixture};
+use crate::common::{check_logits, fixture};
 
 #[test]
 fn untied_gqa_checkpoint_matches_transformers() {

@@ -1,7 +1,7 @@
 //! Sequence-block attention against a scalar reference written from its definition, and the
 //! decoder built with it: causal, cache-consistent, and composable with every residual mode.
 
-mod common;
+use crate::common;
 
 use burn::prelude::*;
 use strata::backend::Cpu;

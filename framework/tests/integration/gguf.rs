@@ -3,7 +3,7 @@
 //! dequantization of those bytes; the quantization error of each type, the container round trip,
 //! and corrupted files.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

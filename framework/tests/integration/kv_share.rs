@@ -2,8 +2,6 @@
 //! definition, cached decoding against the full forward, and what sharing changes (parameters,
 //! cache, which projections reach the logits).
 
-mod common;
-
 use burn::prelude::*;
 use strata::backend::Cpu;
 use strata::config::ExperimentConfig;

@@ -4,7 +4,7 @@
 //! (an independent numpy forward pass over the GGUF in llama.cpp's conventions) and
 //! `scripts/check/gguf_llama_cpp.py` (a real llama.cpp), which `.ci/run` runs after the tests.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -10,7 +10,7 @@
 //! order in which the accumulator adds partial gradients of parameters used in two places (a
 //! tied embedding); 1e-5 of the largest gradient entry leaves room for that and nothing else.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 
@@ -28,12 +28,6 @@ use strata::tokenizer::ByteTokenizer;
 use strata::train::{Event, batch_loss, recompute, train};
 
 type B = Autodiff<Cpu>;
-
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Every gradient, flattened, by parameter path.
 struct ByPath<'a> {
@@ -175,7 +169,6 @@ fn tiny(residual: ResidualMode, tie_embeddings: bool) -> ModelConfig {
 
 #[test]
 fn recomputed_gradients_match_backpropagation() {
-    let _guard = serial();
     let device = Default::default();
     for (residual, tied, masked) in [
         (ResidualMode::Standard, true, false),
@@ -203,7 +196,6 @@ fn recomputed_gradients_match_backpropagation() {
 
 #[test]
 fn recomputed_lora_gradients_match_backpropagation() {
-    let _guard = serial();
     let device = Default::default();
     B::seed(&device, 11);
     let lora = LoraConfig {
@@ -314,7 +306,6 @@ fn losses(config: &ExperimentConfig, name: &str) -> Vec<f64> {
 
 #[test]
 fn training_with_checkpointing_follows_the_same_curve() {
-    let _guard = serial();
     let plain = losses(&run_config(&[]).unwrap(), "none");
     let offloaded = losses(
         &run_config(&[
@@ -339,7 +330,6 @@ fn training_with_checkpointing_follows_the_same_curve() {
 #[test]
 fn unsupported_combinations_are_refused_by_name() {
     // Loading a config rewrites the shared test corpus: not while a training test reads it.
-    let _guard = serial();
     let err = run_config(&[
         "model.residual=\"attnres_full\"",
         "train.activation_checkpointing=\"block\"",

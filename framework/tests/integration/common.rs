@@ -1,4 +1,4 @@
-//! Shared by the HF parity tests on each backend.
+//! Helpers shared by the tests: fixtures, a small text corpus, seeded values, tolerance checks.
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +15,6 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// Loads fixture `name` through the HF importer on backend `B`, runs its prompt, and checks the
 /// logits against transformers' within `tolerance` × the largest logit magnitude.
-#[allow(dead_code)] // not every test binary that shares this module uses it
 pub fn check_logits<B: Backend>(name: &str, tolerance: f32) {
     let device = Default::default();
     let dir = fixture(name);
@@ -45,7 +44,6 @@ pub fn check_logits<B: Backend>(name: &str, tolerance: f32) {
 
 /// A small folder of real English lines (four files, the last one held out by the configs that
 /// use it), unique to `test` and this process.
-#[allow(dead_code)]
 pub fn text_corpus(test: &str) -> PathBuf {
     let dir =
         std::env::temp_dir().join(format!("strata-train-corpus-{test}-{}", std::process::id()));
@@ -66,7 +64,6 @@ pub fn text_corpus(test: &str) -> PathBuf {
 
 /// A xorshift64 stream of uniform values in [-1, 1) from a non-zero `state`: fixed test data
 /// without an RNG crate or the backend's global RNG (which tests running in parallel share).
-#[allow(dead_code)]
 pub fn uniform(mut state: u64) -> impl FnMut() -> f32 {
     move || {
         state ^= state << 13;
@@ -77,7 +74,6 @@ pub fn uniform(mut state: u64) -> impl FnMut() -> f32 {
 }
 
 /// A tensor of `shape` filled from [`uniform`] with `seed`, on the default device.
-#[allow(dead_code)]
 pub fn random<B: Backend, const D: usize>(seed: u64, shape: [usize; D]) -> Tensor<B, D> {
     let mut next = uniform(seed);
     let values: Vec<f32> = (0..shape.iter().product()).map(|_| next()).collect();
@@ -85,14 +81,12 @@ pub fn random<B: Backend, const D: usize>(seed: u64, shape: [usize; D]) -> Tenso
 }
 
 /// A tensor's values as f32, in logical order.
-#[allow(dead_code)]
 pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
 
 /// Each `got[i]` within `tol` times the largest |`want[i]`| entry of `want[i]`; the failure names
 /// the tensor (`names[i]`), the largest difference and the scale.
-#[allow(dead_code)]
 pub fn assert_close(names: &[&str], got: &[Vec<f32>], want: &[Vec<f32>], tol: f32) {
     for (name, (a, b)) in names.iter().zip(got.iter().zip(want)) {
         assert_eq!(a.len(), b.len(), "{name}: lengths");

@@ -2,7 +2,7 @@
 //! ends with exactly the loss curve and weights of an uninterrupted run; NaN stops a run and
 //! keeps the last good checkpoint; two runs of one config agree.
 
-mod common;
+use crate::common;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -16,14 +16,6 @@ use strata::tokenizer::ByteTokenizer;
 use strata::train::{Event, train};
 
 type B = Autodiff<Cpu>;
-
-/// Model initialisation draws from the backend's process-wide seeded RNG, so runs in one
-/// process must not initialise concurrently.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn config(test: &str, extra: &[&str]) -> ExperimentConfig {
     let base = format!(
@@ -135,7 +127,6 @@ fn resume_is_exact_with_attnres_seq_block_coord3d_and_kv_share() {
 /// Kills a run right after a checkpoint, resumes it, and checks that it ends exactly as an
 /// uninterrupted run of the same config does.
 fn check_resume(tag: &str, overrides: &[&str]) {
-    let _guard = serial();
     let config = config(tag, overrides);
     let straight = run_dir(&format!("{tag}-straight"));
     let (model_a, summary_a) = run(&config, &straight, false, &mut |_| {}).unwrap();
@@ -176,7 +167,6 @@ fn check_resume(tag: &str, overrides: &[&str]) {
 
 #[test]
 fn training_lowers_validation_loss_and_is_reproducible() {
-    let _guard = serial();
     let config = config(
         "learn",
         &[
@@ -213,7 +203,6 @@ fn training_lowers_validation_loss_and_is_reproducible() {
 
 #[test]
 fn non_finite_loss_stops_and_keeps_last_good_checkpoint() {
-    let _guard = serial();
     // An absurd learning rate without clipping blows the weights up within a few steps.
     let config = config(
         "nan",
