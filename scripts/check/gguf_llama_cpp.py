@@ -2,7 +2,8 @@
 tokenizes text into the ids Strata's byte tokenizer gives and back; its logits for the test
 prompt match Strata's within each type's tolerance; and along Strata's greedy continuation of the
 F32 file, llama.cpp picks the same token at every step where Strata's best token leads the
-runner-up by more than llama.cpp's own rounding (its KV cache is f16) could move it.
+runner-up by more than llama.cpp's own rounding (its KV cache is f16) could move it. A model
+exported as Strata's own architecture is refused with llama.cpp's unknown-architecture error.
 
     scripts/check/llama_cpp.sh target/llama-cpp
     LLAMA_CPP_LIB_PATH=target/llama-cpp/build/bin target/llama-cpp/venv/bin/python \
@@ -13,6 +14,7 @@ Reads DIR/tiny-logits.json and DIR/tiny-TYPE.gguf, written by `cargo test --rele
 
 import json
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -81,6 +83,19 @@ def main() -> None:
           f"tokenized identically {wrong if wrong else ''}")
     if wrong:
         failures.append("bpe-tokenize")
+    # Strata's own architecture (coord3d attention with KV sharing): llama.cpp refuses it by name.
+    # Loaded in a child process, whose stderr carries llama.cpp's log.
+    strata_file = folder / "tiny-strata-coord3d-kv2-f32.gguf"
+    child = subprocess.run(
+        [sys.executable, "-c", "import sys; from llama_cpp import Llama; Llama(sys.argv[1], verbose=True)",
+         str(strata_file)], capture_output=True, text=True)
+    refusal = "unknown model architecture: 'strata'"
+    if child.returncode != 0 and refusal in child.stderr:
+        print(f"strata architecture: llama.cpp refuses it ({refusal}) ok")
+    else:
+        failures.append("strata-refusal")
+        print(f"strata architecture: exit {child.returncode}, no {refusal!r} in its log: "
+              f"{child.stderr[-400:]}")
     if failures:
         sys.exit(f"failed: {', '.join(failures)}")
 

@@ -1,6 +1,11 @@
-//! Export of a Llama-architecture model to GGUF in the layout llama.cpp loads as
-//! `general.architecture = "llama"` (tensor names, metadata keys and their exact types as
-//! llama.cpp's loader checks them).
+//! Export of a Strata model to GGUF. A plain Llama (standard residual, dense attention, every
+//! layer its own keys and values) is written as `general.architecture = "llama"` in the layout
+//! llama.cpp loads (tensor names, metadata keys and their exact types as llama.cpp's loader
+//! checks them). Any other model (AttnRes, sequence-block or 3D-coordinate attention, KV
+//! sharing) is written as Strata's own architecture, `strata`: every `ModelConfig` key as
+//! `strata.<key>` metadata, the tensors llama's table names under those names, and the rest
+//! under their Strata paths. Our engine loads both; llama.cpp refuses `strata` with its
+//! ordinary "unknown model architecture" error.
 //!
 //! Tensor names and layouts come from [`super::layout`] (query/key rows permuted for llama.cpp's
 //! RoPE); the byte tokenizer is written as a GPT-2-style byte-level BPE vocabulary without
@@ -13,11 +18,11 @@ use burn::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::gguf::format::{TensorInfo, Value, ValueType, write_gguf};
-use crate::gguf::layout::{Layout, llama_tensors};
+use crate::gguf::layout::{Layout, model_tensors};
 use crate::gguf::preset::Quantization;
 use crate::gguf::quant::{GgmlType, quantize};
 use crate::gguf::tokenizer::tokenizer_metadata;
-use crate::io::params::named_param;
+use crate::io::params::{named_param, param_shapes};
 use crate::model::{AttentionKind, Llama, ModelConfig, ResidualMode};
 use crate::tokenizer::{ByteTokenizer, TokenizerConfig};
 
@@ -40,25 +45,10 @@ pub fn export_llama<B: Backend>(
     path: &Path,
 ) -> Result<ExportSummary> {
     let quantization = quantization.into();
-    if config.residual != ResidualMode::Standard || config.attention != AttentionKind::Dense {
-        return Err(Error::config(
-            "model.residual / model.attention",
-            format!("{:?} / {:?}", config.residual, config.attention),
-            "standard / dense: llama.cpp's `llama` architecture has no other residual or attention \
-             (exporting custom architectures under Strata's own name is not implemented yet)",
-        ));
-    }
-    if config.kv_share != 1 {
-        return Err(Error::config(
-            "model.kv_share",
-            config.kv_share,
-            "1: llama.cpp's `llama` architecture gives every layer its own keys and values",
-        ));
-    }
     let tokenizer_metadata = tokenizer_metadata(tokenizer, config.vocab_size)?;
     // Each tensor is fetched from the model and converted only when the writer reaches it, so
     // the host holds one tensor at a time besides the model itself.
-    let plan = llama_tensors(config);
+    let plan = model_tensors(config, &param_shapes(model));
     let head_dim = config.head_dim();
     let infos: Vec<TensorInfo> = plan
         .iter()
@@ -66,7 +56,7 @@ pub fn export_llama<B: Backend>(
             name: t.gguf.clone(),
             dims: t.dims.clone(),
             ty: match t.layout {
-                Layout::Vector => GgmlType::F32,
+                Layout::Vector | Layout::Own => GgmlType::F32,
                 _ => quantization.matrix_type(
                     &t.gguf,
                     t.dims[0] as usize,
@@ -76,7 +66,10 @@ pub fn export_llama<B: Backend>(
             },
         })
         .collect();
-    let mut metadata = llama_metadata(config, name, quantization);
+    let mut metadata = match architecture(config) {
+        "llama" => llama_metadata(config, name, quantization),
+        _ => strata_metadata(config, name, quantization)?,
+    };
     metadata.extend(tokenizer_metadata);
     write_gguf(path, &metadata, &infos, |i| {
         let t = &plan[i];
@@ -99,18 +92,84 @@ pub fn export_llama<B: Backend>(
     })
 }
 
+/// The GGUF architecture `config` is written as: `llama` when llama.cpp's `llama` loader computes
+/// the same function, `strata` otherwise.
+pub fn architecture(config: &ModelConfig) -> &'static str {
+    let plain = config.residual == ResidualMode::Standard
+        && config.attention == AttentionKind::Dense
+        && config.kv_share == 1;
+    if plain { "llama" } else { "strata" }
+}
+
+fn general_metadata(arch: &str, name: &str, quantization: Quantization) -> Vec<(String, Value)> {
+    let mut kv = vec![
+        ("general.architecture", Value::String(arch.into())),
+        ("general.name", Value::String(name.into())),
+        ("general.file_type", Value::U32(quantization.file_type())),
+        ("general.alignment", Value::U32(32)),
+    ];
+    if quantization.is_quantized() {
+        kv.push(("general.quantization_version", Value::U32(2)));
+    }
+    kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// `strata.<key>` for every key of the model config, typed: integers u32, floats f64 (exact),
+/// switches bool, variant names strings, lists arrays. Unset options are left out.
+fn strata_metadata(
+    config: &ModelConfig,
+    name: &str,
+    quantization: Quantization,
+) -> Result<Vec<(String, Value)>> {
+    fn value(key: &str, v: &serde_json::Value) -> Result<Option<Value>> {
+        Ok(Some(match v {
+            serde_json::Value::Null => return Ok(None),
+            serde_json::Value::Bool(b) => Value::Bool(*b),
+            serde_json::Value::String(s) => Value::String(s.clone()),
+            serde_json::Value::Number(n) => match (n.as_u64(), n.as_f64()) {
+                (Some(u), _) => Value::U32(u32::try_from(u).map_err(|_| {
+                    Error::config(key, u, "a value below 2^32 (GGUF metadata u32)")
+                })?),
+                (None, Some(f)) => Value::F64(f),
+                _ => return Err(Error::config(key, n, "a non-negative integer or a float")),
+            },
+            serde_json::Value::Array(items) => {
+                let items: Vec<Value> = items
+                    .iter()
+                    .map(|item| value(key, item))
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let ty = items.first().map_or(ValueType::U32, Value::kind);
+                Value::Array(ty, items)
+            }
+            serde_json::Value::Object(_) => {
+                return Err(Error::config(key, "a table", "a single value or a list"));
+            }
+        }))
+    }
+    let mut kv = general_metadata("strata", name, quantization);
+    let fields = match serde_json::to_value(config) {
+        Ok(serde_json::Value::Object(fields)) => fields,
+        _ => unreachable!("ModelConfig serialises to a table"),
+    };
+    for (key, v) in &fields {
+        let key = format!("strata.{key}");
+        if let Some(v) = value(&key, v)? {
+            kv.push((key, v));
+        }
+    }
+    Ok(kv)
+}
+
 fn llama_metadata(
     config: &ModelConfig,
     name: &str,
     quantization: Quantization,
 ) -> Vec<(String, Value)> {
     let u32v = |v: usize| Value::U32(v as u32);
-    let file_type = quantization.file_type();
-    let mut kv: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::String("llama".into())),
-        ("general.name", Value::String(name.into())),
-        ("general.file_type", Value::U32(file_type)),
-        ("general.alignment", Value::U32(32)),
+    let kv: Vec<(&str, Value)> = vec![
         ("llama.context_length", u32v(config.max_seq_len)),
         ("llama.embedding_length", u32v(config.d_model)),
         ("llama.block_count", u32v(config.n_layers)),
@@ -126,10 +185,9 @@ fn llama_metadata(
         ("llama.rope.dimension_count", u32v(config.head_dim())),
         ("llama.vocab_size", u32v(config.vocab_size)),
     ];
-    if quantization.is_quantized() {
-        kv.push(("general.quantization_version", Value::U32(2)));
-    }
-    kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    let mut out = general_metadata("llama", name, quantization);
+    out.extend(kv.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    out
 }
 
 /// The byte tokenizer as a GPT-2-style byte-level BPE vocabulary with no merges: token b is

@@ -1,7 +1,8 @@
-//! Loading a `llama`-architecture GGUF file into a Strata model: every tensor is dequantized to
-//! f32 and put back in Strata's layout ([`super::layout`], the query/key permutation undone), so
-//! `generate` and `eval` run GGUF files, and a GGUF model can be trained further. Quantized
-//! kernels that compute on the blocks directly are not implemented yet.
+//! Loading a GGUF file that [`super::export`] can write (`general.architecture` `llama`, or
+//! Strata's own `strata`) into a Strata model: every tensor is dequantized to f32 and put back in
+//! Strata's layout ([`super::layout`], the query/key permutation undone), so `generate` and
+//! `eval` run GGUF files, and a GGUF model can be trained further. Quantized kernels that compute
+//! on the blocks directly are not implemented yet.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,10 +11,10 @@ use burn::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::gguf::format::{GgufHeader, Value, read_header};
-use crate::gguf::layout::llama_tensors;
+use crate::gguf::layout::model_tensors;
 use crate::gguf::quant::dequantize;
 use crate::gguf::tokenizer::{is_byte_vocabulary, read_tokenizer};
-use crate::io::params::{HostTensor, assign_params};
+use crate::io::params::{HostTensor, assign_params, param_shapes};
 use crate::model::{Llama, ModelConfig};
 use crate::tokenizer::{Tokenizer, TokenizerConfig};
 
@@ -26,7 +27,7 @@ pub fn load_llama_gguf<B: Backend>(
     // Safety: read-only map of a file we do not modify while it is open.
     let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let header = read_header(&bytes, path)?;
-    let config = llama_config(&header, path)?;
+    let config = model_config(&header, path)?;
     let tokenizer = read_tokenizer(&header, path)?;
 
     let mut tensors: HashMap<String, HostTensor> = HashMap::new();
@@ -36,14 +37,15 @@ pub fn load_llama_gguf<B: Backend>(
         tensors.insert(info.name.clone(), HostTensor { shape, values });
     }
     let head_dim = config.head_dim();
+    let model = config.init::<B>(device);
     let mut params = HashMap::new();
-    for t in llama_tensors(&config) {
+    for t in model_tensors(&config, &param_shapes(&model)) {
         let found = tensors
             .remove(&t.gguf)
             .ok_or_else(|| Error::file(path, format!("has no tensor {}", t.gguf)))?;
         params.insert(t.ours, t.layout.from_gguf(found, head_dim));
     }
-    let model = assign_params(config.init::<B>(device), &params, path)?;
+    let model = assign_params(model, &params, path)?;
     Ok((config, model, tokenizer))
 }
 
@@ -59,7 +61,7 @@ pub fn read_config(path: &Path) -> Result<(ModelConfig, TokenizerConfig)> {
             path: path.to_owned(),
         }
     };
-    Ok((llama_config(&header, path)?, tokenizer))
+    Ok((model_config(&header, path)?, tokenizer))
 }
 
 /// The tokenizer stored in the GGUF file at `path`.
@@ -74,14 +76,68 @@ fn read_file_header(path: &Path) -> Result<GgufHeader> {
     read_header(&bytes, path)
 }
 
-fn llama_config(header: &GgufHeader, path: &Path) -> Result<ModelConfig> {
-    let arch = header.get("general.architecture").and_then(Value::as_str);
-    if arch != Some("llama") {
+fn model_config(header: &GgufHeader, path: &Path) -> Result<ModelConfig> {
+    match header.get("general.architecture").and_then(Value::as_str) {
+        Some("llama") => llama_config(header, path),
+        Some("strata") => strata_config(header, path),
+        arch => Err(Error::file(
+            path,
+            format!("general.architecture is {arch:?}; \"llama\" and \"strata\" are read"),
+        )),
+    }
+}
+
+/// The `strata.<key>` metadata back into a model config (every key [`ModelConfig`] has; one it
+/// does not know is an error).
+fn strata_config(header: &GgufHeader, path: &Path) -> Result<ModelConfig> {
+    fn json(key: &str, v: &Value, path: &Path) -> Result<serde_json::Value> {
+        Ok(match v {
+            Value::Bool(b) => serde_json::Value::Bool(*b),
+            Value::String(s) => serde_json::Value::String(s.clone()),
+            Value::U32(n) => serde_json::json!(n),
+            Value::U64(n) => serde_json::json!(n),
+            Value::F32(f) => serde_json::json!(f64::from(*f)),
+            Value::F64(f) => serde_json::json!(f),
+            Value::Array(_, items) => serde_json::Value::Array(
+                items
+                    .iter()
+                    .map(|item| json(key, item, path))
+                    .collect::<Result<_>>()?,
+            ),
+            other => {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "metadata {key} is {other:?}; expected an unsigned integer, a float, a bool, a string or a list"
+                    ),
+                ));
+            }
+        })
+    }
+    let mut fields = serde_json::Map::new();
+    for (key, v) in &header.metadata {
+        if let Some(field) = key.strip_prefix("strata.") {
+            fields.insert(field.to_owned(), json(key, v, path)?);
+        }
+    }
+    if fields.is_empty() {
         return Err(Error::file(
             path,
-            format!("general.architecture is {arch:?}; only \"llama\" is read"),
+            "has general.architecture \"strata\" but no strata.* metadata",
         ));
     }
+    let config: ModelConfig = serde_json::from_value(serde_json::Value::Object(fields))
+        .map_err(|e| Error::file(path, format!("strata.* metadata: {e}")))?;
+    config.validate("strata.").map_err(|e| {
+        Error::file(
+            path,
+            format!("its hyper-parameters are not a valid model: {e}"),
+        )
+    })?;
+    Ok(config)
+}
+
+fn llama_config(header: &GgufHeader, path: &Path) -> Result<ModelConfig> {
     let number = |key: &str| -> Result<usize> {
         match header.get(key) {
             Some(Value::U32(v)) => Ok(*v as usize),

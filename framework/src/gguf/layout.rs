@@ -5,6 +5,8 @@
 //! rotate-half layout, so the rows of the query and key projections are permuted on the way out
 //! (as llama.cpp's `convert_hf_to_gguf.py` does) and back on the way in.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use crate::io::params::HostTensor;
 use crate::model::ModelConfig;
 
@@ -19,6 +21,9 @@ pub enum Layout {
     Transposed,
     /// A query or key projection with this many heads: transposed, then its rows permuted.
     Rotary(usize),
+    /// A parameter that only Strata's own architecture has (AttnRes queries and norms, say):
+    /// stored as it is, named by its Strata path, in f32.
+    Own,
 }
 
 /// One tensor of the table.
@@ -36,7 +41,7 @@ impl Layout {
     /// Strata's values → the GGUF tensor's rows.
     pub fn to_gguf(self, t: HostTensor, head_dim: usize) -> HostTensor {
         match self {
-            Layout::Vector | Layout::AsIs => t,
+            Layout::Vector | Layout::AsIs | Layout::Own => t,
             Layout::Transposed => t.transposed(),
             Layout::Rotary(heads) => permute_rotary(&t.transposed(), heads, head_dim),
         }
@@ -45,7 +50,7 @@ impl Layout {
     /// The GGUF tensor's rows → Strata's values.
     pub fn from_gguf(self, t: HostTensor, head_dim: usize) -> HostTensor {
         match self {
-            Layout::Vector | Layout::AsIs => t,
+            Layout::Vector | Layout::AsIs | Layout::Own => t,
             Layout::Transposed => t.transposed(),
             Layout::Rotary(heads) => unpermute_rotary(&t, heads, head_dim).transposed(),
         }
@@ -138,6 +143,32 @@ pub fn llama_tensors(config: &ModelConfig) -> Vec<LlamaTensor> {
             vocab,
             d,
         );
+    }
+    out
+}
+
+/// Every tensor of a GGUF file for a model with these parameters (path → shape): the `llama`
+/// table's entries for the parameters the model has (a layer that shares another's keys and
+/// values has no key or value projection), then every parameter the table does not name, under
+/// its Strata path ([`Layout::Own`]). For a plain Llama that is exactly [`llama_tensors`].
+pub fn model_tensors(
+    config: &ModelConfig,
+    params: &BTreeMap<String, Vec<usize>>,
+) -> Vec<LlamaTensor> {
+    let mut out: Vec<LlamaTensor> = llama_tensors(config)
+        .into_iter()
+        .filter(|t| params.contains_key(&t.ours))
+        .collect();
+    let named: BTreeSet<String> = out.iter().map(|t| t.ours.clone()).collect();
+    for (path, shape) in params {
+        if !named.contains(path) {
+            out.push(LlamaTensor {
+                gguf: path.clone(),
+                ours: path.clone(),
+                layout: Layout::Own,
+                dims: shape.iter().rev().map(|&d| d as u64).collect(),
+            });
+        }
     }
     out
 }

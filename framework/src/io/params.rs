@@ -106,6 +106,33 @@ pub fn named_param<B: Backend, M: Module<B>>(module: &M, path: &str) -> Option<H
     visitor.out.remove(path)
 }
 
+/// The path and shape of every float parameter of `module` (nothing is copied).
+pub fn param_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
+    struct Shapes {
+        path: Vec<String>,
+        out: BTreeMap<String, Vec<usize>>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Shapes {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_owned());
+        }
+
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.out.insert(self.path.join("."), param.shape().to_vec());
+        }
+    }
+    let mut visitor = Shapes {
+        path: Vec::new(),
+        out: BTreeMap::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.out
+}
+
 struct Count<'a> {
     path: Vec<String>,
     wanted: &'a dyn Fn(&str) -> bool,

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use strata::backend::Cpu;
-use strata::gguf::export::export_llama;
+use strata::gguf::export::{architecture, export_llama};
 use strata::gguf::import::load_llama_gguf;
 use strata::gguf::layout::{permute_rotary, unpermute_rotary};
 use strata::gguf::{GgmlType, Metadata, Quantization, Value, ValueType, read_header};
@@ -208,28 +208,107 @@ fn the_rotary_permutation_moves_rotate_half_pairs_next_to_each_other() {
     assert_eq!(unpermute_rotary(&permute_rotary(&w, 2, 8), 2, 8), w);
 }
 
+/// Every model that is not a plain Llama is written as Strata's own architecture, `strata`: its
+/// config as `strata.*` metadata, every parameter as a tensor. Read back, each is the same model:
+/// the same config, and the same logits (f32: exactly up to summation order; q8_0: its
+/// rounding, the bound of the plain model above). The coord3d + KV-sharing file is left for
+/// `scripts/check/gguf_llama_cpp.py`, which checks that llama.cpp refuses it by architecture.
 #[test]
-fn custom_architectures_are_refused_with_the_reason() {
-    let mut config = config();
-    config.residual = strata::model::ResidualMode::AttnresBlock;
-    config.attnres_blocks = 2;
-    let model = config.init::<B>(&Default::default());
-    let path = out_dir().join("refused.gguf");
-    let err = export_llama(
-        &model,
-        &config,
-        &TokenizerConfig::Byte,
-        "x",
-        GgmlType::F32,
-        &path,
-    )
-    .unwrap_err()
-    .to_string();
+fn custom_architectures_export_as_strata_and_load_back() {
+    use strata::model::{AttentionKind, ResidualMode};
+    let variants = [
+        (
+            "attnres-block",
+            ResidualMode::AttnresBlock,
+            AttentionKind::Dense,
+            1,
+        ),
+        (
+            "attnres-full",
+            ResidualMode::AttnresFull,
+            AttentionKind::Dense,
+            1,
+        ),
+        (
+            "seq-block",
+            ResidualMode::Standard,
+            AttentionKind::SeqBlock,
+            1,
+        ),
+        (
+            "coord3d-kv2",
+            ResidualMode::Standard,
+            AttentionKind::Coord3d,
+            2,
+        ),
+    ];
+    let ids = prompt();
+    for (name, residual, attention, kv_share) in variants {
+        let config = ModelConfig {
+            residual,
+            attnres_blocks: 2,
+            attention,
+            seq_block_len: 8,
+            coord3d_block_len: 8,
+            coord3d_window: 2,
+            kv_share,
+            ..config()
+        };
+        assert_eq!(architecture(&config), "strata");
+        let model = deterministic_model(&config);
+        let want = logits(&model, &ids);
+        let params = named_params(&model);
+        for (ty, tolerance) in [(GgmlType::F32, 1e-6), (GgmlType::Q8_0, 4e-2)] {
+            let path = out_dir().join(format!("tiny-strata-{name}-{}.gguf", ty.name()));
+            let summary =
+                export_llama(&model, &config, &TokenizerConfig::Byte, name, ty, &path).unwrap();
+            assert_eq!(
+                summary.tensors.len(),
+                params.len(),
+                "{name}: one tensor per parameter"
+            );
+            let bytes = std::fs::read(&path).unwrap();
+            let header = read_header(&bytes, &path).unwrap();
+            assert_eq!(
+                header.get("general.architecture").and_then(Value::as_str),
+                Some("strata")
+            );
+            assert!(
+                header.get("strata.residual").is_some() && header.get("strata.kv_share").is_some()
+            );
+            let (loaded_config, back, _) =
+                load_llama_gguf::<B>(&path, &Default::default()).unwrap();
+            assert_eq!(loaded_config, config, "{name}: the config read back");
+            let got = logits(&back, &ids);
+            let err: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
+            let relative = rms(&err) / rms(&want);
+            eprintln!(
+                "{name} {}: relative RMS logit error {relative:.2e}",
+                ty.name()
+            );
+            assert!(relative <= tolerance, "{name} {}: {relative}", ty.name());
+        }
+    }
+    // A key this version's config does not have is named, with the file.
+    let path = out_dir().join("tiny-strata-coord3d-kv2-f32.gguf");
+    let bytes = std::fs::read(&path).unwrap();
+    let header = read_header(&bytes, &path).unwrap();
+    let mut metadata = header.metadata.clone();
+    metadata.push(("strata.coord3d_depth".into(), Value::U32(3)));
+    let infos: Vec<_> = header.tensors.iter().map(|(t, _)| t.clone()).collect();
+    let edited = out_dir().join("strata-unknown-key.gguf");
+    strata::gguf::write_gguf(&edited, &metadata, &infos, |i| {
+        Ok(header.tensor_bytes(&bytes, i).unwrap().to_vec())
+    })
+    .unwrap();
+    let err = load_llama_gguf::<B>(&edited, &Default::default())
+        .err()
+        .expect("an unknown key loaded")
+        .to_string();
     assert!(
-        err.contains("model.residual") && err.contains("llama"),
+        err.contains("coord3d_depth") && err.contains("strata-unknown-key.gguf"),
         "{err}"
     );
-    assert!(!path.exists());
 }
 
 #[test]
