@@ -2,11 +2,11 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use strata::data::CoordsKind;
 
 use anyhow::Result;
 use burn::prelude::Backend;
-use strata::infer::{Sampler, SamplerConfig, generate};
+use strata::data::{CoordsKind, line_breaks};
+use strata::infer::{Decoding, Sampler, SamplerConfig, generate};
 use strata::io::load_model;
 
 use crate::backend::BackendArgs;
@@ -47,15 +47,6 @@ pub fn run(args: Args) -> Result<()> {
 
 fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let loaded = load_model::<B>(&args.model, device)?;
-    if let Some(config) = &loaded.experiment
-        && config.data.coords != CoordsKind::Diagonal
-    {
-        anyhow::bail!(
-            "{}: trained with data.coords = \"line_col\"; generating at line/column coordinates \
-             is not implemented (the library's Llama::forward_cached_at can, given coordinates)",
-            args.model.display()
-        );
-    }
     let tokenizer = loaded.tokenizer.as_ref();
     let mut prompt: Vec<u32> = tokenizer.bos_id().into_iter().collect();
     prompt.extend(tokenizer.encode(&args.prompt)?);
@@ -71,13 +62,23 @@ fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     // Stream text as it becomes valid UTF-8: decode everything so far, print what is new.
     let mut ids = Vec::new();
     let mut printed = 0;
+    // A model trained at line/column coordinates generates at them too.
+    let line_col = loaded
+        .experiment
+        .as_ref()
+        .is_some_and(|config| config.data.coords == CoordsKind::LineCol);
+    let breaks = line_col.then(|| line_breaks(tokenizer));
+    let decoding = Decoding {
+        stop: tokenizer.eos_id(),
+        use_cache: !args.no_cache,
+        line_breaks: breaks.as_deref(),
+    };
     generate(
         &loaded.model,
         &prompt,
         args.max_tokens,
         &mut sampler,
-        tokenizer.eos_id(),
-        !args.no_cache,
+        decoding,
         |id| {
             ids.push(id);
             if let Ok(text) = tokenizer.decode(&ids)
@@ -90,7 +91,7 @@ fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
                 printed = text.len();
             }
         },
-    );
+    )?;
     writeln!(out)?;
     Ok(())
 }

@@ -7,7 +7,8 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
 use strata::config::ExperimentConfig;
-use strata::infer::{Sampler, SamplerConfig, generate};
+use strata::data::{CoordsKind, line_breaks};
+use strata::infer::{Decoding, Sampler, SamplerConfig, generate};
 use strata::train::{Event, train};
 
 use crate::backend::BackendArgs;
@@ -185,6 +186,9 @@ fn run_with<B: AutodiffBackend>(
     let tc = &config.train;
     let mut prompt = tokenizer.bos_id().into_iter().collect::<Vec<_>>();
     prompt.extend(tokenizer.encode(&tc.sample_prompt)?);
+    // Samples are placed as the training data placed tokens.
+    let breaks =
+        (config.data.coords == CoordsKind::LineCol).then(|| line_breaks(tokenizer.as_ref()));
     for seed in 0..3 {
         let mut sampler = Sampler::new(SamplerConfig {
             seed,
@@ -195,10 +199,12 @@ fn run_with<B: AutodiffBackend>(
             &prompt,
             tc.sample_tokens,
             &mut sampler,
-            tokenizer.eos_id(),
-            true,
+            Decoding {
+                line_breaks: breaks.as_deref(),
+                ..Decoding::cached(tokenizer.eos_id())
+            },
             |_| {},
-        );
+        )?;
         println!(
             "--- sample {} ---\n{}{}",
             seed + 1,

@@ -5,7 +5,9 @@ use burn::prelude::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
+use crate::error::Result;
 use crate::model::{KvCache, Llama};
+use crate::nn::coord3d::Coords;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -135,21 +137,72 @@ fn tokens_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, In
     crate::train::ids_tensor(ids, [1, ids.len()], device)
 }
 
+/// How [`generate`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Decoding<'a> {
+    /// Generation ends before this token (the end-of-sequence id), if given.
+    pub stop: Option<u32>,
+    /// Each step feeds only the new token (KV cache); `false` recomputes the whole sequence,
+    /// the reference the cache is tested against.
+    pub use_cache: bool,
+    /// For a coord3d model trained with `data.coords = "line_col"`: which token ids end a line.
+    /// Tokens are then placed at the line/column coordinates the training data gave them
+    /// ([`Coords::line_col`] over the context), following the text as it is generated. `None`
+    /// places every token at its index.
+    pub line_breaks: Option<&'a [bool]>,
+}
+
+impl Decoding<'_> {
+    /// KV-cache decoding at token indices, stopping at `stop`.
+    pub fn cached(stop: Option<u32>) -> Self {
+        Self {
+            stop,
+            use_cache: true,
+            line_breaks: None,
+        }
+    }
+}
+
 /// Generates up to `max_new` tokens after `prompt`, calling `on_token` for each as it is
-/// chosen, stopping early at `stop`. With `use_cache` each step feeds only the new token; without,
-/// it recomputes the whole sequence (the reference the cache is tested against). When the context
-/// fills `max_seq_len`, it restarts from the last half of it.
+/// chosen, decoding as `decoding` says. When the context fills `max_seq_len`, it restarts from
+/// the last half of it. Line/column placement on a model without coordinates is an error that
+/// names `model.attention`.
 pub fn generate<B: Backend>(
     model: &Llama<B>,
     prompt: &[u32],
     max_new: usize,
     sampler: &mut Sampler,
-    stop: Option<u32>,
-    use_cache: bool,
+    decoding: Decoding,
     mut on_token: impl FnMut(u32),
-) -> Vec<u32> {
+) -> Result<Vec<u32>> {
     let device = model.embed.weight.device();
     let max_len = model.max_seq_len();
+    // The coordinates of context[from..], where tokens are placed by line and column.
+    let coords = |context: &[u32], from: usize| {
+        decoding.line_breaks.map(|breaks| {
+            let all = Coords::line_col(context, 1, context.len(), breaks);
+            Coords {
+                batch: 1,
+                seq: context.len() - from,
+                xyz: all.xyz[from..].to_vec(),
+            }
+        })
+    };
+    let full = |context: &[u32]| -> Result<Vec<f32>> {
+        let tokens = tokens_tensor::<B>(context, &device);
+        Ok(last_logits(match coords(context, 0) {
+            None => model.forward(tokens),
+            Some(at) => model.forward_at(tokens, &at)?,
+        }))
+    };
+    // Feeds context[from..] through the cache, which holds context[..from].
+    let cached = |context: &[u32], from: usize, cache: &mut KvCache<B>| -> Result<Vec<f32>> {
+        let tokens = tokens_tensor::<B>(&context[from..], &device);
+        Ok(last_logits(match coords(context, from) {
+            None => model.forward_cached(tokens, cache),
+            Some(at) => model.forward_cached_at(tokens, &at, cache)?,
+        }))
+    };
     let mut context: Vec<u32> = prompt
         .iter()
         .copied()
@@ -157,14 +210,14 @@ pub fn generate<B: Backend>(
         .collect();
     let mut generated = Vec::new();
     let mut cache: KvCache<B> = model.new_cache();
-    let mut logits = if use_cache {
-        last_logits(model.forward_cached(tokens_tensor::<B>(&context, &device), &mut cache))
+    let mut logits = if decoding.use_cache {
+        cached(&context, 0, &mut cache)?
     } else {
-        last_logits(model.forward(tokens_tensor::<B>(&context, &device)))
+        full(&context)?
     };
     for _ in 0..max_new {
         let next = sampler.sample(&logits, &context);
-        if Some(next) == stop {
+        if Some(next) == decoding.stop {
             break;
         }
         generated.push(next);
@@ -173,20 +226,18 @@ pub fn generate<B: Backend>(
         if context.len() >= max_len {
             context.drain(..context.len() - max_len / 2);
             cache = model.new_cache();
-            if use_cache {
-                logits = last_logits(
-                    model.forward_cached(tokens_tensor::<B>(&context, &device), &mut cache),
-                );
+            if decoding.use_cache {
+                logits = cached(&context, 0, &mut cache)?;
                 continue;
             }
         }
-        logits = if use_cache {
-            last_logits(model.forward_cached(tokens_tensor::<B>(&[next], &device), &mut cache))
+        logits = if decoding.use_cache {
+            cached(&context, context.len() - 1, &mut cache)?
         } else {
-            last_logits(model.forward(tokens_tensor::<B>(&context, &device)))
+            full(&context)?
         };
     }
-    generated
+    Ok(generated)
 }
 
 #[cfg(test)]

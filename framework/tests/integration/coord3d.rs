@@ -491,3 +491,73 @@ fn dense_attention_in_passes_equals_one_pass() {
         }
     }
 }
+
+/// Generation at line/column coordinates (a model trained with `data.coords = "line_col"`): the
+/// KV-cache path places each new token where [`Coords::line_col`] over the whole context puts it,
+/// so it picks the tokens that greedy decoding over full forward passes at those coordinates
+/// picks; the coordinates change what is generated; a model without coordinates refuses them.
+#[test]
+fn generation_at_line_col_coordinates_follows_the_text() {
+    use strata::data::line_breaks;
+    use strata::infer::{Decoding, Sampler, SamplerConfig, generate};
+    use strata::tokenizer::ByteTokenizer;
+
+    let device = Default::default();
+    B::seed(&device, 11);
+    // Weights of a trained model's scale rather than a fresh init's (whose logits barely depend
+    // on the context), so that what each position attends to decides the greedy tokens.
+    let model = model(&ModelConfig {
+        init_std: 0.3,
+        ..config(4, 2)
+    });
+    let breaks = line_breaks(&ByteTokenizer);
+    let prompt: Vec<u32> = "fn main() {\n    let x = 1;\n    let y"
+        .bytes()
+        .map(u32::from)
+        .collect();
+    let run = |use_cache: bool, line_breaks: Option<&[bool]>| {
+        let decoding = Decoding {
+            stop: None,
+            use_cache,
+            line_breaks,
+        };
+        let mut greedy = Sampler::new(SamplerConfig::greedy());
+        generate(&model, &prompt, 40, &mut greedy, decoding, |_| {}).unwrap()
+    };
+    let cached = run(true, Some(&breaks));
+    assert_eq!(cached, run(false, Some(&breaks)));
+
+    // The reference: greedy over full forward passes at the line/column coordinates.
+    let mut context = prompt.clone();
+    for _ in 0..40 {
+        let n = context.len();
+        let at = Coords::line_col(&context, 1, n, &breaks);
+        let logits = host(
+            model
+                .forward_at(ids_tensor::<B>(&context, [1, n], &device), &at)
+                .unwrap(),
+        );
+        let last = &logits[(n - 1) * 259..];
+        let best = (0..259)
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+            .unwrap();
+        context.push(best as u32);
+    }
+    assert_eq!(cached, context[prompt.len()..]);
+    assert_ne!(cached, run(true, None), "the coordinates must matter");
+
+    let dense = self::model(&ModelConfig {
+        attention: AttentionKind::Dense,
+        coord3d_sections: None,
+        ..config(4, 2)
+    });
+    let mut greedy = Sampler::new(SamplerConfig::greedy());
+    let decoding = Decoding {
+        line_breaks: Some(&breaks),
+        ..Decoding::cached(None)
+    };
+    let err = generate(&dense, &prompt, 4, &mut greedy, decoding, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.attention"), "{err}");
+}

@@ -6,7 +6,7 @@
 
 use burn::prelude::*;
 use strata::backend::Cpu;
-use strata::infer::{Sampler, SamplerConfig, generate};
+use strata::infer::{Decoding, Sampler, SamplerConfig, generate};
 use strata::io::hf::load_llama;
 
 use crate::common::{check_logits, fixture};
@@ -28,8 +28,8 @@ fn kv_cache_decoding_equals_full_recompute() {
     let prompt = [1u32, 72, 101, 108, 108, 111];
     let mut a = Sampler::new(SamplerConfig::greedy());
     let mut b = Sampler::new(SamplerConfig::greedy());
-    let cached = generate(&model, &prompt, 40, &mut a, None, true, |_| {});
-    let full = generate(&model, &prompt, 40, &mut b, None, false, |_| {});
+    let cached = generate(&model, &prompt, 40, &mut a, cache(true), |_| {}).unwrap();
+    let full = generate(&model, &prompt, 40, &mut b, cache(false), |_| {}).unwrap();
     assert_eq!(cached.len(), 40);
     assert_eq!(cached, full);
 
@@ -46,19 +46,19 @@ fn kv_cache_decoding_equals_full_recompute() {
         &prompt,
         30,
         &mut Sampler::new(config.clone()),
-        None,
-        true,
+        cache(true),
         |_| {},
-    );
+    )
+    .unwrap();
     let full = generate(
         &model,
         &prompt,
         30,
         &mut Sampler::new(config),
-        None,
-        false,
+        cache(false),
         |_| {},
-    );
+    )
+    .unwrap();
     assert_eq!(cached, full);
 
     let all: Vec<i64> = prompt.iter().chain(&cached).map(|&i| i as i64).collect();
@@ -126,4 +126,12 @@ fn importer_names_what_is_wrong() {
         err.contains("mlp.w_gate.weight") && err.contains("[64, 128]") && err.contains("[64, 96]"),
         "{err}"
     );
+}
+
+/// Decoding with or without the KV cache, no stop token, tokens at their index.
+fn cache(use_cache: bool) -> Decoding<'static> {
+    Decoding {
+        use_cache,
+        ..Decoding::cached(None)
+    }
 }

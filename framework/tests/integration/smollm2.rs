@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use strata::backend::Cpu;
-use strata::infer::{Sampler, SamplerConfig, generate};
+use strata::infer::{Decoding, Sampler, SamplerConfig, generate};
 use strata::io::load_model;
 use strata::train::ids_tensor;
 
@@ -76,10 +76,10 @@ fn smollm2_gguf_loads_tokenizes_and_answers() {
         &chat,
         12,
         &mut sampler,
-        tokenizer.eos_id(),
-        true,
+        Decoding::cached(tokenizer.eos_id()),
         |_| {},
-    );
+    )
+    .unwrap();
     let text = tokenizer.decode(&answer).unwrap();
     assert!(text.contains("Paris"), "answer: {text:?}");
 
