@@ -120,14 +120,6 @@ impl ExperimentConfig {
                      diagonal)",
                 ));
             }
-            if self.train.sample_tokens > 0 {
-                return Err(Error::config(
-                    "train.sample_tokens",
-                    self.train.sample_tokens,
-                    "0 with data.coords = \"line_col\" (sampling at line/column coordinates is \
-                     not implemented)",
-                ));
-            }
         }
         if self.train.blocks_per_segment().is_some() {
             if self.model.attnres_block_len().is_some() {

@@ -453,7 +453,6 @@ fn line_col_data_trains_at_line_and_column_coordinates() {
 
     for (extra, key) in [
         ("model.attention=\"dense\"", "data.coords"),
-        ("train.sample_tokens=5", "train.sample_tokens"),
         (
             "train.activation_checkpointing=\"block\"",
             "train.activation_checkpointing",
