@@ -1,11 +1,13 @@
-//! `strata export RUN_DIR|CHECKPOINT [--adapter DIR] --type q8_0|q4_k_m|… -o model.gguf`: a GGUF file llama.cpp
-//! serves.
+//! `strata export RUN_DIR|CHECKPOINT [--adapter DIR] --type q8_0|q4_k_m|… -o model.gguf
+//! [--lora-out adapter.gguf]`: a GGUF file llama.cpp serves, with LoRA adapters merged into it or
+//! written beside it as a GGUF adapter.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use strata::backend::Cpu;
 use strata::gguf::Quantization;
+use strata::gguf::adapter::export_lora_adapter;
 use strata::gguf::export::export_llama;
 use strata::io::load_model;
 use strata::io::peft::load_adapter;
@@ -24,6 +26,10 @@ pub struct Args {
     /// The GGUF file to write.
     #[arg(short, long)]
     out: PathBuf,
+    /// Write the LoRA adapters (of a fine-tuning run, or from --adapter) to this file as a GGUF
+    /// LoRA adapter (llama.cpp's --lora), and the base to --out without them, instead of merging.
+    #[arg(long, value_name = "FILE")]
+    lora_out: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -36,19 +42,43 @@ pub fn run(args: Args) -> Result<()> {
     };
     // Export only reads weights: the CPU backend is enough.
     let mut loaded = load_model::<Cpu>(&args.model, &Default::default())?;
+    let mut lora = None;
     if let Some(dir) = &args.adapter {
-        loaded.model = load_adapter(loaded.model, dir)
-            .with_context(|| format!("loading the adapter in {}", dir.display()))?
-            .1;
+        let (config, model) = load_adapter(loaded.model, dir)
+            .with_context(|| format!("loading the adapter in {}", dir.display()))?;
+        (loaded.model, lora) = (model, Some(config));
     }
-    // Adapters (of a LoRA run, or from --adapter) are folded into the weights llama.cpp reads.
-    loaded.model = loaded.model.merged_plain();
     let Some(experiment) = &loaded.experiment else {
         bail!(
             "{}: exporting Hugging Face checkpoints is not implemented yet; export a Strata run",
             args.model.display()
         );
     };
+    let lora = lora.or_else(|| experiment.lora.clone());
+    match (&args.lora_out, lora) {
+        (Some(path), Some(lora)) => {
+            let summary = export_lora_adapter(
+                &loaded.model,
+                &loaded.model_config,
+                &lora,
+                &experiment.name,
+                path,
+            )
+            .with_context(|| format!("exporting the adapters of {}", args.model.display()))?;
+            println!(
+                "wrote {} ({} LoRA tensors, f32, for the base in {})",
+                path.display(),
+                summary.tensors.len(),
+                args.out.display()
+            );
+        }
+        (Some(_), None) => bail!(
+            "--lora-out: {} has no LoRA adapters (a fine-tuning run, or --adapter DIR)",
+            args.model.display()
+        ),
+        // Adapters are folded into the weights llama.cpp reads.
+        (None, _) => loaded.model = loaded.model.merged_plain(),
+    }
     let summary = export_llama(
         &loaded.model,
         &loaded.model_config,

@@ -419,6 +419,55 @@ sample_tokens = 5
             "blk.0.ffn_down.weight"
         ]
     );
+    // With --lora-out the adapters go to a GGUF adapter file (q, v, down: A and B each) and the
+    // base file is the base's, byte for byte.
+    let out = strata(
+        &[
+            "export",
+            "base",
+            "--adapter",
+            "lora/adapter",
+            "--type",
+            "f32",
+            "-o",
+            "unmerged.gguf",
+            "--lora-out",
+            "adapter.gguf",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(tensors("unmerged.gguf"), base);
+    let names: Vec<String> = tensors("adapter.gguf").into_iter().map(|t| t.0).collect();
+    assert_eq!(
+        names,
+        [
+            "blk.0.attn_q.weight.lora_a",
+            "blk.0.attn_q.weight.lora_b",
+            "blk.0.attn_v.weight.lora_a",
+            "blk.0.attn_v.weight.lora_b",
+            "blk.0.ffn_down.weight.lora_a",
+            "blk.0.ffn_down.weight.lora_b"
+        ]
+    );
+    let out = strata(
+        &[
+            "export",
+            "base",
+            "--type",
+            "f32",
+            "-o",
+            "x.gguf",
+            "--lora-out",
+            "y.gguf",
+        ],
+        &dir,
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("no LoRA adapters"),
+        "{}",
+        text(&out)
+    );
 
     // A GGUF file imports as a run directory that evaluates like the model it came from.
     let out = strata(&["import", "merged.gguf", "-o", "imported"], &dir);

@@ -3,7 +3,9 @@ tokenizes text into the ids Strata's byte tokenizer gives and back; its logits f
 prompt match Strata's within each type's tolerance; and along Strata's greedy continuation of the
 F32 file, llama.cpp picks the same token at every step where Strata's best token leads the
 runner-up by more than llama.cpp's own rounding (its KV cache is f16) could move it. A model
-exported as Strata's own architecture is refused with llama.cpp's unknown-architecture error.
+exported as Strata's own architecture is refused with llama.cpp's unknown-architecture error. LoRA
+adapters written as GGUF adapter files, applied by llama.cpp to the base, give the merged model's
+logits.
 
     scripts/check/llama_cpp.sh target/llama-cpp
     LLAMA_CPP_LIB_PATH=target/llama-cpp/build/bin target/llama-cpp/venv/bin/python \
@@ -83,6 +85,22 @@ def main() -> None:
           f"tokenized identically {wrong if wrong else ''}")
     if wrong:
         failures.append("bpe-tokenize")
+    # LoRA adapters as GGUF adapter files, applied by llama.cpp to the f32 base (adapters left
+    # out): the logits of Strata's merged model.
+    for name in ("lora", "rslora"):
+        expected_lora = json.loads((folder / f"{name}-logits.json").read_text())
+        want_lora = np.array(expected_lora["logits"]).reshape(len(expected_lora["ids"]), -1)
+        llm = Llama(str(folder / f"{name}-base-f32.gguf"), lora_path=str(folder / f"{name}-adapter.gguf"),
+                    n_ctx=128, n_batch=128, n_threads=2, logits_all=True, seed=0, verbose=False)
+        llm.reset()
+        llm.eval(expected_lora["ids"])
+        got = np.array(llm.scores[: llm.n_tokens], dtype=np.float64)
+        relative = np.sqrt(((got - want_lora) ** 2).mean()) / np.sqrt((want_lora**2).mean())
+        ok = relative <= TOLERANCE["f32"]
+        print(f"{name} adapter GGUF on the f32 base: relative RMS logit error {relative:.2e} from "
+              f"Strata's merged model (allowed {TOLERANCE['f32']:.2g}) {'ok' if ok else 'FAILED'}")
+        if not ok:
+            failures.append(f"{name}-adapter")
     # Strata's own architecture (coord3d attention with KV sharing): llama.cpp refuses it by name.
     # Loaded in a child process, whose stderr carries llama.cpp's log.
     strata_file = folder / "tiny-strata-coord3d-kv2-f32.gguf"

@@ -150,7 +150,9 @@ pub fn llama_tensors(config: &ModelConfig) -> Vec<LlamaTensor> {
 /// Every tensor of a GGUF file for a model with these parameters (path → shape): the `llama`
 /// table's entries for the parameters the model has (a layer that shares another's keys and
 /// values has no key or value projection), then every parameter the table does not name, under
-/// its Strata path ([`Layout::Own`]). For a plain Llama that is exactly [`llama_tensors`].
+/// its Strata path ([`Layout::Own`]). For a plain Llama that is exactly [`llama_tensors`]. LoRA
+/// adapters are not model tensors: they are merged first or written as an adapter file
+/// ([`super::adapter`]).
 pub fn model_tensors(
     config: &ModelConfig,
     params: &BTreeMap<String, Vec<usize>>,
@@ -161,7 +163,7 @@ pub fn model_tensors(
         .collect();
     let named: BTreeSet<String> = out.iter().map(|t| t.ours.clone()).collect();
     for (path, shape) in params {
-        if !named.contains(path) {
+        if !named.contains(path) && !path.contains(".lora.") {
             out.push(LlamaTensor {
                 gguf: path.clone(),
                 ours: path.clone(),

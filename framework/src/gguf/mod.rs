@@ -1,7 +1,9 @@
 //! GGUF, the file format of llama.cpp: the container ([`format`]), ggml's tensor types
-//! ([`quant`], [`kquant`]), export of Strata models ([`export`]) and loading of GGUF models ([`import`]),
-//! which share one table of tensor names and layouts ([`layout`]).
+//! ([`quant`], [`kquant`]), export of Strata models ([`export`]) and of their LoRA adapters
+//! ([`adapter`]) and loading of GGUF models ([`import`]), which share one table of tensor names
+//! and layouts ([`layout`]).
 
+pub mod adapter;
 pub mod export;
 pub mod format;
 pub mod import;

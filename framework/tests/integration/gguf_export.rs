@@ -56,23 +56,7 @@ fn deterministic_model(config: &ModelConfig) -> Llama<B> {
 
 /// [`deterministic_model`] with weights of standard deviation `std`.
 fn deterministic_model_with_std(config: &ModelConfig, std: f32) -> Llama<B> {
-    let model = config.init::<B>(&Default::default());
-    let mut uniform = common::uniform(0x853c49e6748fea9b);
-    let params: HashMap<String, HostTensor> = named_params(&model)
-        .into_iter()
-        .map(|(name, mut t)| {
-            let gain = name.ends_with("gamma");
-            for v in &mut t.values {
-                *v = if gain {
-                    1.0 + 0.1 * uniform()
-                } else {
-                    std * 3f32.sqrt() * uniform()
-                };
-            }
-            (name, t)
-        })
-        .collect();
-    assign_params(model, &params, "deterministic".as_ref()).unwrap()
+    deterministic_like(config.init::<B>(&Default::default()), std)
 }
 
 fn rms(v: &[f32]) -> f32 {
@@ -538,4 +522,150 @@ fn k_quant_presets_pick_llama_cpp_types_and_load_back() {
     }
     let json = serde_json::to_string(&serde_json::Value::Object(report)).unwrap();
     std::fs::write(dir.join("kq-logits.json"), json).unwrap();
+}
+
+/// LoRA adapters written as a GGUF adapter file beside the base (adapters left out): rebuilding
+/// each adapted matrix from the two files, base + (alpha/r)·B·A as llama.cpp computes it, gives
+/// the merged model's exported tensor (1e-5 of its largest entry: f32 products summed in another
+/// order), for plain LoRA on every target and rsLoRA. The files and the merged model's logits are
+/// left for `scripts/check/gguf_llama_cpp.py`, which runs the base with `lora_path` in llama.cpp.
+#[test]
+fn lora_adapters_export_as_a_gguf_adapter_that_rebuilds_the_merged_model() {
+    use strata::gguf::adapter::export_lora_adapter;
+    use strata::gguf::dequantize;
+    use strata::nn::lora::LoraConfig;
+
+    let config = config();
+    let dir = out_dir();
+    for (name, lora) in [
+        (
+            "lora",
+            LoraConfig {
+                rank: 4,
+                alpha: 8.0,
+                targets: ["q", "k", "v", "o", "gate", "up", "down", "lm_head"]
+                    .map(String::from)
+                    .to_vec(),
+                ..LoraConfig::default()
+            },
+        ),
+        (
+            "rslora",
+            LoraConfig {
+                rank: 8,
+                alpha: 4.0,
+                rslora: true,
+                targets: vec!["q".into(), "v".into()],
+                ..LoraConfig::default()
+            },
+        ),
+    ] {
+        // Random non-zero A and B (a fresh adapter's B is zero and would test nothing).
+        let plain = config.init::<B>(&Default::default());
+        let adapted = deterministic_like(plain.with_lora(&lora).unwrap(), 0.15);
+        let base_path = dir.join(format!("{name}-base-f32.gguf"));
+        let adapter_path = dir.join(format!("{name}-adapter.gguf"));
+        let merged_path = dir.join(format!("{name}-merged-f32.gguf"));
+        let tok = TokenizerConfig::Byte;
+        export_llama(&adapted, &config, &tok, name, GgmlType::F32, &base_path).unwrap();
+        let summary = export_lora_adapter(&adapted, &config, &lora, name, &adapter_path).unwrap();
+        let merged = adapted.clone().merged_plain();
+        export_llama(&merged, &config, &tok, name, GgmlType::F32, &merged_path).unwrap();
+
+        let read = |path: &std::path::Path| {
+            let bytes = std::fs::read(path).unwrap();
+            let header = read_header(&bytes, path).unwrap();
+            let tensors: HashMap<String, (Vec<u64>, Vec<f32>)> = header
+                .tensors
+                .iter()
+                .enumerate()
+                .map(|(i, (info, _))| {
+                    let values = dequantize(info.ty, header.tensor_bytes(&bytes, i).unwrap());
+                    (info.name.clone(), (info.dims.clone(), values.unwrap()))
+                })
+                .collect();
+            (header, tensors)
+        };
+        let (adapter_header, adapter) = read(&adapter_path);
+        let (_, base) = read(&base_path);
+        let (_, want) = read(&merged_path);
+        let names = |t: &HashMap<String, (Vec<u64>, Vec<f32>)>| {
+            let mut n: Vec<String> = t.keys().cloned().collect();
+            n.sort();
+            n
+        };
+        assert_eq!(
+            names(&base),
+            names(&want),
+            "{name}: the base file has the model's tensors"
+        );
+        assert_eq!(
+            adapter_header.get("general.type").and_then(Value::as_str),
+            Some("adapter")
+        );
+        let alpha = match adapter_header.get("adapter.lora.alpha") {
+            Some(Value::F32(a)) => *a,
+            other => panic!("adapter.lora.alpha: {other:?}"),
+        };
+        let mut adapted_tensors = 0;
+        for (gguf, (dims, merged_rows)) in &want {
+            let (Some((a_dims, a)), Some((b_dims, b))) = (
+                adapter.get(&format!("{gguf}.lora_a")),
+                adapter.get(&format!("{gguf}.lora_b")),
+            ) else {
+                assert_eq!(&base[gguf].1, merged_rows, "{name}: {gguf} has no adapter");
+                continue;
+            };
+            adapted_tensors += 1;
+            // ggml dims: W [d_in, d_out], A [d_in, r], B [r, d_out]; rows are the second.
+            let (d_in, d_out, r) = (dims[0] as usize, dims[1] as usize, a_dims[1] as usize);
+            assert_eq!(
+                (a_dims[0], b_dims[0], b_dims[1]),
+                (dims[0], a_dims[1], dims[1])
+            );
+            let scale = alpha / r as f32;
+            let mut rebuilt = base[gguf].1.clone();
+            for o in 0..d_out {
+                for i in 0..d_in {
+                    let ba: f32 = (0..r).map(|k| b[o * r + k] * a[k * d_in + i]).sum();
+                    rebuilt[o * d_in + i] += scale * ba;
+                }
+            }
+            let largest = merged_rows.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = rebuilt
+                .iter()
+                .zip(merged_rows)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(worst <= 1e-5 * largest, "{name}: {gguf}: {worst}");
+        }
+        assert_eq!(adapted_tensors * 2, summary.tensors.len());
+        let ids = prompt();
+        let expected = serde_json::json!({ "ids": ids, "logits": logits(&merged, &ids) });
+        std::fs::write(
+            dir.join(format!("{name}-logits.json")),
+            expected.to_string(),
+        )
+        .unwrap();
+    }
+}
+
+/// `model` with every parameter replaced by fixed pseudo-random values of standard deviation
+/// `std` (norm gains near 1).
+fn deterministic_like(model: Llama<B>, std: f32) -> Llama<B> {
+    let mut uniform = common::uniform(0x853c49e6748fea9b);
+    let params: HashMap<String, HostTensor> = named_params(&model)
+        .into_iter()
+        .map(|(name, mut t)| {
+            let gain = name.ends_with("gamma");
+            for v in &mut t.values {
+                *v = if gain {
+                    1.0 + 0.1 * uniform()
+                } else {
+                    std * 3f32.sqrt() * uniform()
+                };
+            }
+            (name, t)
+        })
+        .collect();
+    assign_params(model, &params, "deterministic".as_ref()).unwrap()
 }
