@@ -4,6 +4,7 @@
 //! and layouts ([`layout`]).
 
 pub mod adapter;
+pub mod engine;
 pub mod export;
 pub mod format;
 pub mod import;
@@ -15,4 +16,4 @@ pub mod tokenizer;
 
 pub use format::{GgufHeader, Metadata, TensorInfo, Value, ValueType, read_header, write_gguf};
 pub use preset::Quantization;
-pub use quant::{GgmlType, dequantize, quantize};
+pub use quant::{GgmlType, dequantize, dequantize_into, quantize};

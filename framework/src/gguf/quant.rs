@@ -162,6 +162,14 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
 
 /// Decodes `bytes` of type `ty` into f32 values.
 pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(bytes.len() / ty.block_bytes() * ty.block_size());
+    dequantize_into(ty, bytes, &mut out)?;
+    Ok(out)
+}
+
+/// [`dequantize`] appending to `out`, so that a caller decoding block after block reuses one
+/// buffer.
+pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {
     if !bytes.len().is_multiple_of(ty.block_bytes()) {
         return Err(Error::Data(format!(
             "{} data must be whole blocks of {} bytes, got {} bytes",
@@ -171,7 +179,6 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
         )));
     }
     let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
-    let mut out = Vec::with_capacity(bytes.len() / ty.block_bytes() * ty.block_size());
     for block in bytes.chunks(ty.block_bytes()) {
         match ty {
             GgmlType::F32 => out.push(f32::from_le_bytes([block[0], block[1], block[2], block[3]])),
@@ -201,12 +208,12 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
                 let (d, m) = (half(block), half(&block[2..]));
                 out.extend(five_bit_values(&block[4..]).map(|q| d * f32::from(q) + m));
             }
-            GgmlType::Q4_K => dequantize_q45_k(block, false, &mut out),
-            GgmlType::Q5_K => dequantize_q45_k(block, true, &mut out),
-            GgmlType::Q6_K => dequantize_q6_k(block, &mut out),
+            GgmlType::Q4_K => dequantize_q45_k(block, false, out),
+            GgmlType::Q5_K => dequantize_q45_k(block, true, out),
+            GgmlType::Q6_K => dequantize_q6_k(block, out),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The 32 five-bit values of a Q5 block from its 4 bytes of fifth bits (bit j of the

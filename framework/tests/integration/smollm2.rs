@@ -13,6 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use strata::backend::Cpu;
+use strata::gguf::engine::GgufEngine;
 use strata::infer::{Decoding, Sampler, SamplerConfig, generate};
 use strata::io::load_model;
 use strata::train::ids_tensor;
@@ -99,6 +100,26 @@ fn smollm2_gguf_loads_tokenizes_and_answers() {
             row[0] - row[1]
         })
         .collect();
+
+    // The block engine on the same file (weights left in their Q4_1/Q8_0 blocks): the same
+    // greedy answer, and the logits of the dequantized model within 1e-4 of the largest.
+    let engine = GgufEngine::open(&path).unwrap();
+    let mut greedy = Sampler::new(SamplerConfig::greedy());
+    assert_eq!(
+        engine.generate(&chat, 12, &mut greedy, tokenizer.eos_id(), |_| {}),
+        answer
+    );
+    let from_blocks = engine.forward(&ids, &mut engine.new_cache(), true);
+    let largest = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = from_blocks
+        .iter()
+        .zip(&values)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst <= 1e-4 * largest,
+        "block engine: max |Δ| {worst}, largest {largest}"
+    );
+
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gguf-check");
     std::fs::create_dir_all(&dir).unwrap();
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
