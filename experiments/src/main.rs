@@ -4,6 +4,7 @@ mod backend;
 mod bench;
 mod bench_attention;
 mod bench_decode;
+mod bench_gguf;
 mod bench_suite;
 mod eval;
 mod export;
@@ -72,6 +73,8 @@ enum Command {
     Report(report::Args),
     /// Per-token KV-cache decoding latency of several configs' models, with ratios, as CSV.
     BenchDecode(bench_decode::Args),
+    /// Prefill and decode tokens/s of the block engine on llama GGUF files, as CSV.
+    BenchGguf(bench_gguf::Args),
 }
 
 fn main() {
@@ -87,6 +90,7 @@ fn main() {
         Command::Bench(args) => bench_suite::run(args),
         Command::BenchTrain(args) => bench::run(args),
         Command::BenchDecode(args) => bench_decode::run(args),
+        Command::BenchGguf(args) => bench_gguf::run(args),
         Command::Report(args) => report::run(args),
         Command::Sweep(args) => sweep::run(args),
         Command::Export(args) => export::run(args),
