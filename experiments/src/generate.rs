@@ -1,4 +1,4 @@
-//! `strata generate RUN_DIR|CHECKPOINT|HF_DIR --prompt TEXT`
+//! `strata generate RUN_DIR|CHECKPOINT|HF_DIR|FILE.gguf --prompt TEXT [--engine burn|blocks]`
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -6,8 +6,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 use burn::prelude::Backend;
 use strata::data::{CoordsKind, line_breaks};
+use strata::gguf::engine::GgufEngine;
+use strata::gguf::import::read_file_tokenizer;
 use strata::infer::{Decoding, Sampler, SamplerConfig, generate};
 use strata::io::load_model;
+use strata::tokenizer::Tokenizer;
 
 use crate::backend::BackendArgs;
 use crate::dispatch;
@@ -35,11 +38,18 @@ pub struct Args {
     /// Recompute the whole sequence at every step instead of using the KV cache.
     #[arg(long)]
     no_cache: bool,
+    /// For a `.gguf` file: `blocks` runs it in the block engine (weights memory-mapped in their
+    /// quantized blocks, CPU; `llama` files), `burn` dequantizes it into the model on --backend.
+    #[arg(long, default_value = "burn", value_parser = ["burn", "blocks"])]
+    engine: String,
     #[command(flatten)]
     backend: BackendArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if args.engine == "blocks" {
+        return run_blocks(&args);
+    }
     dispatch!(plain, args.backend, |B, device| run_with::<B>(
         &args, &device
     ))
@@ -50,18 +60,10 @@ fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let tokenizer = loaded.tokenizer.as_ref();
     let mut prompt: Vec<u32> = tokenizer.bos_id().into_iter().collect();
     prompt.extend(tokenizer.encode(&args.prompt)?);
-    let mut sampler = Sampler::new(SamplerConfig {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
-    });
+    let mut sampler = Sampler::new(sampler_config(args));
     let mut out = std::io::stdout();
     write!(out, "{}", args.prompt)?;
-    // Stream text as it becomes valid UTF-8: decode everything so far, print what is new.
-    let mut ids = Vec::new();
-    let mut printed = 0;
+    let mut stream = TextStream::default();
     // A model trained at line/column coordinates generates at them too.
     let line_col = loaded
         .experiment
@@ -79,19 +81,62 @@ fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         args.max_tokens,
         &mut sampler,
         decoding,
-        |id| {
-            ids.push(id);
-            if let Ok(text) = tokenizer.decode(&ids)
-                && !text.ends_with('\u{FFFD}')
-                && text.len() > printed
-                && text.is_char_boundary(printed)
-            {
-                let _ = write!(out, "{}", &text[printed..]);
-                let _ = out.flush();
-                printed = text.len();
-            }
-        },
+        |id| stream.push(id, tokenizer, &mut out),
     )?;
     writeln!(out)?;
     Ok(())
+}
+
+/// `--engine blocks`: the GGUF file run from its blocks.
+fn run_blocks(args: &Args) -> Result<()> {
+    let engine = GgufEngine::open(&args.model)?;
+    let tokenizer = read_file_tokenizer(&args.model)?;
+    let mut prompt: Vec<u32> = tokenizer.bos_id().into_iter().collect();
+    prompt.extend(tokenizer.encode(&args.prompt)?);
+    let mut sampler = Sampler::new(sampler_config(args));
+    let mut out = std::io::stdout();
+    write!(out, "{}", args.prompt)?;
+    let mut stream = TextStream::default();
+    engine.generate(
+        &prompt,
+        args.max_tokens,
+        &mut sampler,
+        tokenizer.eos_id(),
+        |id| stream.push(id, tokenizer.as_ref(), &mut out),
+    );
+    writeln!(out)?;
+    Ok(())
+}
+
+fn sampler_config(args: &Args) -> SamplerConfig {
+    SamplerConfig {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    }
+}
+
+/// Streams generated text as it becomes valid UTF-8: decodes everything so far and prints what
+/// is new.
+#[derive(Default)]
+struct TextStream {
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl TextStream {
+    fn push(&mut self, id: u32, tokenizer: &dyn Tokenizer, out: &mut impl Write) {
+        self.ids.push(id);
+        if let Ok(text) = tokenizer.decode(&self.ids)
+            && !text.ends_with('\u{FFFD}')
+            && text.len() > self.printed
+            && text.is_char_boundary(self.printed)
+        {
+            let _ = write!(out, "{}", &text[self.printed..]);
+            let _ = out.flush();
+            self.printed = text.len();
+        }
+    }
 }

@@ -469,6 +469,30 @@ sample_tokens = 5
         text(&out)
     );
 
+    // The block engine and the dequantized model generate the same greedy text from the file.
+    let greedy = |engine: &str| {
+        let out = strata(
+            &[
+                "generate",
+                "merged.gguf",
+                "--engine",
+                engine,
+                "--prompt",
+                "ROMEO.",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "24",
+            ],
+            &dir,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let from_blocks = greedy("blocks");
+    assert!(from_blocks.len() > "ROMEO.\n".len(), "{from_blocks:?}");
+    assert_eq!(from_blocks, greedy("burn"));
+
     // A GGUF file imports as a run directory that evaluates like the model it came from.
     let out = strata(&["import", "merged.gguf", "-o", "imported"], &dir);
     assert!(out.status.success(), "{}", text(&out));
