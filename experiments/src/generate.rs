@@ -58,8 +58,7 @@ pub fn run(args: Args) -> Result<()> {
 fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let loaded = load_model::<B>(&args.model, device)?;
     let tokenizer = loaded.tokenizer.as_ref();
-    let mut prompt: Vec<u32> = tokenizer.bos_id().into_iter().collect();
-    prompt.extend(tokenizer.encode(&args.prompt)?);
+    let prompt = prompt_ids(args, tokenizer)?;
     let mut sampler = Sampler::new(sampler_config(args));
     let mut out = std::io::stdout();
     write!(out, "{}", args.prompt)?;
@@ -91,8 +90,7 @@ fn run_with<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
 fn run_blocks(args: &Args) -> Result<()> {
     let engine = GgufEngine::open(&args.model)?;
     let tokenizer = read_file_tokenizer(&args.model)?;
-    let mut prompt: Vec<u32> = tokenizer.bos_id().into_iter().collect();
-    prompt.extend(tokenizer.encode(&args.prompt)?);
+    let prompt = prompt_ids(args, tokenizer.as_ref())?;
     let mut sampler = Sampler::new(sampler_config(args));
     let mut out = std::io::stdout();
     write!(out, "{}", args.prompt)?;
@@ -106,6 +104,13 @@ fn run_blocks(args: &Args) -> Result<()> {
     );
     writeln!(out)?;
     Ok(())
+}
+
+/// BOS (where the tokenizer has one), then the prompt's ids.
+fn prompt_ids(args: &Args, tokenizer: &dyn Tokenizer) -> Result<Vec<u32>> {
+    let mut prompt: Vec<u32> = tokenizer.bos_id().into_iter().collect();
+    prompt.extend(tokenizer.encode(&args.prompt)?);
+    Ok(prompt)
 }
 
 fn sampler_config(args: &Args) -> SamplerConfig {

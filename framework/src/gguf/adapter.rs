@@ -116,10 +116,5 @@ pub fn export_lora_adapter<B: Backend>(
     write_gguf(path, &metadata, &infos, |i| {
         quantize(GgmlType::F32, &rows(i)?.values)
     })?;
-    Ok(ExportSummary {
-        tensors: infos.iter().map(|t| (t.name.clone(), t.ty)).collect(),
-        bytes: std::fs::metadata(path)
-            .map_err(|e| Error::io(path, e))?
-            .len(),
-    })
+    ExportSummary::of(&infos, path)
 }

@@ -22,7 +22,7 @@ use crate::gguf::export::architecture;
 use crate::gguf::format::read_header;
 use crate::gguf::import::read_config;
 use crate::gguf::quant::{GgmlType, dequantize, dequantize_into};
-use crate::infer::Sampler;
+use crate::infer::{Sampler, decode_loop};
 use crate::model::ModelConfig;
 
 /// A `llama` GGUF file, ready to run.
@@ -218,30 +218,18 @@ impl GgufEngine {
         max_new: usize,
         sampler: &mut Sampler,
         stop: Option<u32>,
-        mut on_token: impl FnMut(u32),
+        on_token: impl FnMut(u32),
     ) -> Vec<u32> {
-        let max_len = self.config.max_seq_len;
-        let mut context: Vec<u32> = prompt[prompt.len().saturating_sub(max_len - 1)..].to_vec();
         let mut cache = self.new_cache();
-        let mut logits = self.forward(&context, &mut cache, false);
-        let mut generated = Vec::new();
-        for _ in 0..max_new {
-            let next = sampler.sample(&logits, &context);
-            if Some(next) == stop {
-                break;
-            }
-            generated.push(next);
-            context.push(next);
-            on_token(next);
-            if context.len() >= max_len {
-                context.drain(..context.len() - max_len / 2);
+        let step = |context: &[u32], fed: usize| {
+            if fed == 0 {
                 cache = self.new_cache();
-                logits = self.forward(&context, &mut cache, false);
-            } else {
-                logits = self.forward(&[next], &mut cache, false);
             }
-        }
-        generated
+            Ok(self.forward(&context[fed..], &mut cache, false))
+        };
+        let max_len = self.config.max_seq_len;
+        // The step never fails, so neither does the loop.
+        decode_loop(prompt, max_len, max_new, sampler, stop, on_token, step).unwrap_or_default()
     }
 
     /// Row `r` of `m`, decoded.

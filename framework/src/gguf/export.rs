@@ -33,6 +33,18 @@ pub struct ExportSummary {
     pub bytes: u64,
 }
 
+impl ExportSummary {
+    /// What was written to `path` with these tensors.
+    pub(crate) fn of(infos: &[TensorInfo], path: &Path) -> Result<Self> {
+        Ok(Self {
+            tensors: infos.iter().map(|t| (t.name.clone(), t.ty)).collect(),
+            bytes: std::fs::metadata(path)
+                .map_err(|e| Error::io(path, e))?
+                .len(),
+        })
+    }
+}
+
 /// Writes `model` to `path` with its matrices stored as `quantization` says (a type, or a
 /// llama.cpp k-quant preset; see [`Quantization::matrix_type`] for rows that do not fill whole
 /// blocks); norm gains stay F32.
@@ -84,12 +96,7 @@ pub fn export_llama<B: Backend>(
         }
         quantize(infos[i].ty, &rows.values)
     })?;
-    Ok(ExportSummary {
-        tensors: infos.iter().map(|t| (t.name.clone(), t.ty)).collect(),
-        bytes: std::fs::metadata(path)
-            .map_err(|e| Error::io(path, e))?
-            .len(),
-    })
+    ExportSummary::of(&infos, path)
 }
 
 /// The GGUF architecture `config` is written as: `llama` when llama.cpp's `llama` loader computes

@@ -173,7 +173,7 @@ pub fn generate<B: Backend>(
     max_new: usize,
     sampler: &mut Sampler,
     decoding: Decoding,
-    mut on_token: impl FnMut(u32),
+    on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
     let device = model.embed.weight.device();
     let max_len = model.max_seq_len();
@@ -203,39 +203,58 @@ pub fn generate<B: Backend>(
             Some(at) => model.forward_cached_at(tokens, &at, cache)?,
         }))
     };
-    let mut context: Vec<u32> = prompt
-        .iter()
-        .copied()
-        .skip(prompt.len().saturating_sub(max_len - 1))
-        .collect();
-    let mut generated = Vec::new();
     let mut cache: KvCache<B> = model.new_cache();
-    let mut logits = if decoding.use_cache {
-        cached(&context, 0, &mut cache)?
-    } else {
-        full(&context)?
-    };
+    decode_loop(
+        prompt,
+        max_len,
+        max_new,
+        sampler,
+        decoding.stop,
+        on_token,
+        |context, fed| {
+            if fed == 0 {
+                cache = model.new_cache();
+            }
+            if decoding.use_cache {
+                cached(context, fed, &mut cache)
+            } else {
+                full(context)
+            }
+        },
+    )
+}
+
+/// The sampling loop every engine shares: the prompt (its last `max_len - 1` tokens) is run,
+/// then each sampled token; when the context fills `max_len` it restarts from the last half of
+/// it. `step(context, fed)` returns the logits after `context`, of which the first `fed` tokens
+/// have been run already (0: none, so start a fresh cache).
+pub fn decode_loop(
+    prompt: &[u32],
+    max_len: usize,
+    max_new: usize,
+    sampler: &mut Sampler,
+    stop: Option<u32>,
+    mut on_token: impl FnMut(u32),
+    mut step: impl FnMut(&[u32], usize) -> Result<Vec<f32>>,
+) -> Result<Vec<u32>> {
+    let mut context = prompt[prompt.len().saturating_sub(max_len - 1)..].to_vec();
+    let mut logits = step(&context, 0)?;
+    let mut generated = Vec::new();
     for _ in 0..max_new {
         let next = sampler.sample(&logits, &context);
-        if Some(next) == decoding.stop {
+        if Some(next) == stop {
             break;
         }
         generated.push(next);
         context.push(next);
         on_token(next);
-        if context.len() >= max_len {
+        let fed = if context.len() >= max_len {
             context.drain(..context.len() - max_len / 2);
-            cache = model.new_cache();
-            if decoding.use_cache {
-                logits = cached(&context, 0, &mut cache)?;
-                continue;
-            }
-        }
-        logits = if decoding.use_cache {
-            cached(&context, context.len() - 1, &mut cache)?
+            0
         } else {
-            full(&context)?
+            context.len() - 1
         };
+        logits = step(&context, fed)?;
     }
     Ok(generated)
 }
