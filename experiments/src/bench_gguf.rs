@@ -10,6 +10,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use strata::gguf::engine::GgufEngine;
+use strata::infer::argmax;
+
+use crate::bench::median;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,10 +43,7 @@ pub fn run(args: Args) -> Result<()> {
             let prefilled = start.elapsed().as_secs_f64();
             let start = Instant::now();
             for _ in 0..args.tokens {
-                let next = (0..logits.len())
-                    .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
-                    .unwrap_or(0) as u32
-                    % 256;
+                let next = argmax(&logits) % 256;
                 logits = engine.forward(&[next], &mut cache, false);
             }
             if round > 0 {
@@ -57,15 +57,10 @@ pub fn run(args: Args) -> Result<()> {
             path.display(),
             args.prompt,
             args.tokens,
-            median(prefill),
-            median(decode),
+            median(&mut prefill),
+            median(&mut decode),
             rayon::current_num_threads()
         );
     }
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }

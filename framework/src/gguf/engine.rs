@@ -24,6 +24,7 @@ use crate::gguf::import::read_config;
 use crate::gguf::quant::{GgmlType, dequantize, dequantize_into};
 use crate::infer::{Sampler, decode_loop};
 use crate::model::ModelConfig;
+use crate::nn::rope::inverse_frequencies;
 
 /// A `llama` GGUF file, ready to run.
 pub struct GgufEngine {
@@ -178,6 +179,7 @@ impl GgufEngine {
         let (n, d) = (tokens.len(), c.d_model);
         let (heads, kv_heads, head_dim) = (c.n_heads, c.kv_heads(), c.head_dim());
         let start = cache.len;
+        let inv_freq = inverse_frequencies(c.rope_theta, head_dim);
         let mut x: Vec<f32> = tokens
             .iter()
             .flat_map(|&t| self.row(&self.embed, t as usize))
@@ -187,8 +189,8 @@ impl GgufEngine {
             let mut q = self.matmul(&layer.q, &h, n);
             let mut k = self.matmul(&layer.k, &h, n);
             let v = self.matmul(&layer.v, &h, n);
-            rope(&mut q, heads, head_dim, start, c.rope_theta);
-            rope(&mut k, kv_heads, head_dim, start, c.rope_theta);
+            rope(&mut q, heads, head_dim, start, &inv_freq);
+            rope(&mut k, kv_heads, head_dim, start, &inv_freq);
             cache.keys[l].extend_from_slice(&k);
             cache.values[l].extend_from_slice(&v);
             let mixed = attention(&q, &cache.keys[l], &cache.values[l], start, c);
@@ -307,14 +309,14 @@ fn rms_norm(x: &[f32], gain: &[f32], eps: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Rotates adjacent pairs `(2i, 2i + 1)` of every head of every row by `position · θ^(−2i/d)`,
+/// Rotates adjacent pairs `(2i, 2i + 1)` of every head of every row by `position · inv_freq[i]`,
 /// rows at positions `start, start + 1, …`.
-fn rope(x: &mut [f32], heads: usize, head_dim: usize, start: usize, theta: f64) {
+fn rope(x: &mut [f32], heads: usize, head_dim: usize, start: usize, inv_freq: &[f64]) {
     for (t, row) in x.chunks_mut(heads * head_dim).enumerate() {
         let position = (start + t) as f64;
         for head in row.chunks_mut(head_dim) {
             for (i, pair) in head.chunks_mut(2).enumerate() {
-                let angle = position * theta.powf(-2.0 * i as f64 / head_dim as f64);
+                let angle = position * inv_freq[i];
                 let (sin, cos) = (angle.sin() as f32, angle.cos() as f32);
                 let (a, b) = (pair[0], pair[1]);
                 pair[0] = a * cos - b * sin;

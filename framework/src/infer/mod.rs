@@ -112,7 +112,8 @@ impl Sampler {
     }
 }
 
-fn argmax(values: &[f32]) -> u32 {
+/// The index of the largest value (the first, on ties).
+pub fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in values.iter().enumerate() {
         if *v > values[best] {

@@ -47,16 +47,22 @@ impl<B: Backend> Phases<B> {
     }
 }
 
+/// The angle per position of each of a head's rotary pairs: `θ^(−2i/head_dim)` for pair i.
+pub fn inverse_frequencies(theta: f64, head_dim: usize) -> Vec<f64> {
+    (0..head_dim / 2)
+        .map(|i| theta.powf(-(2.0 * i as f64) / head_dim as f64))
+        .collect()
+}
+
 impl<B: Backend> Rope<B> {
     pub fn new(head_dim: usize, max_seq_len: usize, theta: f64, device: &B::Device) -> Self {
         let half = head_dim / 2;
+        let inv_freq = inverse_frequencies(theta, head_dim);
         let mut cos = Vec::with_capacity(max_seq_len * head_dim);
         let mut sin = Vec::with_capacity(max_seq_len * head_dim);
         for pos in 0..max_seq_len {
             for j in 0..head_dim {
-                let i = j % half;
-                let inv_freq = theta.powf(-(2.0 * i as f64) / head_dim as f64);
-                let angle = pos as f64 * inv_freq;
+                let angle = pos as f64 * inv_freq[j % half];
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
             }
@@ -118,9 +124,7 @@ impl<B: Backend> Rope<B> {
         let axes = self.axes.as_ref()?;
         let [_, head_dim] = self.cos.dims();
         let half = head_dim / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| self.theta.powf(-(2.0 * i as f64) / head_dim as f64))
-            .collect();
+        let inv_freq = inverse_frequencies(self.theta, head_dim);
         let mut cos = Vec::with_capacity(coords.xyz.len() * head_dim);
         let mut sin = Vec::with_capacity(coords.xyz.len() * head_dim);
         for c in &coords.xyz {
