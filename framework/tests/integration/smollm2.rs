@@ -110,15 +110,7 @@ fn smollm2_gguf_loads_tokenizes_and_answers() {
         answer
     );
     let from_blocks = engine.forward(&ids, &mut engine.new_cache(), true);
-    let largest = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = from_blocks
-        .iter()
-        .zip(&values)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        worst <= 1e-4 * largest,
-        "block engine: max |Δ| {worst}, largest {largest}"
-    );
+    crate::common::assert_close(&["block engine"], &[from_blocks], &[values.clone()], 1e-4);
 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gguf-check");
     std::fs::create_dir_all(&dir).unwrap();
