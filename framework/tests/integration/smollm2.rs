@@ -110,7 +110,12 @@ fn smollm2_gguf_loads_tokenizes_and_answers() {
         answer
     );
     let from_blocks = engine.forward(&ids, &mut engine.new_cache(), true);
-    crate::common::assert_close(&["block engine"], &[from_blocks], &[values.clone()], 1e-4);
+    crate::common::assert_close(
+        &["block engine"],
+        &[from_blocks],
+        std::slice::from_ref(&values),
+        1e-4,
+    );
 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gguf-check");
     std::fs::create_dir_all(&dir).unwrap();
