@@ -4,7 +4,7 @@
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
-use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::activation::log_softmax;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -12,6 +12,9 @@ use crate::io::params::HostTensor;
 use crate::nn::attention::{Attention, KvSource, LayerKvCache, Mixing};
 use crate::nn::attnres::{DepthAttention, DepthStream};
 use crate::nn::coord3d::{Bms, Coords, default_sections};
+use crate::nn::fused::loss::cross_entropy_trained;
+use crate::nn::fused::norm::rms_norm;
+use crate::nn::fused::swiglu::swiglu;
 use crate::nn::lora::{BaseDType, LoraConfig, LoraLinear};
 use crate::nn::rope::{Phases, Rope};
 
@@ -373,7 +376,7 @@ impl<B: Backend> Mlp<B> {
     /// SwiGLU (Shazeer, arXiv 2002.05202): down(silu(gate(x)) · up(x)).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.w_down
-            .forward(silu(self.w_gate.forward(x.clone())) * self.w_up.forward(x))
+            .forward(swiglu(self.w_gate.forward(x.clone()), self.w_up.forward(x)))
     }
 }
 
@@ -608,14 +611,14 @@ impl<B: Backend> Llama<B> {
         let h = stream.input(attn);
         let (out, attended) = block
             .attn
-            .forward(block.attn_norm.forward(h.clone()), phases, kv);
+            .forward(rms_norm(&block.attn_norm, h.clone()), phases, kv);
         if let Some(trace) = trace.as_deref_mut() {
             trace.push(self.trace(stream, block.attn_res.as_ref(), &h, &out));
         }
         stream.push(attn, out);
 
         let h = stream.input(mlp);
-        let out = block.mlp.forward(block.mlp_norm.forward(h.clone()));
+        let out = block.mlp.forward(rms_norm(&block.mlp_norm, h.clone()));
         if let Some(trace) = trace {
             trace.push(self.trace(stream, block.mlp_res.as_ref(), &h, &out));
         }
@@ -660,7 +663,7 @@ impl<B: Backend> Llama<B> {
 
     /// Final norm and LM head: logits `[batch, seq, vocab]` from the last hidden state.
     pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.norm.forward(h);
+        let x = rms_norm(&self.norm, h);
         match &self.lm_head {
             Some(head) => head.forward(x),
             None => x.matmul(self.embed.weight.val().transpose().unsqueeze::<3>()),
@@ -811,11 +814,20 @@ pub fn cross_entropy_masked<B: Backend>(
     mask: Tensor<B, 2>,
 ) -> Tensor<B, 1> {
     let [batch, seq, vocab] = logits.dims();
-    let log_probs = log_softmax(logits.reshape([batch * seq, vocab]), 1);
+    let rows = batch * seq;
+    let inputs = (
+        logits.reshape([rows, vocab]),
+        targets.reshape([rows]),
+        Some(mask.reshape([rows])),
+    );
+    let (logits, targets, mask) = match cross_entropy_trained(inputs) {
+        Ok(loss) => return loss,
+        Err((logits, targets, mask)) => (logits, targets, mask.expect("given")),
+    };
+    let log_probs = log_softmax(logits, 1);
     let picked = log_probs
-        .gather(1, targets.reshape([batch * seq, 1]))
-        .reshape([batch * seq]);
-    let mask = mask.reshape([batch * seq]);
+        .gather(1, targets.reshape([rows, 1]))
+        .reshape([rows]);
     let counted = mask.clone().sum().clamp_min(1.0);
     (picked * mask).sum().neg() / counted
 }
@@ -823,7 +835,13 @@ pub fn cross_entropy_masked<B: Backend>(
 /// Mean of −log softmax(logits)[target] over all positions.
 pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [batch, seq, vocab] = logits.dims();
-    let log_probs = log_softmax(logits.reshape([batch * seq, vocab]), 1);
-    let picked = log_probs.gather(1, targets.reshape([batch * seq, 1]));
+    let rows = batch * seq;
+    let inputs = (logits.reshape([rows, vocab]), targets.reshape([rows]), None);
+    let (logits, targets, _) = match cross_entropy_trained(inputs) {
+        Ok(loss) => return loss,
+        Err(inputs) => inputs,
+    };
+    let log_probs = log_softmax(logits, 1);
+    let picked = log_probs.gather(1, targets.reshape([rows, 1]));
     picked.mean().neg()
 }

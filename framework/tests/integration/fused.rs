@@ -1,10 +1,13 @@
 //! The ops with their own backward pass (`strata::nn::fused`) against the same maths composed
 //! of tensor ops, whose gradients Burn's autodiff derives op by op: causal attention against
 //! Burn's `attention` (outputs, gradients of q, k and v), rotary embeddings against
-//! rotate-half written with slices.
+//! rotate-half written with slices, RMSNorm against `burn::nn::RmsNorm`, the SwiGLU gate
+//! against `silu(gate) · up`, and the cross-entropy loss against log-softmax and gather.
 //!
 //! Tolerance 1e-5 of the largest entry: f32 throughout, sums over at most a few dozen keys
-//! taken in a different order (observed differences are ~1e-7).
+//! taken in a different order (observed differences are ~1e-7). The host loops work in blocks
+//! of 32 query rows: the lengths cover one block, several, a partial last one and queries that
+//! start after the first key.
 
 use burn::backend::Autodiff;
 use burn::prelude::*;
@@ -12,7 +15,10 @@ use burn::tensor::backend::AutodiffBackend;
 use strata::backend::{Cpu, NdArray};
 use strata::nn::attention::{dense_causal, dense_causal_in_passes};
 use strata::nn::fused::attention::{device, host};
+use strata::nn::fused::loss::cross_entropy_trained;
+use strata::nn::fused::norm::rms_norm;
 use strata::nn::fused::rope::rotate_trained;
+use strata::nn::fused::swiglu::swiglu;
 
 use crate::common::{assert_close, random, values as host_values};
 
@@ -44,7 +50,7 @@ const NAMES: [&str; 4] = ["out", "dq", "dk", "dv"];
 
 #[test]
 fn fused_matches_composed_attention_on_the_cpu_backends() {
-    for (q_len, kv_len) in [(37, 37), (5, 37), (1, 9)] {
+    for (q_len, kv_len) in [(37, 37), (5, 37), (1, 9), (70, 90)] {
         let want = run::<Autodiff<Cpu>>(q_len, kv_len, composed);
         let got = run::<Autodiff<Cpu>>(q_len, kv_len, dense_causal);
         assert_close(&NAMES, &got, &want, 1e-5);
@@ -141,5 +147,106 @@ fn fused_rope_matches_the_composed_rotation() {
             ]
         };
         assert_close(&["out", "dx"], &run(true), &run(false), 1e-6);
+    }
+}
+
+type Ad = Autodiff<Cpu>;
+
+/// Output and input gradients of `sum(op(a, b) ∘ w)` for a fixed random `w`.
+fn two_input_grads(
+    shape: [usize; 3],
+    op: impl Fn(Tensor<Ad, 3>, Tensor<Ad, 3>) -> Tensor<Ad, 3>,
+) -> Vec<Vec<f32>> {
+    // Gates in (−4, 4): the sigmoid's curved part and both tails.
+    let a = (random::<Ad, 3>(11, shape) * 4.0).require_grad();
+    let b = random::<Ad, 3>(12, shape).require_grad();
+    let w = random::<Ad, 3>(13, shape);
+    let out = op(a.clone(), b.clone());
+    let grads = (out.clone() * w).sum().backward();
+    vec![
+        host_values(out),
+        host_values(a.grad(&grads).expect("a gradient")),
+        host_values(b.grad(&grads).expect("a gradient")),
+    ]
+}
+
+/// Tolerance 1e-5 of the largest entry: f32, the same formulas, a different exp (a polynomial
+/// within 2e-7 of e^x against libm's).
+#[test]
+fn fused_swiglu_matches_the_composed_gate() {
+    use burn::tensor::activation::silu;
+    // 2·5·37 elements: one task and vector tails; 2·100·200 = 40 000: three tasks.
+    for shape in [[2, 5, 37], [2, 100, 200]] {
+        let want = two_input_grads(shape, |g, u| silu(g) * u);
+        let got = two_input_grads(shape, swiglu);
+        assert_close(&["out", "d_gate", "d_up"], &got, &want, 1e-5);
+    }
+}
+
+#[test]
+fn fused_rms_norm_matches_burns_rms_norm() {
+    use burn::module::Param;
+    use burn::nn::RmsNormConfig;
+    // 3·300 rows of 40: three tasks of 409 rows at most, so dγ is summed across tasks.
+    let shape = [3, 300, 40];
+    let run = |fused: bool| {
+        let mut norm = RmsNormConfig::new(40).init::<Ad>(&Default::default());
+        norm.gamma = Param::from_tensor(random::<Ad, 1>(21, [40]) + 1.0);
+        let x = (random::<Ad, 3>(22, shape) * 3.0).require_grad();
+        let w = random::<Ad, 3>(23, shape);
+        let out = if fused {
+            rms_norm(&norm, x.clone())
+        } else {
+            norm.forward(x.clone())
+        };
+        let grads = (out.clone() * w).sum().backward();
+        vec![
+            host_values(out),
+            host_values(x.grad(&grads).expect("a gradient")),
+            host_values(norm.gamma.val().grad(&grads).expect("a gradient")),
+        ]
+    };
+    assert_close(&["out", "dx", "d_gamma"], &run(true), &run(false), 1e-5);
+}
+
+#[test]
+fn fused_cross_entropy_matches_log_softmax_and_gather() {
+    // 150 rows of 259 logits: three tasks of 63 rows at most.
+    let (rows, vocab) = (150, 259);
+    let targets: Vec<i64> = (0..rows as i64)
+        .map(|i| (i * 37 + 11) % vocab as i64)
+        .collect();
+    let mask: Vec<f32> = (0..rows).map(|i| (i % 3 != 0) as u8 as f32).collect();
+    let run = |fused: bool, masked: bool| {
+        let device = Default::default();
+        let logits = (random::<Ad, 2>(31, [rows, vocab]) * 5.0).require_grad();
+        let t = Tensor::<Ad, 1, Int>::from_data(TensorData::new(targets.clone(), [rows]), &device);
+        let m = Tensor::<Ad, 1>::from_data(TensorData::new(mask.clone(), [rows]), &device);
+        let loss = if fused {
+            let inputs = (logits.clone(), t, masked.then_some(m));
+            cross_entropy_trained(inputs).unwrap_or_else(|_| panic!("the fused op runs"))
+        } else {
+            let picked = burn::tensor::activation::log_softmax(logits.clone(), 1)
+                .gather(1, t.reshape([rows, 1]))
+                .reshape([rows]);
+            if masked {
+                -(picked * m.clone()).sum() / m.sum()
+            } else {
+                -picked.mean()
+            }
+        };
+        let grads = loss.clone().backward();
+        vec![
+            host_values(loss),
+            host_values(logits.grad(&grads).expect("a gradient")),
+        ]
+    };
+    for masked in [false, true] {
+        assert_close(
+            &["loss", "d_logits"],
+            &run(true, masked),
+            &run(false, masked),
+            1e-5,
+        );
     }
 }

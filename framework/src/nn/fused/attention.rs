@@ -257,7 +257,7 @@ pub mod device {
 /// with heads and positions swapped) copy out as they lie in memory.
 pub mod host {
     use super::*;
-    use crate::nn::fused::{from_host, host_vec};
+    use crate::nn::fused::{exp, from_host, host_vec, sum, with_simd};
 
     #[inline(always)]
     fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -278,45 +278,130 @@ pub mod host {
         acc.iter().sum::<f32>() + tail
     }
 
-    #[inline(always)]
-    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y += a * x;
-        }
+    /// Query rows per block. Each block's scores are one small matrix product against the keys
+    /// up to its last row, so the causal half of the score matrix is mostly skipped while the
+    /// products stay large enough for the matrix-multiply kernels.
+    const QUERY_BLOCK: usize = 32;
+
+    /// A matrix inside a slice: element (r, c) at `r * row_stride + c * col_stride`.
+    #[derive(Clone, Copy)]
+    struct Strided<'a> {
+        values: &'a [f32],
+        row_stride: usize,
+        col_stride: usize,
     }
 
-    /// e^x to about 1e-7 relative (Cephes' expf: x = n·ln 2 + r with ln 2 split in two parts,
-    /// then a degree-6 polynomial in r), branch-free so that a loop over a row vectorises,
-    /// unlike the libm call.
-    #[inline(always)]
-    pub(super) fn exp(x: f32) -> f32 {
-        let x = x.clamp(-87.0, 88.0);
-        let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-        let poly = 1.987_569_1e-4;
-        let poly = poly * r + 1.398_2e-3;
-        let poly = poly * r + 8.333_452e-3;
-        let poly = poly * r + 4.166_579_6e-2;
-        let poly = poly * r + 1.666_666_5e-1;
-        let poly = poly * r + 0.5;
-        let two_n = f32::from_bits(((n as i32 + 127) << 23) as u32);
-        (poly * r * r + r + 1.0) * two_n
-    }
-
-    /// Runs `f` compiled for AVX2 and FMA where the CPU has them: the default x86-64 target
-    /// assumes SSE2 only, and these loops are where the op spends its time.
-    #[inline(always)]
-    fn with_simd<R>(f: impl FnOnce() -> R) -> R {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
-                f()
+    impl<'a> Strided<'a> {
+        fn rows(values: &'a [f32], row_stride: usize) -> Self {
+            Strided {
+                values,
+                row_stride,
+                col_stride: 1,
             }
-            // SAFETY: the CPU was just checked for both features.
-            return unsafe { wide(f) };
         }
-        f()
+        /// The transpose of `rows(values, row_stride)`.
+        fn columns(values: &'a [f32], row_stride: usize) -> Self {
+            Strided {
+                values,
+                row_stride: 1,
+                col_stride: row_stride,
+            }
+        }
+        fn check(&self, rows: usize, cols: usize) {
+            if rows > 0 && cols > 0 {
+                let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
+                assert!(last < self.values.len(), "matrix view out of bounds");
+            }
+        }
+    }
+
+    /// `dst[m×n]` (rows `dst_stride` apart) = `a[m×k] · b[k×n] · alpha`, added to `dst` when
+    /// `accumulate`, on the calling thread.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        [m, n, k]: [usize; 3],
+        dst: &mut [f32],
+        dst_stride: usize,
+        accumulate: bool,
+        a: Strided,
+        b: Strided,
+        alpha: f32,
+    ) {
+        Strided::rows(dst, dst_stride).check(m, n);
+        a.check(m, k);
+        b.check(k, n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        // SAFETY: the three checks above keep every element the product reads or writes inside
+        // its slice, and `dst` is borrowed mutably, so it aliases neither input.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                dst_stride as isize,
+                accumulate,
+                a.values.as_ptr(),
+                a.col_stride as isize,
+                a.row_stride as isize,
+                b.values.as_ptr(),
+                b.col_stride as isize,
+                b.row_stride as isize,
+                1.0,
+                alpha,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    }
+
+    /// Rows of scores (`keys` wide) to probabilities in place: row `i` attends to its first
+    /// `seen + i` keys and gets zeros after them; its log-sum-exp goes to `lse[i]`.
+    #[inline(always)]
+    fn softmax_rows((scores, keys, seen, lse): (&mut [f32], usize, usize, &mut [f32])) {
+        for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
+            let (seen, future) = row.split_at_mut(seen + i);
+            let max = seen.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            seen.iter_mut().for_each(|x| *x = exp(*x - max));
+            let sum = sum(seen);
+            for x in seen.iter_mut() {
+                *x /= sum;
+            }
+            future.fill(0.0);
+            lse[i] = max + sum.ln();
+        }
+    }
+
+    /// [`softmax_rows`] again from the saved log-sum-exp: `exp(score − lse)`.
+    #[inline(always)]
+    fn probabilities_rows((scores, keys, seen, lse): (&mut [f32], usize, usize, &[f32])) {
+        for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
+            let (seen, future) = row.split_at_mut(seen + i);
+            for x in seen.iter_mut() {
+                *x = exp(*x - lse[i]);
+            }
+            future.fill(0.0);
+        }
+    }
+
+    /// `dS = P ∘ (dP − D)·s` in place of dP, row `i` with `D = delta[i]`.
+    #[inline(always)]
+    fn score_gradients((dp, p, delta, scale): (&mut [f32], &[f32], &[f32], f32)) {
+        let keys = p.len() / delta.len();
+        for ((dp, p), &delta) in dp
+            .chunks_exact_mut(keys)
+            .zip(p.chunks_exact(keys))
+            .zip(delta)
+        {
+            for (ds, &p) in dp.iter_mut().zip(p) {
+                *ds = p * (*ds - delta) * scale;
+            }
+        }
     }
 
     /// `[b, h, n, d]` values in `[b, n, h, d]` order.
@@ -341,6 +426,14 @@ pub mod host {
         #[inline(always)]
         fn row(self, t: &[f32], len: usize, i: usize) -> &[f32] {
             &t[self.at(len, i)..][..self.d]
+        }
+        /// Rows `from..` of this head, as a matrix view.
+        fn rows(self, t: &[f32], len: usize, from: usize) -> Strided<'_> {
+            Strided::rows(&t[self.at(len, from)..], self.heads * self.d)
+        }
+        /// The same rows transposed: one column per position.
+        fn columns(self, t: &[f32], len: usize, from: usize) -> Strided<'_> {
+            Strided::columns(&t[self.at(len, from)..], self.heads * self.d)
         }
         /// Writes a head's `[n, d]` rows back into the `[b, n, h, d]` buffer.
         fn scatter(self, t: &mut [f32], len: usize, rows: &[f32]) {
@@ -374,36 +467,43 @@ pub mod host {
         let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..b * heads)
             .into_par_iter()
             .map(|bh| {
-                with_simd(|| {
-                    let head = Head {
-                        bb: bh / heads,
-                        hh: bh % heads,
-                        heads,
+                let head = Head {
+                    bb: bh / heads,
+                    hh: bh % heads,
+                    heads,
+                    d,
+                };
+                let mut out = vec![0.0f32; q_len * d];
+                let mut lse = vec![0.0f32; q_len];
+                let mut p = vec![0.0f32; QUERY_BLOCK * kv_len];
+                for r0 in (0..q_len).step_by(QUERY_BLOCK) {
+                    let rows = QUERY_BLOCK.min(q_len - r0);
+                    let keys = start + r0 + rows;
+                    let p = &mut p[..rows * keys];
+                    matmul(
+                        [rows, keys, d],
+                        p,
+                        keys,
+                        false,
+                        head.rows(&q, q_len, r0),
+                        head.columns(&k, kv_len, 0),
+                        scale,
+                    );
+                    with_simd(
+                        softmax_rows,
+                        (&mut *p, keys, start + r0 + 1, &mut lse[r0..]),
+                    );
+                    matmul(
+                        [rows, d, keys],
+                        &mut out[r0 * d..],
                         d,
-                    };
-                    let mut out = vec![0.0f32; q_len * d];
-                    let mut lse = vec![0.0f32; q_len];
-                    let mut p = vec![0.0f32; kv_len];
-                    for i in 0..q_len {
-                        let keys = start + i + 1;
-                        let qi = head.row(&q, q_len, i);
-                        let mut max = f32::NEG_INFINITY;
-                        for (j, p) in p[..keys].iter_mut().enumerate() {
-                            *p = dot(qi, head.row(&k, kv_len, j)) * scale;
-                            max = max.max(*p);
-                        }
-                        for p in &mut p[..keys] {
-                            *p = exp(*p - max);
-                        }
-                        let sum: f32 = p[..keys].iter().sum();
-                        let oi = &mut out[i * d..][..d];
-                        for (j, &p) in p[..keys].iter().enumerate() {
-                            axpy(oi, p / sum, head.row(&v, kv_len, j));
-                        }
-                        lse[i] = max + sum.ln();
-                    }
-                    (out, lse)
-                })
+                        false,
+                        Strided::rows(p, keys),
+                        head.rows(&v, kv_len, 0),
+                        1.0,
+                    );
+                }
+                (out, lse)
             })
             .collect();
         let mut out = vec![0.0f32; b * q_len * heads * d];
@@ -443,7 +543,7 @@ pub mod host {
         let per_head: Vec<Grads> = (0..b * heads)
             .into_par_iter()
             .map(|bh| {
-                with_simd(|| {
+                {
                     let head = Head {
                         bb: bh / heads,
                         hh: bh % heads,
@@ -454,29 +554,74 @@ pub mod host {
                     let mut dq = vec![0.0f32; q_len * d];
                     let mut dk = vec![0.0f32; kv_len * d];
                     let mut dv = vec![0.0f32; kv_len * d];
-                    let mut p = vec![0.0f32; kv_len];
-                    for i in 0..q_len {
-                        let keys = start + i + 1;
-                        let (qi, doi) = (head.row(&q, q_len, i), head.row(&dout, q_len, i));
-                        let delta = dot(doi, head.row(&out, q_len, i));
-                        // The row's probabilities first, so that the exponentials vectorise.
-                        for (j, p) in p[..keys].iter_mut().enumerate() {
-                            *p = dot(qi, head.row(&k, kv_len, j)) * scale - lse[i];
-                        }
-                        for p in &mut p[..keys] {
-                            *p = exp(*p);
-                        }
-                        let dqi = &mut dq[i * d..][..d];
-                        for (j, &p) in p[..keys].iter().enumerate() {
-                            let (kj, vj) = (head.row(&k, kv_len, j), head.row(&v, kv_len, j));
-                            axpy(&mut dv[j * d..][..d], p, doi);
-                            let ds = p * (dot(doi, vj) - delta) * scale;
-                            axpy(dqi, ds, kj);
-                            axpy(&mut dk[j * d..][..d], ds, qi);
-                        }
+                    let mut p = vec![0.0f32; QUERY_BLOCK * kv_len];
+                    let mut ds = vec![0.0f32; QUERY_BLOCK * kv_len];
+                    for r0 in (0..q_len).step_by(QUERY_BLOCK) {
+                        let rows = QUERY_BLOCK.min(q_len - r0);
+                        let keys = start + r0 + rows;
+                        let (p, ds) = (&mut p[..rows * keys], &mut ds[..rows * keys]);
+                        let (q_rows, dout_rows) =
+                            (head.rows(&q, q_len, r0), head.rows(&dout, q_len, r0));
+                        // P, recomputed from the scores and the saved log-sum-exp.
+                        matmul(
+                            [rows, keys, d],
+                            p,
+                            keys,
+                            false,
+                            q_rows,
+                            head.columns(&k, kv_len, 0),
+                            scale,
+                        );
+                        with_simd(
+                            probabilities_rows,
+                            (&mut *p, keys, start + r0 + 1, &lse[r0..]),
+                        );
+                        // dV += Pᵀ dO
+                        matmul(
+                            [keys, d, rows],
+                            &mut dv,
+                            d,
+                            true,
+                            Strided::columns(p, keys),
+                            dout_rows,
+                            1.0,
+                        );
+                        // dS = P ∘ (dO Vᵀ − D)·s
+                        matmul(
+                            [rows, keys, d],
+                            ds,
+                            keys,
+                            false,
+                            dout_rows,
+                            head.columns(&v, kv_len, 0),
+                            1.0,
+                        );
+                        let delta: Vec<f32> = (r0..r0 + rows)
+                            .map(|i| dot(head.row(&dout, q_len, i), head.row(&out, q_len, i)))
+                            .collect();
+                        with_simd(score_gradients, (&mut *ds, &*p, &delta[..], scale));
+                        // dQ = dS K,  dK += dSᵀ Q
+                        matmul(
+                            [rows, d, keys],
+                            &mut dq[r0 * d..],
+                            d,
+                            false,
+                            Strided::rows(ds, keys),
+                            head.rows(&k, kv_len, 0),
+                            1.0,
+                        );
+                        matmul(
+                            [keys, d, rows],
+                            &mut dk,
+                            d,
+                            true,
+                            Strided::columns(ds, keys),
+                            q_rows,
+                            1.0,
+                        );
                     }
                     (dq, dk, dv)
-                })
+                }
             })
             .collect();
         let mut dq = vec![0.0f32; b * q_len * heads * d];
@@ -498,21 +643,5 @@ pub mod host {
             head_major(dk, [b, heads, kv_len, d], &device),
             head_major(dv, [b, heads, kv_len, d], &device),
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn polynomial_exp_is_within_2e7_of_f64() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -80.0 + 160.0 * i as f32 / 200_000.0;
-            let x = x.min(88.0);
-            let want = (x as f64).exp();
-            let got = super::host::exp(x) as f64;
-            worst = worst.max(((got - want) / want).abs());
-        }
-        assert!(worst < 2e-7, "worst relative error {worst}");
     }
 }

@@ -1,0 +1,163 @@
+//! Mean cross-entropy with its own backward pass, on the CPU backends. Composed, it is a
+//! log-softmax (max, subtract, exp, sum, log, subtract), a gather and a mean, each a pass on one
+//! thread and each with its backward op; here the forward pass is one loop over the rows on every
+//! core, and the gradient is the softmax it already computed minus the targets' one-hot rows:
+//!
+//! ```text
+//! loss = Σₙ wₙ·(lseₙ − zₙ[tₙ])      dz = dloss · wₙ·(softmax(zₙ) − onehot(tₙ))
+//! ```
+//!
+//! with `wₙ = 1/N`, or `maskₙ / Σ mask` for a masked loss.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::prelude::*;
+use burn::tensor::{DType, TensorPrimitive};
+use rayon::prelude::*;
+
+use super::{
+    AutodiffOp, CHUNK, Inner, exp, from_host, host_vec, run_on_autodiff, same, sum, with_simd,
+};
+
+/// Logits `[rows, vocab]`, target ids `[rows]` and an optional 0/1 mask `[rows]`.
+pub type LossInputs<B> = (Tensor<B, 2>, Tensor<B, 1, Int>, Option<Tensor<B, 1>>);
+
+/// Mean of −log softmax(logits)[target] over the rows (those where `mask` is 1, if given; 0
+/// when none is), through this op when `B` is autodiff over a CPU backend in f32; `Err` gives
+/// the inputs back otherwise.
+pub fn cross_entropy_trained<B: Backend>(
+    (logits, targets, mask): LossInputs<B>,
+) -> Result<Tensor<B, 1>, LossInputs<B>> {
+    if logits.dtype() != DType::F32 {
+        return Err((logits, targets, mask));
+    }
+    run_on_autodiff(LossOp(logits, targets, mask), Inner::Host).map_err(|op| (op.0, op.1, op.2))
+}
+
+struct LossOp<B: Backend>(Tensor<B, 2>, Tensor<B, 1, Int>, Option<Tensor<B, 1>>);
+
+impl<B: Backend> AutodiffOp<B> for LossOp<B> {
+    type Output = Tensor<B, 1>;
+
+    fn run<I: Backend>(self) -> Tensor<B, 1> {
+        let targets: Vec<i64> = self.1.into_data().convert::<i64>().into_vec().expect("i64");
+        let mask = self.2.map(host_vec);
+        same(cross_entropy_autodiff::<I>(same(self.0), targets, mask))
+    }
+}
+
+/// Saved for backward: each row's softmax and weight, and the targets.
+#[derive(Debug, Clone)]
+struct Saved {
+    probs: Vec<f32>,
+    weights: Vec<f32>,
+    targets: Vec<i64>,
+    shape: [usize; 2],
+}
+
+#[derive(Debug)]
+struct LossBackward;
+
+impl<B: Backend> Backward<B, 1> for LossBackward {
+    type State = Saved;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad =
+            Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
+        let device = grad.device();
+        let d_loss = host_vec(grad)[0];
+        let [parent] = ops.parents;
+        let Some(node) = parent else { return };
+        let Saved {
+            mut probs,
+            weights,
+            targets,
+            shape,
+        } = ops.state;
+        let vocab = shape[1];
+        let rows_per_task = (CHUNK / vocab).max(1);
+        probs
+            .par_chunks_mut(rows_per_task * vocab)
+            .zip(weights.par_chunks(rows_per_task))
+            .zip(targets.par_chunks(rows_per_task))
+            .for_each(|((rows, weights), targets)| {
+                for ((row, &w), &t) in rows.chunks_exact_mut(vocab).zip(weights).zip(targets) {
+                    let scale = d_loss * w;
+                    row.iter_mut().for_each(|p| *p *= scale);
+                    row[t as usize] -= scale;
+                }
+            });
+        let d_logits = from_host::<B, 2>(probs, shape, &device);
+        grads.register::<B>(node.id, d_logits.into_primitive().tensor());
+    }
+}
+
+fn cross_entropy_autodiff<I: Backend>(
+    logits: Tensor<Autodiff<I>, 2>,
+    targets: Vec<i64>,
+    mask: Option<Vec<f32>>,
+) -> Tensor<Autodiff<I>, 1> {
+    let shape = logits.dims();
+    let [rows, vocab] = shape;
+    let device = logits.device();
+    if let Some(&bad) = targets.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+        panic!("target token {bad} outside the vocabulary of {vocab} tokens");
+    }
+    let weights = match mask {
+        Some(mask) => {
+            let counted = mask.iter().sum::<f32>().max(1.0);
+            mask.iter().map(|m| m / counted).collect()
+        }
+        None => vec![1.0 / rows as f32; rows],
+    };
+    let logits = logits.into_primitive().tensor();
+    let mut probs = host_vec(Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(
+        logits.primitive.clone(),
+    )));
+    let rows_per_task = (CHUNK / vocab).max(1);
+    let loss: f64 = probs
+        .par_chunks_mut(rows_per_task * vocab)
+        .zip(weights.par_chunks(rows_per_task))
+        .zip(targets.par_chunks(rows_per_task))
+        .map(|((rows, weights), targets)| with_simd(softmax_nll, (rows, weights, targets)))
+        .sum();
+    let loss = from_host::<I, 1>(vec![loss as f32], [1], &device)
+        .into_primitive()
+        .tensor();
+    let loss = match LossBackward
+        .prepare::<NoCheckpointing>([logits.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            Saved {
+                probs,
+                weights,
+                targets,
+                shape,
+            },
+            loss,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(loss),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(loss))
+}
+
+/// Turns each row of logits into its softmax in place and returns `Σ w·(lse − z[target])`.
+#[inline(always)]
+fn softmax_nll((rows, weights, targets): (&mut [f32], &[f32], &[i64])) -> f64 {
+    let vocab = rows.len() / weights.len();
+    let mut loss = 0.0f64;
+    for ((row, &w), &t) in rows.chunks_exact_mut(vocab).zip(weights).zip(targets) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z));
+        let target_logit = row[t as usize];
+        row.iter_mut().for_each(|z| *z = exp(*z - max));
+        let sum = sum(row);
+        row.iter_mut().for_each(|p| *p /= sum);
+        loss += w as f64 * (max + sum.ln() - target_logit) as f64;
+    }
+    loss
+}
