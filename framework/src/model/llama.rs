@@ -666,7 +666,13 @@ impl<B: Backend> Llama<B> {
         let x = rms_norm(&self.norm, h);
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => x.matmul(self.embed.weight.val().transpose().unsqueeze::<3>()),
+            None => {
+                // As rows (see `LoraLinear::forward`): one product for the embedding's gradient.
+                let [batch, seq, d] = x.dims();
+                let rows = x.reshape([batch * seq, d]);
+                let logits = rows.matmul(self.embed.weight.val().transpose());
+                logits.reshape([batch as i64, seq as i64, -1])
+            }
         }
     }
 

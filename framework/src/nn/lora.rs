@@ -205,6 +205,17 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        // One matrix of rows: given `[batch, seq, d_in]`, Burn's linear backward computes the
+        // weight gradient as one product per batch entry and sums them, a pass over
+        // `batch × d_in × d_out` values, where `[rows, d_in]` gives one product.
+        let mut shape = x.dims();
+        let x: Tensor<B, 2> = x.reshape([-1, shape[D - 1] as i64]);
+        let out = self.forward_rows(x);
+        shape[D - 1] = out.dims()[1];
+        out.reshape(shape)
+    }
+
+    fn forward_rows(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         // A base weight stored in a narrower type (`lora.base_dtype`) is widened where it is used.
         let weight = self.weight.val();
         let weight = if weight.dtype() == x.dtype() {

@@ -114,8 +114,9 @@ fn cross_entropy_autodiff<I: Backend>(
         None => vec![1.0 / rows as f32; rows],
     };
     let logits = logits.into_primitive().tensor();
+    let node = logits.node.clone();
     let mut probs = host_vec(Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(
-        logits.primitive.clone(),
+        logits.primitive,
     )));
     let rows_per_task = (CHUNK / vocab).max(1);
     let loss: f64 = probs
@@ -128,7 +129,7 @@ fn cross_entropy_autodiff<I: Backend>(
         .into_primitive()
         .tensor();
     let loss = match LossBackward
-        .prepare::<NoCheckpointing>([logits.node.clone()])
+        .prepare::<NoCheckpointing>([node])
         .compute_bound()
         .stateful()
     {

@@ -78,12 +78,11 @@ fn swiglu_autodiff<I: Backend>(
     let shape = gate.dims();
     let device = gate.device();
     let (gate, up) = (gate.into_primitive().tensor(), up.into_primitive().tensor());
-    let values = |p: &burn::tensor::ops::FloatTensor<I>| {
-        host_vec(Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(
-            p.clone(),
-        )))
-    };
-    let (g, u) = (values(&gate.primitive), values(&up.primitive));
+    let nodes = [gate.node.clone(), up.node.clone()];
+    // Moved, not cloned, out of the autodiff tensors: a buffer nothing else holds converts
+    // to a vector without a copy.
+    let values = |p| host_vec(Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(p)));
+    let (g, u) = (values(gate.primitive), values(up.primitive));
     let mut out = vec![0.0f32; g.len()];
     out.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
@@ -92,7 +91,7 @@ fn swiglu_autodiff<I: Backend>(
         .into_primitive()
         .tensor();
     let out = match SwigluBackward
-        .prepare::<NoCheckpointing>([gate.node.clone(), up.node.clone()])
+        .prepare::<NoCheckpointing>(nodes)
         .compute_bound()
         .stateful()
     {
