@@ -257,7 +257,7 @@ pub mod device {
 /// with heads and positions swapped) copy out as they lie in memory.
 pub mod host {
     use super::*;
-    use crate::nn::fused::{exp, from_host, host_vec, sum, with_simd};
+    use crate::nn::fused::{HostValues, exp, from_host, sum, with_simd};
 
     #[inline(always)]
     fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -405,8 +405,8 @@ pub mod host {
     }
 
     /// `[b, h, n, d]` values in `[b, n, h, d]` order.
-    fn seq_major<B: Backend>(t: Tensor<B, 4>) -> Vec<f32> {
-        host_vec(t.swap_dims(1, 2))
+    fn seq_major<B: Backend>(t: Tensor<B, 4>) -> HostValues {
+        HostValues::of(t.swap_dims(1, 2))
     }
 
     /// Rows of head `hh` of batch `bb` in a `[b, n, h, d]` buffer.
@@ -462,6 +462,7 @@ pub mod host {
         let kv_len = k.dims()[2];
         let device = q.device();
         let (q, k, v) = (seq_major(q), seq_major(k), seq_major(v));
+        let (q, k, v): (&[f32], &[f32], &[f32]) = (&q, &k, &v);
         let scale = (d as f32).powf(-0.5);
         let start = kv_len - q_len;
         let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..b * heads)
@@ -485,8 +486,8 @@ pub mod host {
                         p,
                         keys,
                         false,
-                        head.rows(&q, q_len, r0),
-                        head.columns(&k, kv_len, 0),
+                        head.rows(q, q_len, r0),
+                        head.columns(k, kv_len, 0),
                         scale,
                     );
                     with_simd(
@@ -499,7 +500,7 @@ pub mod host {
                         d,
                         false,
                         Strided::rows(p, keys),
-                        head.rows(&v, kv_len, 0),
+                        head.rows(v, kv_len, 0),
                         1.0,
                     );
                 }
@@ -536,7 +537,9 @@ pub mod host {
         let kv_len = k.dims()[2];
         let device = q.device();
         let (q, k, v) = (seq_major(q), seq_major(k), seq_major(v));
-        let (out, dout, lse) = (seq_major(out), seq_major(grad_out), host_vec(lse));
+        let (out, dout, lse) = (seq_major(out), seq_major(grad_out), HostValues::of(lse));
+        let (q, k, v): (&[f32], &[f32], &[f32]) = (&q, &k, &v);
+        let (out, dout, lse): (&[f32], &[f32], &[f32]) = (&out, &dout, &lse);
         let scale = (d as f32).powf(-0.5);
         let start = kv_len - q_len;
         type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
@@ -561,7 +564,7 @@ pub mod host {
                         let keys = start + r0 + rows;
                         let (p, ds) = (&mut p[..rows * keys], &mut ds[..rows * keys]);
                         let (q_rows, dout_rows) =
-                            (head.rows(&q, q_len, r0), head.rows(&dout, q_len, r0));
+                            (head.rows(q, q_len, r0), head.rows(dout, q_len, r0));
                         // P, recomputed from the scores and the saved log-sum-exp.
                         matmul(
                             [rows, keys, d],
@@ -569,7 +572,7 @@ pub mod host {
                             keys,
                             false,
                             q_rows,
-                            head.columns(&k, kv_len, 0),
+                            head.columns(k, kv_len, 0),
                             scale,
                         );
                         with_simd(
@@ -593,11 +596,11 @@ pub mod host {
                             keys,
                             false,
                             dout_rows,
-                            head.columns(&v, kv_len, 0),
+                            head.columns(v, kv_len, 0),
                             1.0,
                         );
                         let delta: Vec<f32> = (r0..r0 + rows)
-                            .map(|i| dot(head.row(&dout, q_len, i), head.row(&out, q_len, i)))
+                            .map(|i| dot(head.row(dout, q_len, i), head.row(out, q_len, i)))
                             .collect();
                         with_simd(score_gradients, (&mut *ds, &*p, &delta[..], scale));
                         // dQ = dS K,  dK += dSᵀ Q
@@ -607,7 +610,7 @@ pub mod host {
                             d,
                             false,
                             Strided::rows(ds, keys),
-                            head.rows(&k, kv_len, 0),
+                            head.rows(k, kv_len, 0),
                             1.0,
                         );
                         matmul(

@@ -19,7 +19,8 @@ use burn::tensor::{DType, TensorPrimitive};
 use rayon::prelude::*;
 
 use super::{
-    AutodiffOp, CHUNK, Inner, exp, from_host, host_vec, run_on_autodiff, same, sum, with_simd,
+    AutodiffOp, CHUNK, HostValues, Inner, exp, from_host, host_vec, run_on_autodiff, same, sum,
+    with_simd,
 };
 
 /// Logits `[rows, vocab]`, target ids `[rows]` and an optional 0/1 mask `[rows]`.
@@ -52,7 +53,7 @@ impl<B: Backend> AutodiffOp<B> for LossOp<B> {
 /// Saved for backward: each row's softmax and weight, and the targets.
 #[derive(Debug, Clone)]
 struct Saved {
-    probs: Vec<f32>,
+    probs: HostValues,
     weights: Vec<f32>,
     targets: Vec<i64>,
     shape: [usize; 2],
@@ -90,7 +91,7 @@ impl<B: Backend> Backward<B, 1> for LossBackward {
                     row[t as usize] -= scale;
                 }
             });
-        let d_logits = from_host::<B, 2>(probs, shape, &device);
+        let d_logits = probs.into_tensor::<B, 2>(&device);
         grads.register::<B>(node.id, d_logits.into_primitive().tensor());
     }
 }
@@ -115,7 +116,7 @@ fn cross_entropy_autodiff<I: Backend>(
     };
     let logits = logits.into_primitive().tensor();
     let node = logits.node.clone();
-    let mut probs = host_vec(Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(
+    let mut probs = HostValues::of(Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(
         logits.primitive,
     )));
     let rows_per_task = (CHUNK / vocab).max(1);

@@ -106,6 +106,38 @@ pub(crate) fn host_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> 
         .expect("converted to f32")
 }
 
+/// A tensor's f32 values on the host, read as a slice. Taken from a contiguous tensor whose
+/// buffer nothing else holds, it is that buffer: [`host_vec`] copies every buffer the CPU
+/// backend allocated, since a `Vec<f32>` must be freed with the alignment it was made with.
+#[derive(Debug, Clone)]
+pub(crate) struct HostValues(TensorData);
+
+impl HostValues {
+    pub(crate) fn of<B: Backend, const D: usize>(t: Tensor<B, D>) -> Self {
+        HostValues(t.into_data().convert::<f32>())
+    }
+
+    pub(crate) fn into_tensor<B: Backend, const D: usize>(
+        self,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
+        Tensor::from_data(self.0, device)
+    }
+}
+
+impl std::ops::Deref for HostValues {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        self.0.as_slice().expect("converted to f32")
+    }
+}
+
+impl std::ops::DerefMut for HostValues {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        self.0.as_mut_slice().expect("converted to f32")
+    }
+}
+
 pub(crate) fn from_host<B: Backend, const D: usize>(
     values: Vec<f32>,
     shape: [usize; D],

@@ -18,7 +18,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{AutodiffOp, CHUNK, Inner, from_host, host_vec, run_on_autodiff, same, with_simd};
+use super::{AutodiffOp, CHUNK, HostValues, Inner, from_host, run_on_autodiff, same, with_simd};
 
 /// `norm.forward(x)`, through this op when `B` is autodiff over a CPU backend in f32.
 pub fn rms_norm<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -44,8 +44,8 @@ impl<B: Backend> AutodiffOp<B> for RmsNormOp<B> {
 /// Saved for backward: the input, γ and each row's `r`.
 #[derive(Debug, Clone)]
 struct Saved {
-    x: Vec<f32>,
-    gamma: Vec<f32>,
+    x: HostValues,
+    gamma: HostValues,
     inv_rms: Vec<f32>,
     shape: [usize; 3],
 }
@@ -60,7 +60,7 @@ impl<B: Backend> Backward<B, 2> for RmsNormBackward {
         let grad =
             Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
         let device = grad.device();
-        let dy = host_vec(grad);
+        let dy = HostValues::of(grad);
         let Saved {
             x,
             gamma,
@@ -103,10 +103,10 @@ fn rms_norm_autodiff<I: Backend>(
     let shape = x.dims();
     let device = x.device();
     let (x, gamma) = (x.into_primitive().tensor(), gamma.into_primitive().tensor());
-    let xs = host_vec(Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(
+    let xs = HostValues::of(Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(
         x.primitive.clone(),
     )));
-    let gs = host_vec(Tensor::<I, 1>::from_primitive(TensorPrimitive::Float(
+    let gs = HostValues::of(Tensor::<I, 1>::from_primitive(TensorPrimitive::Float(
         gamma.primitive.clone(),
     )));
     let d = shape[2];

@@ -12,7 +12,7 @@ use burn::tensor::TensorPrimitive;
 use burn::tensor::ops::FloatTensor;
 use rayon::prelude::*;
 
-use super::{AutodiffOp, Inner, from_host, host_vec, run_on_autodiff, same};
+use super::{AutodiffOp, HostValues, Inner, from_host, run_on_autodiff, same};
 
 type Rotation<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
 
@@ -62,12 +62,13 @@ fn rope_autodiff<I: Backend>(
     sin: Tensor<I, 4>,
 ) -> Tensor<Autodiff<I>, 4> {
     let x = x.into_primitive().tensor();
-    let xi = Tensor::<I, 4>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
+    let node = x.node.clone();
+    let xi = Tensor::<I, 4>::from_primitive(TensorPrimitive::Float(x.primitive));
     let out = rotate(xi, cos.clone(), sin.clone(), false)
         .into_primitive()
         .tensor();
     let out = match RopeBackward
-        .prepare::<NoCheckpointing>([x.node.clone()])
+        .prepare::<NoCheckpointing>([node])
         .compute_bound()
         .stateful()
     {
@@ -92,7 +93,8 @@ pub fn rotate<B: Backend>(
     let tables_per_batch = cos.dims()[0] != 1;
     let device = x.device();
     let half = d / 2;
-    let (x, cos, sin) = (host_vec(x), host_vec(cos), host_vec(sin));
+    let (x, cos, sin) = (HostValues::of(x), HostValues::of(cos), HostValues::of(sin));
+    let (x, cos, sin): (&[f32], &[f32], &[f32]) = (&x, &cos, &sin);
     let mut out = vec![0.0f32; x.len()];
     out.par_chunks_mut(heads * d)
         .zip(x.par_chunks(heads * d))

@@ -18,7 +18,9 @@ use burn::tensor::activation::silu;
 use burn::tensor::{DType, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{AutodiffOp, CHUNK, Inner, exp, from_host, host_vec, run_on_autodiff, same, with_simd};
+use super::{
+    AutodiffOp, CHUNK, HostValues, Inner, exp, from_host, run_on_autodiff, same, with_simd,
+};
 
 /// `silu(gate) · up`, through this op when `B` is autodiff over a CPU backend in f32.
 pub fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -46,13 +48,13 @@ struct SwigluBackward;
 
 impl<B: Backend> Backward<B, 2> for SwigluBackward {
     /// The gate and up values.
-    type State = (Vec<f32>, Vec<f32>, [usize; 3]);
+    type State = (HostValues, HostValues, [usize; 3]);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad =
             Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
         let device = grad.device();
-        let grad = host_vec(grad);
+        let grad = HostValues::of(grad);
         let (gate, up, shape) = ops.state;
         let (mut d_gate, mut d_up) = (vec![0.0f32; gate.len()], vec![0.0f32; gate.len()]);
         d_gate
@@ -81,7 +83,7 @@ fn swiglu_autodiff<I: Backend>(
     let nodes = [gate.node.clone(), up.node.clone()];
     // Moved, not cloned, out of the autodiff tensors: a buffer nothing else holds converts
     // to a vector without a copy.
-    let values = |p| host_vec(Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(p)));
+    let values = |p| HostValues::of(Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(p)));
     let (g, u) = (values(gate.primitive), values(up.primitive));
     let mut out = vec![0.0f32; g.len()];
     out.par_chunks_mut(CHUNK)
