@@ -10,10 +10,10 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
-use burn::tensor::module::linear;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::nn::fused::linear::linear;
 
 /// The projections an adapter can attach to, by the short names configs use. PEFT's module names
 /// (`q_proj`, …, `lm_head`) are accepted too.
@@ -223,11 +223,11 @@ impl<B: Backend> LoraLinear<B> {
         } else {
             weight.cast(x.dtype())
         };
-        let base = linear(x.clone(), weight, None);
+        let base = linear(x.clone(), weight);
         match &self.lora {
             Some(lora) if !lora.merged => {
-                let low = linear(lora.dropout.forward(x), lora.a.val(), None);
-                base + linear(low, lora.b.val(), None).mul_scalar(lora.scale)
+                let low = linear(lora.dropout.forward(x), lora.a.val());
+                base + linear(low, lora.b.val()).mul_scalar(lora.scale)
             }
             _ => base,
         }

@@ -5,8 +5,6 @@
 //! Tolerance 1e-4 of the largest entry: GPU kernels sum in other orders and fuse multiply-adds
 //! differently from the CPU; f32 differences here are ~1e-6.
 
-use crate::common;
-
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use strata::backend::Cpu;

@@ -250,3 +250,40 @@ fn fused_cross_entropy_matches_log_softmax_and_gather() {
         );
     }
 }
+
+/// Tolerance 1e-5 of the largest entry: the same products, summed by the same kernels in other
+/// blockings.
+#[test]
+fn fused_linear_matches_burns_linear() {
+    use strata::nn::fused::linear::linear;
+    // Rows as they lie, and a transposed view (not contiguous: the op copies it to rows).
+    for transposed_input in [false, true] {
+        let run = |fused: bool| {
+            let shape = if transposed_input {
+                [40, 300]
+            } else {
+                [300, 40]
+            };
+            let x = random::<Ad, 2>(41, shape).require_grad();
+            let w = random::<Ad, 2>(42, [40, 24]).require_grad();
+            let out_weights = random::<Ad, 2>(43, [300, 24]);
+            let input = if transposed_input {
+                x.clone().transpose()
+            } else {
+                x.clone()
+            };
+            let y = if fused {
+                linear(input, w.clone())
+            } else {
+                burn::tensor::module::linear(input, w.clone(), None)
+            };
+            let grads = (y.clone() * out_weights).sum().backward();
+            vec![
+                host_values(y),
+                host_values(x.grad(&grads).expect("a gradient")),
+                host_values(w.grad(&grads).expect("a gradient")),
+            ]
+        };
+        assert_close(&["y", "dx", "dw"], &run(true), &run(false), 1e-5);
+    }
+}

@@ -257,7 +257,7 @@ pub mod device {
 /// with heads and positions swapped) copy out as they lie in memory.
 pub mod host {
     use super::*;
-    use crate::nn::fused::{HostValues, exp, from_host, sum, with_simd};
+    use crate::nn::fused::{HostValues, Strided, exp, from_host, matmul, sum, with_simd};
 
     #[inline(always)]
     fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -282,83 +282,6 @@ pub mod host {
     /// up to its last row, so the causal half of the score matrix is mostly skipped while the
     /// products stay large enough for the matrix-multiply kernels.
     const QUERY_BLOCK: usize = 32;
-
-    /// A matrix inside a slice: element (r, c) at `r * row_stride + c * col_stride`.
-    #[derive(Clone, Copy)]
-    struct Strided<'a> {
-        values: &'a [f32],
-        row_stride: usize,
-        col_stride: usize,
-    }
-
-    impl<'a> Strided<'a> {
-        fn rows(values: &'a [f32], row_stride: usize) -> Self {
-            Strided {
-                values,
-                row_stride,
-                col_stride: 1,
-            }
-        }
-        /// The transpose of `rows(values, row_stride)`.
-        fn columns(values: &'a [f32], row_stride: usize) -> Self {
-            Strided {
-                values,
-                row_stride: 1,
-                col_stride: row_stride,
-            }
-        }
-        fn check(&self, rows: usize, cols: usize) {
-            if rows > 0 && cols > 0 {
-                let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
-                assert!(last < self.values.len(), "matrix view out of bounds");
-            }
-        }
-    }
-
-    /// `dst[m×n]` (rows `dst_stride` apart) = `a[m×k] · b[k×n] · alpha`, added to `dst` when
-    /// `accumulate`, on the calling thread.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul(
-        [m, n, k]: [usize; 3],
-        dst: &mut [f32],
-        dst_stride: usize,
-        accumulate: bool,
-        a: Strided,
-        b: Strided,
-        alpha: f32,
-    ) {
-        Strided::rows(dst, dst_stride).check(m, n);
-        a.check(m, k);
-        b.check(k, n);
-        if m == 0 || n == 0 {
-            return;
-        }
-        // SAFETY: the three checks above keep every element the product reads or writes inside
-        // its slice, and `dst` is borrowed mutably, so it aliases neither input.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                dst_stride as isize,
-                accumulate,
-                a.values.as_ptr(),
-                a.col_stride as isize,
-                a.row_stride as isize,
-                b.values.as_ptr(),
-                b.col_stride as isize,
-                b.row_stride as isize,
-                1.0,
-                alpha,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
-        }
-    }
 
     /// Rows of scores (`keys` wide) to probabilities in place: row `i` attends to its first
     /// `seen + i` keys and gets zeros after them; its log-sum-exp goes to `lse[i]`.
@@ -489,6 +412,7 @@ pub mod host {
                         head.rows(q, q_len, r0),
                         head.columns(k, kv_len, 0),
                         scale,
+                        false,
                     );
                     with_simd(
                         softmax_rows,
@@ -502,6 +426,7 @@ pub mod host {
                         Strided::rows(p, keys),
                         head.rows(v, kv_len, 0),
                         1.0,
+                        false,
                     );
                 }
                 (out, lse)
@@ -574,6 +499,7 @@ pub mod host {
                             q_rows,
                             head.columns(k, kv_len, 0),
                             scale,
+                            false,
                         );
                         with_simd(
                             probabilities_rows,
@@ -588,6 +514,7 @@ pub mod host {
                             Strided::columns(p, keys),
                             dout_rows,
                             1.0,
+                            false,
                         );
                         // dS = P ∘ (dO Vᵀ − D)·s
                         matmul(
@@ -598,6 +525,7 @@ pub mod host {
                             dout_rows,
                             head.columns(v, kv_len, 0),
                             1.0,
+                            false,
                         );
                         let delta: Vec<f32> = (r0..r0 + rows)
                             .map(|i| dot(head.row(dout, q_len, i), head.row(out, q_len, i)))
@@ -612,6 +540,7 @@ pub mod host {
                             Strided::rows(ds, keys),
                             head.rows(k, kv_len, 0),
                             1.0,
+                            false,
                         );
                         matmul(
                             [keys, d, rows],
@@ -621,6 +550,7 @@ pub mod host {
                             Strided::columns(ds, keys),
                             q_rows,
                             1.0,
+                            false,
                         );
                     }
                     (dq, dk, dv)

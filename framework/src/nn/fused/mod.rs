@@ -1,6 +1,6 @@
 //! Ops with their own backward pass, for training: causal attention ([`attention`]), rotary
-//! embeddings ([`rope`]), RMSNorm ([`norm`]), the SwiGLU gate ([`swiglu`]) and the
-//! cross-entropy loss ([`loss`]).
+//! embeddings ([`rope`]), RMSNorm ([`norm`]), the SwiGLU gate ([`swiglu`]), the cross-entropy
+//! loss ([`loss`]) and the linear layers' product ([`linear`]).
 //!
 //! Burn 0.21's autodiff records every tensor op a layer is made of, keeps what each one's
 //! backward needs and replays them one by one; on the CPU backends each of those is a pass over
@@ -19,6 +19,7 @@
 //! their loops on every core (rayon), and the exponentials they need in vector registers.
 
 pub mod attention;
+pub mod linear;
 pub mod loss;
 pub mod norm;
 pub mod rope;
@@ -165,6 +166,88 @@ pub(crate) fn exp(x: f32) -> f32 {
     let poly = poly * r + 0.5;
     let two_n = f32::from_bits(((n as i32 + 127) << 23) as u32);
     (poly * r * r + r + 1.0) * two_n
+}
+
+/// A matrix inside a slice: element (r, c) at `r * row_stride + c * col_stride`.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<'a> {
+    values: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Strided<'a> {
+    pub(crate) fn rows(values: &'a [f32], row_stride: usize) -> Self {
+        Strided {
+            values,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+    /// The transpose of `rows(values, row_stride)`.
+    pub(crate) fn columns(values: &'a [f32], row_stride: usize) -> Self {
+        Strided {
+            values,
+            row_stride: 1,
+            col_stride: row_stride,
+        }
+    }
+    fn check(&self, rows: usize, cols: usize) {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
+            assert!(last < self.values.len(), "matrix view out of bounds");
+        }
+    }
+}
+
+/// `dst[m×n]` (rows `dst_stride` apart) = `a[m×k] · b[k×n] · alpha`, added to `dst` when
+/// `accumulate`; on every core when `parallel`, else on the calling thread.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    [m, n, k]: [usize; 3],
+    dst: &mut [f32],
+    dst_stride: usize,
+    accumulate: bool,
+    a: Strided,
+    b: Strided,
+    alpha: f32,
+    parallel: bool,
+) {
+    Strided::rows(dst, dst_stride).check(m, n);
+    a.check(m, k);
+    b.check(k, n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the three checks above keep every element the product reads or writes inside
+    // its slice, and `dst` is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_stride as isize,
+            accumulate,
+            a.values.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.values.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            if parallel {
+                gemm::Parallelism::Rayon(0)
+            } else {
+                gemm::Parallelism::None
+            },
+        )
+    }
 }
 
 /// Sum in eight lanes, so that it vectorises (a single running sum must be added in order).
