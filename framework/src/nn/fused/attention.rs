@@ -257,26 +257,7 @@ pub mod device {
 /// with heads and positions swapped) copy out as they lie in memory.
 pub mod host {
     use super::*;
-    use crate::nn::fused::{HostValues, Strided, exp, from_host, matmul, sum, with_simd};
-
-    #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        // Eight partial sums, so the compiler can keep them in one vector register.
-        let mut acc = [0.0f32; 8];
-        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-        let tail: f32 = ca
-            .remainder()
-            .iter()
-            .zip(cb.remainder())
-            .map(|(x, y)| x * y)
-            .sum();
-        for (x, y) in ca.zip(cb) {
-            for l in 0..8 {
-                acc[l] += x[l] * y[l];
-            }
-        }
-        acc.iter().sum::<f32>() + tail
-    }
+    use crate::nn::fused::{HostValues, Strided, dot, exp, from_host, matmul, softmax, with_simd};
 
     /// Query rows per block. Each block's scores are one small matrix product against the keys
     /// up to its last row, so the causal half of the score matrix is mostly skipped while the
@@ -289,14 +270,8 @@ pub mod host {
     fn softmax_rows((scores, keys, seen, lse): (&mut [f32], usize, usize, &mut [f32])) {
         for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
             let (seen, future) = row.split_at_mut(seen + i);
-            let max = seen.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            seen.iter_mut().for_each(|x| *x = exp(*x - max));
-            let sum = sum(seen);
-            for x in seen.iter_mut() {
-                *x /= sum;
-            }
+            lse[i] = softmax(seen);
             future.fill(0.0);
-            lse[i] = max + sum.ln();
         }
     }
 

@@ -19,7 +19,7 @@ use burn::tensor::{DType, TensorPrimitive};
 use rayon::prelude::*;
 
 use super::{
-    AutodiffOp, CHUNK, HostValues, Inner, exp, from_host, host_vec, run_on_autodiff, same, sum,
+    AutodiffOp, CHUNK, HostValues, Inner, from_host, host_vec, run_on_autodiff, same, softmax,
     with_simd,
 };
 
@@ -154,12 +154,9 @@ fn softmax_nll((rows, weights, targets): (&mut [f32], &[f32], &[i64])) -> f64 {
     let vocab = rows.len() / weights.len();
     let mut loss = 0.0f64;
     for ((row, &w), &t) in rows.chunks_exact_mut(vocab).zip(weights).zip(targets) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z));
         let target_logit = row[t as usize];
-        row.iter_mut().for_each(|z| *z = exp(*z - max));
-        let sum = sum(row);
-        row.iter_mut().for_each(|p| *p /= sum);
-        loss += w as f64 * (max + sum.ln() - target_logit) as f64;
+        let log_sum_exp = softmax(row);
+        loss += w as f64 * (log_sum_exp - target_logit) as f64;
     }
     loss
 }

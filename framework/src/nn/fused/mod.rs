@@ -264,6 +264,35 @@ pub(crate) fn sum(values: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// `Σ a·b` in eight lanes, so that it vectorises.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// A row of scores turned into its softmax in place; returns the row's log-sum-exp.
+#[inline(always)]
+pub(crate) fn softmax(row: &mut [f32]) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    row.iter_mut().for_each(|x| *x = exp(*x - max));
+    let sum = sum(row);
+    row.iter_mut().for_each(|x| *x /= sum);
+    max + sum.ln()
+}
+
 /// `kernel(args)` compiled for AVX2 and FMA where the CPU has them (the default x86-64 target
 /// assumes SSE2 only). `kernel` must be a function marked `#[inline(always)]`, not a closure:
 /// such a function is compiled into the wide copy below, while a closure's body is compiled

@@ -18,7 +18,9 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{AutodiffOp, CHUNK, HostValues, Inner, from_host, run_on_autodiff, same, with_simd};
+use super::{
+    AutodiffOp, CHUNK, HostValues, Inner, dot, from_host, run_on_autodiff, same, with_simd,
+};
 
 /// `norm.forward(x)`, through this op when `B` is autodiff over a CPU backend in f32.
 pub fn rms_norm<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -174,18 +176,6 @@ fn norm_backward((dx, dy, x, inv_rms, gamma): BackwardRows) -> Vec<f32> {
         }
     }
     d_gamma
-}
-
-/// `Σ a·b` in eight lanes, so that it vectorises.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    for (a, b) in a.chunks(8).zip(b.chunks(8)) {
-        for ((lane, a), b) in lanes.iter_mut().zip(a).zip(b) {
-            *lane += a * b;
-        }
-    }
-    lanes.iter().sum()
 }
 
 /// `Σ a·b·c` in eight lanes.
