@@ -1,1 +1,26 @@
+//! GPU kernels for Strata, written in CubeCL so that one source runs on CUDA and on wgpu
+//! (Vulkan, Metal, DX12).
+//!
+//! - [`attention`]: flash attention, forward and backward, causal, with an optional block
+//!   multi-scale (BMS) pattern that skips whole key tiles: the trainable attention of the
+//!   `dense` and `coord3d` attention kinds on the GPU backends.
+//!
+//! The kernels take and return Burn's GPU tensors ([`CubeTensor`]); the backend types below
+//! are the ones they run on. The crate is empty without its `wgpu` or `cuda` feature (`strata`'s
+//! features of the same names turn them on).
 
+#[cfg(feature = "gpu")]
+pub mod attention;
+
+#[cfg(feature = "gpu")]
+pub use burn_cubecl::{
+    BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, tensor::CubeTensor,
+};
+
+/// Burn's wgpu backend without kernel fusion (`burn::backend::Wgpu` when `fusion` is off).
+#[cfg(feature = "wgpu")]
+pub type Wgpu = CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+
+/// Burn's CUDA backend without kernel fusion (`burn::backend::Cuda<F>` when `fusion` is off).
+#[cfg(feature = "cuda")]
+pub type Cuda<F = f32> = CubeBackend<cubecl::cuda::CudaRuntime, F, i32, u8>;

@@ -6,6 +6,8 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use super::coord3d::{Bms, MAX_SCORES_PER_PASS, bms_attention, bms_attention_masked};
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+use super::fused::kernel;
 use super::lora::LoraLinear;
 use super::rope::Phases;
 use super::seq_block::{seq_block_attention, seq_block_attention_at};
@@ -206,12 +208,32 @@ impl<B: Backend> Attention<B> {
 /// their own position. Queries go in passes of at most [`MAX_SCORES_PER_PASS`] scores: GPU
 /// kernels index with 32 bits, and a larger score tensor came back wrong without an error.
 /// Under autodiff this is [`super::fused::attention`]'s op, which keeps no score matrix for
-/// backward.
+/// backward; a prompt on the GPU backends goes through the flash kernel.
 pub fn dense_causal<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
     match super::fused::attention::dense_causal_trained(q, k, v) {
         Ok(out) => out,
-        Err((q, k, v)) => dense_causal_in_passes(q, k, v, MAX_SCORES_PER_PASS),
+        Err((q, k, v)) => {
+            #[cfg(any(feature = "wgpu", feature = "cuda"))]
+            if let Some(out) = prefill_kernel(&q, &k, &v, kernel::Pattern::Causal) {
+                return out;
+            }
+            dense_causal_in_passes(q, k, v, MAX_SCORES_PER_PASS)
+        }
     }
+}
+
+/// The flash kernel's output for a prompt of at least one tile of queries (outside autodiff),
+/// where it runs; single decode steps take the tensor ops, which use the whole GPU for one row.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub(crate) fn prefill_kernel<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    pattern: kernel::Pattern,
+) -> Option<Tensor<B, 4>> {
+    let long = q.dims()[2] >= strata_kernels::attention::TILE;
+    (long && kernel::applies::<B>(q.dims(), k.dims(), pattern))
+        .then(|| kernel::forward(q.clone(), k.clone(), v.clone(), pattern).0)
 }
 
 /// [`dense_causal`] with at most `max_scores` scores per pass (one query row at least).

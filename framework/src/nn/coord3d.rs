@@ -185,13 +185,25 @@ pub const MAX_SCORES_PER_PASS: usize = 1 << 30;
 /// Each query block gathers its kept key blocks (padded to the longest list, the padding
 /// masked), so memory and time are O(n · max kept keys) = O(n log n), and every step is an
 /// ordinary tensor op: it runs and differentiates on every backend. Query blocks go in passes
-/// of at most [`MAX_SCORES_PER_PASS`] scores.
+/// of at most [`MAX_SCORES_PER_PASS`] scores. On wgpu and CUDA, with a block length that is a
+/// multiple of the kernels' tile, the flash kernels of `strata-kernels` compute it instead
+/// (forward and backward), skipping the blocks the rule drops.
 pub fn bms_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     bms: Bms,
 ) -> Tensor<B, 4> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let (q, k, v) = match super::fused::attention::bms_trained(q, k, v, bms) {
+        Ok(out) => return out,
+        Err((q, k, v)) => {
+            if let Some(out) = super::attention::prefill_kernel(&q, &k, &v, bms.into()) {
+                return out;
+            }
+            (q, k, v)
+        }
+    };
     bms_attention_in_passes(q, k, v, bms, MAX_SCORES_PER_PASS)
 }
 

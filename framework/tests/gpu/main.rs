@@ -6,6 +6,7 @@
 #[path = "../integration/common.rs"]
 mod common;
 
+mod flash;
 mod fused;
 #[cfg(feature = "wgpu")]
 mod wgpu_parity;

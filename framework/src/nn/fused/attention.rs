@@ -14,8 +14,10 @@
 //! ```
 //!
 //! On the CPU backends both passes are one fused loop per (batch, head), run on every core, with
-//! no n×n tensor at all. On the GPU backends they are tensor ops in passes of queries, so the
-//! n×n scores exist for one layer at a time instead of for every layer until backward.
+//! no n×n tensor at all. On wgpu and CUDA (without fusion) they are the CubeCL flash kernels of
+//! `strata-kernels` ([`super::kernel`]), with no n×n tensor either; elsewhere they are tensor
+//! ops in passes of queries, so the n×n scores exist for one layer at a time instead of for
+//! every layer until backward.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -27,7 +29,10 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, TensorPrimitive};
 use rayon::prelude::*;
 
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+use super::kernel::{self, Pattern};
 use super::{AutodiffOp, Inner, on_host, run_on_autodiff, same};
+use crate::nn::coord3d::Bms;
 
 type Qkv<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
 
@@ -48,13 +53,49 @@ impl<B: Backend> AutodiffOp<B> for CausalAttentionOp<B> {
     type Output = Tensor<B, 4>;
 
     fn run<I: Backend>(self) -> Tensor<B, 4> {
-        let out = causal_attention_autodiff::<I>(same(self.0), same(self.1), same(self.2));
+        let out = attention_autodiff::<I>(same(self.0), same(self.1), same(self.2), None);
         same(out)
     }
 }
 
+/// Block multi-scale attention (queries and keys at the same positions) through the GPU flash
+/// kernels, with their backward pass, when `B` is `Autodiff` over a backend they run on and
+/// the block length is a multiple of their tile; `Err` gives the inputs back otherwise.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub fn bms_trained<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bms: Bms,
+) -> Result<Tensor<B, 4>, Qkv<B>> {
+    match run_on_autodiff(BmsAttentionOp(q, k, v, bms), Inner::Any) {
+        Ok(result) => result,
+        Err(op) => Err((op.0, op.1, op.2)),
+    }
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+struct BmsAttentionOp<B: Backend>(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Bms);
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+impl<B: Backend> AutodiffOp<B> for BmsAttentionOp<B> {
+    type Output = Result<Tensor<B, 4>, Qkv<B>>;
+
+    fn run<I: Backend>(self) -> Self::Output {
+        let BmsAttentionOp(q, k, v, bms) = self;
+        if !kernel::applies::<I>(q.dims(), k.dims(), Pattern::from(bms)) {
+            return Err((q, k, v));
+        }
+        let out = attention_autodiff::<I>(same(q), same(k), same(v), Some(bms));
+        Ok(same(out))
+    }
+}
+
+/// The autodiff node: causal attention, or BMS attention (GPU kernels only).
 #[derive(Debug)]
-struct CausalAttention;
+struct FlashAttention {
+    bms: Option<Bms>,
+}
 
 /// Saved for backward: q, k, v, the output and the row log-sum-exp `[batch, heads, q_len]`.
 type Saved<B> = (
@@ -65,21 +106,26 @@ type Saved<B> = (
     FloatTensor<B>,
 );
 
-impl<B: Backend> Backward<B, 3> for CausalAttention {
+impl<B: Backend> Backward<B, 3> for FlashAttention {
     type State = Saved<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad_out = grads.consume::<B>(&ops.node);
         let (q, k, v, out, lse) = ops.state;
         let wrap = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
-        let (dq, dk, dv) = causal_backward(
-            wrap(q),
-            wrap(k),
-            wrap(v),
-            wrap(out),
-            Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)),
-            wrap(grad_out),
-        );
+        let lse = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse));
+        let (q, k, v, out, grad_out) = (wrap(q), wrap(k), wrap(v), wrap(out), wrap(grad_out));
+        let (dq, dk, dv) = match self.bms {
+            None => causal_backward(q, k, v, out, lse, grad_out),
+            #[cfg(any(feature = "wgpu", feature = "cuda"))]
+            Some(bms) => {
+                let [dq, dk, dv] =
+                    kernel::backward([q, k, v], out, lse, grad_out, Pattern::from(bms));
+                (dq, dk, dv)
+            }
+            #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+            Some(_) => unreachable!("BMS attention is an autodiff op only on the GPU kernels"),
+        };
         let [pq, pk, pv] = ops.parents;
         for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
             if let Some(node) = parent {
@@ -89,10 +135,27 @@ impl<B: Backend> Backward<B, 3> for CausalAttention {
     }
 }
 
-fn causal_attention_autodiff<B: Backend>(
+/// Output and row log-sum-exp of causal (`bms` = `None`) or BMS attention.
+fn forward_pass<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bms: Option<Bms>,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    match bms {
+        None => causal_forward(q, k, v),
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        Some(bms) => kernel::forward(q, k, v, Pattern::from(bms)),
+        #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+        Some(_) => unreachable!("BMS attention is an autodiff op only on the GPU kernels"),
+    }
+}
+
+fn attention_autodiff<B: Backend>(
     q: Tensor<Autodiff<B>, 4>,
     k: Tensor<Autodiff<B>, 4>,
     v: Tensor<Autodiff<B>, 4>,
+    bms: Option<Bms>,
 ) -> Tensor<Autodiff<B>, 4> {
     let (q, k, v) = (
         q.into_primitive().tensor(),
@@ -106,13 +169,13 @@ fn causal_attention_autodiff<B: Backend>(
         inner(&k.primitive),
         inner(&v.primitive),
     );
-    let out = match CausalAttention
+    let out = match (FlashAttention { bms })
         .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (out, lse) = causal_forward(qi.clone(), ki.clone(), vi.clone());
+            let (out, lse) = forward_pass(qi.clone(), ki.clone(), vi.clone(), bms);
             let state = (
                 qi.into_primitive().tensor(),
                 ki.into_primitive().tensor(),
@@ -123,7 +186,7 @@ fn causal_attention_autodiff<B: Backend>(
             prep.finish(state, out.into_primitive().tensor())
         }
         OpsKind::UnTracked(prep) => {
-            let (out, _) = causal_forward(qi, ki, vi);
+            let (out, _) = forward_pass(qi, ki, vi, bms);
             prep.finish(out.into_primitive().tensor())
         }
     };
@@ -142,10 +205,13 @@ pub fn causal_forward<B: Backend>(
     v: Tensor<B, 4>,
 ) -> (Tensor<B, 4>, Tensor<B, 3>) {
     if host_loops(&q) {
-        host::forward(q, k, v)
-    } else {
-        device::forward(q, k, v, crate::nn::coord3d::MAX_SCORES_PER_PASS)
+        return host::forward(q, k, v);
     }
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if kernel::applies::<B>(q.dims(), k.dims(), Pattern::Causal) {
+        return kernel::forward(q, k, v, Pattern::Causal);
+    }
+    device::forward(q, k, v, crate::nn::coord3d::MAX_SCORES_PER_PASS)
 }
 
 /// Gradients of q, k and v.
@@ -158,18 +224,22 @@ pub fn causal_backward<B: Backend>(
     grad_out: Tensor<B, 4>,
 ) -> Qkv<B> {
     if host_loops(&q) {
-        host::backward(q, k, v, out, lse, grad_out)
-    } else {
-        device::backward(
-            q,
-            k,
-            v,
-            out,
-            lse,
-            grad_out,
-            crate::nn::coord3d::MAX_SCORES_PER_PASS,
-        )
+        return host::backward(q, k, v, out, lse, grad_out);
     }
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if kernel::applies::<B>(q.dims(), k.dims(), Pattern::Causal) {
+        let [dq, dk, dv] = kernel::backward([q, k, v], out, lse, grad_out, Pattern::Causal);
+        return (dq, dk, dv);
+    }
+    device::backward(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        grad_out,
+        crate::nn::coord3d::MAX_SCORES_PER_PASS,
+    )
 }
 
 /// Tensor-op form, for any backend: queries in passes of at most `max_scores` scores.

@@ -19,6 +19,8 @@
 //! their loops on every core (rayon), and the exponentials they need in vector registers.
 
 pub mod attention;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod kernel;
 pub mod linear;
 pub mod loss;
 pub mod norm;

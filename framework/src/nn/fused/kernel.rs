@@ -1,0 +1,179 @@
+//! The CubeCL flash-attention kernels of `strata-kernels` (kernels/), called on Burn tensors of
+//! the GPU backends: wgpu and CUDA without kernel fusion (Burn's fusion backend wraps tensors in
+//! its own stream, which these kernels do not join; with `fusion` on, attention takes the tensor
+//! ops).
+//!
+//! `STRATA_FLASH_KERNEL=0` in the environment turns the kernels off (the tensor-op path runs
+//! instead), so that benchmarks can measure both in one process.
+
+use std::any::TypeId;
+
+use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
+use strata_kernels::attention::{self as flash, MAX_HEAD_DIM};
+use strata_kernels::{BoolElement, CubeBackend, CubeRuntime, CubeTensor, FloatElement, IntElement};
+
+pub use strata_kernels::attention::Pattern;
+
+use super::same;
+use crate::nn::coord3d::Bms;
+
+impl From<Bms> for Pattern {
+    fn from(bms: Bms) -> Self {
+        Pattern::Bms {
+            block_len: bms.block_len,
+            window: bms.window,
+            multiscale: bms.multiscale,
+        }
+    }
+}
+
+/// A Burn backend whose float tensors are CubeCL tensors of `Runtime`.
+pub trait OnCube: Backend<FloatTensorPrimitive = CubeTensor<Self::Runtime>> {
+    type Runtime: CubeRuntime;
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> OnCube
+    for CubeBackend<R, F, I, BT>
+{
+    type Runtime = R;
+}
+
+/// An op to run on whichever [`OnCube`] backend `B` turns out to be.
+trait CubeOp {
+    type Output;
+    fn run<C: OnCube>(self) -> Self::Output;
+}
+
+fn is<B: Backend, C: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<C>()
+}
+
+/// Whether `B` is a backend the kernels run on and the environment leaves them on.
+fn kernel_backend<B: Backend>() -> bool {
+    if std::env::var("STRATA_FLASH_KERNEL").is_ok_and(|v| v == "0") {
+        return false;
+    }
+    #[cfg(feature = "wgpu")]
+    if is::<B, strata_kernels::Wgpu>() {
+        return true;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use burn::tensor::{bf16, f16};
+        use strata_kernels::Cuda;
+        if is::<B, Cuda<f32>>() || is::<B, Cuda<f16>>() || is::<B, Cuda<bf16>>() {
+            return true;
+        }
+    }
+    false
+}
+
+fn run_on_cube<B: Backend, Op: CubeOp>(op: Op) -> Op::Output {
+    #[cfg(feature = "wgpu")]
+    if is::<B, strata_kernels::Wgpu>() {
+        return op.run::<strata_kernels::Wgpu>();
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use burn::tensor::{bf16, f16};
+        use strata_kernels::Cuda;
+        if is::<B, Cuda<f32>>() {
+            return op.run::<Cuda<f32>>();
+        }
+        if is::<B, Cuda<f16>>() {
+            return op.run::<Cuda<f16>>();
+        }
+        if is::<B, Cuda<bf16>>() {
+            return op.run::<Cuda<bf16>>();
+        }
+    }
+    unreachable!("run_on_cube is called after kernel_backend")
+}
+
+/// Whether the kernels compute attention of queries of shape `q` (`[batch, heads, q_len,
+/// head_dim]`) over keys of shape `k` with this pattern on backend `B`.
+pub fn applies<B: Backend>(q: [usize; 4], k: [usize; 4], pattern: Pattern) -> bool {
+    let [_, heads, q_len, head_dim] = q;
+    let [_, kv_heads, kv_len, _] = k;
+    kernel_backend::<B>()
+        && heads == kv_heads
+        && head_dim <= MAX_HEAD_DIM
+        && pattern.fits(q_len, kv_len)
+}
+
+fn cube<C: OnCube, B: Backend, const D: usize>(t: Tensor<B, D>) -> CubeTensor<C::Runtime> {
+    same::<_, Tensor<C, D>>(t).into_primitive().tensor()
+}
+
+fn burn<C: OnCube, B: Backend, const D: usize>(t: CubeTensor<C::Runtime>) -> Tensor<B, D> {
+    same(Tensor::<C, D>::from_primitive(TensorPrimitive::Float(t)))
+}
+
+struct Forward<B: Backend>(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Pattern);
+
+impl<B: Backend> CubeOp for Forward<B> {
+    type Output = (Tensor<B, 4>, Tensor<B, 3>);
+    fn run<C: OnCube>(self) -> Self::Output {
+        let Forward(q, k, v, pattern) = self;
+        let (out, lse) = flash::forward(
+            cube::<C, B, 4>(q),
+            cube::<C, B, 4>(k),
+            cube::<C, B, 4>(v),
+            pattern,
+        );
+        (burn::<C, B, 4>(out), burn::<C, B, 3>(lse))
+    }
+}
+
+struct Backward<B: Backend> {
+    qkv: [Tensor<B, 4>; 3],
+    out: Tensor<B, 4>,
+    lse: Tensor<B, 3>,
+    grad_out: Tensor<B, 4>,
+    pattern: Pattern,
+}
+
+impl<B: Backend> CubeOp for Backward<B> {
+    type Output = [Tensor<B, 4>; 3];
+    fn run<C: OnCube>(self) -> Self::Output {
+        let [q, k, v] = self.qkv;
+        let (dq, dk, dv) = flash::backward(
+            cube::<C, B, 4>(q),
+            cube::<C, B, 4>(k),
+            cube::<C, B, 4>(v),
+            cube::<C, B, 4>(self.out),
+            cube::<C, B, 3>(self.lse),
+            cube::<C, B, 4>(self.grad_out),
+            self.pattern,
+        );
+        [dq, dk, dv].map(burn::<C, B, 4>)
+    }
+}
+
+/// Output and row log-sum-exp (f32); call only where [`applies`] holds.
+pub fn forward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    pattern: Pattern,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    run_on_cube::<B, _>(Forward(q, k, v, pattern))
+}
+
+/// Gradients of q, k and v; call only where [`applies`] holds.
+pub fn backward<B: Backend>(
+    qkv: [Tensor<B, 4>; 3],
+    out: Tensor<B, 4>,
+    lse: Tensor<B, 3>,
+    grad_out: Tensor<B, 4>,
+    pattern: Pattern,
+) -> [Tensor<B, 4>; 3] {
+    run_on_cube::<B, _>(Backward {
+        qkv,
+        out,
+        lse,
+        grad_out,
+        pattern,
+    })
+}
