@@ -70,8 +70,8 @@ impl Pattern {
             } => {
                 q_len <= kv_len
                     && window > 0
-                    && block_len % TILE == 0
-                    && (kv_len - q_len) % TILE == 0
+                    && block_len.is_multiple_of(TILE)
+                    && (kv_len - q_len).is_multiple_of(TILE)
             }
         }
     }

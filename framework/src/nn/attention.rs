@@ -232,7 +232,7 @@ pub(crate) fn prefill_kernel<B: Backend>(
     pattern: kernel::Pattern,
 ) -> Option<Tensor<B, 4>> {
     let long = q.dims()[2] >= strata_kernels::attention::TILE;
-    (long && kernel::applies::<B>(q.dims(), k.dims(), pattern))
+    (long && kernel::chosen::<B>(q.dims(), k.dims(), pattern))
         .then(|| kernel::forward(q.clone(), k.clone(), v.clone(), pattern).0)
 }
 

@@ -121,12 +121,16 @@ fn bms_cases<G: Backend>(head_dims: [usize; 2]) {
     }
 }
 
-/// Through the model's entry points under autodiff: `bms_attention` on the GPU takes the kernel
-/// (block length 32) and its backward; checked against the dense masked path on the CPU.
+/// Through the model's entry points under autodiff: with `STRATA_FLASH_KERNEL=1`,
+/// `bms_attention` on the GPU takes the kernel (block length 32) and its backward; checked
+/// against the dense masked path on the CPU.
 fn bms_trained<G: AutodiffBackend>(head_dim: usize) {
+    // SAFETY: tests run one at a time (.cargo/config.toml sets RUST_TEST_THREADS=1), so no
+    // other thread reads the environment meanwhile.
+    unsafe { std::env::set_var("STRATA_FLASH_KERNEL", "1") };
     let (shape, seed, bms) = ([1, 2, 100, 100, head_dim], 81, Bms::new(32, 1));
     let [q, k, v, w] = inputs::<G>(shape, seed);
-    assert!(kernel::applies::<G::InnerBackend>(
+    assert!(kernel::chosen::<G::InnerBackend>(
         q.dims(),
         k.dims(),
         bms.into()
@@ -136,6 +140,8 @@ fn bms_trained<G: AutodiffBackend>(head_dim: usize) {
     let grads = (out.clone() * w).sum().backward();
     let mut got = vec![values(out)];
     got.extend([q, k, v].map(|x| values(x.grad(&grads).expect("a gradient"))));
+    // SAFETY: as above.
+    unsafe { std::env::remove_var("STRATA_FLASH_KERNEL") };
     let want = bms_reference(shape, seed, bms);
     assert_close(&["out", "dq", "dk", "dv"], &got, &want, 1e-4);
 }

@@ -83,7 +83,7 @@ impl<B: Backend> AutodiffOp<B> for BmsAttentionOp<B> {
 
     fn run<I: Backend>(self) -> Self::Output {
         let BmsAttentionOp(q, k, v, bms) = self;
-        if !kernel::applies::<I>(q.dims(), k.dims(), Pattern::from(bms)) {
+        if !kernel::chosen::<I>(q.dims(), k.dims(), Pattern::from(bms)) {
             return Err((q, k, v));
         }
         let out = attention_autodiff::<I>(same(q), same(k), same(v), Some(bms));
@@ -208,7 +208,7 @@ pub fn causal_forward<B: Backend>(
         return host::forward(q, k, v);
     }
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    if kernel::applies::<B>(q.dims(), k.dims(), Pattern::Causal) {
+    if kernel::chosen::<B>(q.dims(), k.dims(), Pattern::Causal) {
         return kernel::forward(q, k, v, Pattern::Causal);
     }
     device::forward(q, k, v, crate::nn::coord3d::MAX_SCORES_PER_PASS)
@@ -227,7 +227,7 @@ pub fn causal_backward<B: Backend>(
         return host::backward(q, k, v, out, lse, grad_out);
     }
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    if kernel::applies::<B>(q.dims(), k.dims(), Pattern::Causal) {
+    if kernel::chosen::<B>(q.dims(), k.dims(), Pattern::Causal) {
         let [dq, dk, dv] = kernel::backward([q, k, v], out, lse, grad_out, Pattern::Causal);
         return (dq, dk, dv);
     }

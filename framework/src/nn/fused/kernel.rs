@@ -3,8 +3,12 @@
 //! its own stream, which these kernels do not join; with `fusion` on, attention takes the tensor
 //! ops).
 //!
-//! `STRATA_FLASH_KERNEL=0` in the environment turns the kernels off (the tensor-op path runs
-//! instead), so that benchmarks can measure both in one process.
+//! They are opt-in: `STRATA_FLASH_KERNEL=1` in the environment turns them on. Measured on an
+//! H200 (benches/results/flash_attention_gpu.csv) they keep no n×n scores (peak device memory
+//! 1.9 GB against 15.9 GB at 16k tokens), but are slower than the tensor ops they replace: the
+//! forward pass is even at head size 64 and the backward pass 2× slower; at head size 128 each
+//! unit's rows spill out of registers and they are 3–20× slower. Until they use the tensor
+//! cores and fit their registers, they are for runs whose scores do not fit in memory.
 
 use std::any::TypeId;
 
@@ -49,11 +53,13 @@ fn is<B: Backend, C: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<C>()
 }
 
-/// Whether `B` is a backend the kernels run on and the environment leaves them on.
+/// Whether the environment turns the kernels on (`STRATA_FLASH_KERNEL=1`).
+pub fn enabled() -> bool {
+    std::env::var("STRATA_FLASH_KERNEL").is_ok_and(|v| v == "1")
+}
+
+/// Whether `B` is a backend the kernels run on.
 fn kernel_backend<B: Backend>() -> bool {
-    if std::env::var("STRATA_FLASH_KERNEL").is_ok_and(|v| v == "0") {
-        return false;
-    }
     #[cfg(feature = "wgpu")]
     if is::<B, strata_kernels::Wgpu>() {
         return true;
@@ -91,7 +97,7 @@ fn run_on_cube<B: Backend, Op: CubeOp>(op: Op) -> Op::Output {
     unreachable!("run_on_cube is called after kernel_backend")
 }
 
-/// Whether the kernels compute attention of queries of shape `q` (`[batch, heads, q_len,
+/// Whether the kernels can compute attention of queries of shape `q` (`[batch, heads, q_len,
 /// head_dim]`) over keys of shape `k` with this pattern on backend `B`.
 pub fn applies<B: Backend>(q: [usize; 4], k: [usize; 4], pattern: Pattern) -> bool {
     let [_, heads, q_len, head_dim] = q;
@@ -100,6 +106,11 @@ pub fn applies<B: Backend>(q: [usize; 4], k: [usize; 4], pattern: Pattern) -> bo
         && heads == kv_heads
         && head_dim <= MAX_HEAD_DIM
         && pattern.fits(q_len, kv_len)
+}
+
+/// Whether the model's attention takes the kernels here: [`enabled`] and [`applies`].
+pub fn chosen<B: Backend>(q: [usize; 4], k: [usize; 4], pattern: Pattern) -> bool {
+    enabled() && applies::<B>(q, k, pattern)
 }
 
 fn cube<C: OnCube, B: Backend, const D: usize>(t: Tensor<B, D>) -> CubeTensor<C::Runtime> {
