@@ -13,9 +13,8 @@
 //!   log-sum-exp `lse`, all that backward needs besides the inputs.
 //! - backward, dQ pass: the same walk; per key, `p = exp(q·k·s − lse)`, `dp = dO·v`,
 //!   `dS = p·(dp − D)` with `D = dO·O` per row, `dQ += dS·k·s`. It also writes `D` for the next pass.
-//! - backward, dK/dV pass: each cube takes [`TILE`] key rows (kept in shared memory) and walks
-//!   the query tiles that read them: `dV += p·dO`, `dK += dS·q·s`. Each unit owns its key
-//!   row's sums, so no atomics.
+//! - backward, dK/dV pass: each cube takes [`TILE`] key rows and walks the query tiles that read
+//!   them: `dV += p·dO`, `dK += dS·q·s`. Each unit owns its key row's sums, so no atomics.
 //!
 //! The BMS pattern is decided per tile: every row of a query tile and every key of a key tile
 //! lie in one block when the block length and the query offset are multiples of [`TILE`]
@@ -134,26 +133,9 @@ fn load_tile<F: Float>(
     len: usize,
     #[comptime] head_dim: usize,
 ) {
-    load_rows::<F>(x, tile, batch, head, first, len, TILE, head_dim, head_dim);
-}
-
-/// [`load_tile`] for `rows` rows, row `r` at `tile[r·stride..]`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn load_rows<F: Float>(
-    x: &Tensor<F>,
-    tile: &mut SharedMemory<f32>,
-    batch: usize,
-    head: usize,
-    first: usize,
-    len: usize,
-    #[comptime] rows: usize,
-    #[comptime] head_dim: usize,
-    #[comptime] stride: usize,
-) {
     let base = batch * x.stride(0) + head * x.stride(1);
     let mut e = UNIT_POS_X as usize;
-    while e < rows * head_dim {
+    while e < TILE * head_dim {
         let r = e / head_dim;
         let c = e % head_dim;
         let row = first + r;
@@ -161,7 +143,7 @@ fn load_rows<F: Float>(
         if row < len {
             value = f32::cast_from(x[base + row * x.stride(2) + c * x.stride(3)]);
         }
-        tile[r * stride + c] = value;
+        tile[r * head_dim + c] = value;
         e += TILE;
     }
 }
@@ -175,17 +157,14 @@ fn load_column(
     head: usize,
     first: usize,
     len: usize,
-    #[comptime] rows: usize,
 ) {
     let r = UNIT_POS_X as usize;
-    if r < rows {
-        let row = first + r;
-        let mut value = 0.0f32;
-        if row < len {
-            value = x[batch * x.stride(0) + head * x.stride(1) + row * x.stride(2)];
-        }
-        tile[r] = value;
+    let row = first + r;
+    let mut value = 0.0f32;
+    if row < len {
+        value = x[batch * x.stride(0) + head * x.stride(1) + row * x.stride(2)];
     }
+    tile[r] = value;
 }
 
 /// Index of row `row` of the `[batch, head]` matrix of `x`; element `c` is at `+ c·x.stride(3)`.
@@ -398,7 +377,6 @@ fn backward_dkv_kernel<F: Float>(
     block_len: u32,
     window: u32,
     #[comptime] head_dim: usize,
-    #[comptime] rows: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let batch = CUBE_POS_Z as usize;
@@ -410,36 +388,19 @@ fn backward_dkv_kernel<F: Float>(
     let offset = kv_len - q_len;
     let live = key < kv_len;
 
-    // The cube's key and value rows wait in shared memory, each row padded by one so that the
-    // units, each reading its own row, hit different banks; each unit's sums stay in
-    // registers. Queries and output gradients come in tiles of `rows` (a comptime choice that
-    // keeps shared memory within 48 KiB at head size 128).
-    let stride = head_dim + 1;
-    let mut own_keys = SharedMemory::<f32>::new(TILE * (head_dim + 1));
-    let mut own_values = SharedMemory::<f32>::new(TILE * (head_dim + 1));
-    load_rows::<F>(
-        k,
-        &mut own_keys,
-        batch,
-        head,
-        first,
-        kv_len,
-        TILE,
-        head_dim,
-        stride,
-    );
-    load_rows::<F>(
-        v,
-        &mut own_values,
-        batch,
-        head,
-        first,
-        kv_len,
-        TILE,
-        head_dim,
-        stride,
-    );
-    let mine = UNIT_POS_X as usize * stride;
+    // This unit's key and value rows and its sums stay in registers (spilling to local memory
+    // for large heads); shared memory holds one tile of queries and output gradients, 32 KiB at
+    // the largest head size, within every backend's limit.
+    let mut own_key = Array::<f32>::new(head_dim);
+    let mut own_value = Array::<f32>::new(head_dim);
+    let safe_key = select(live, key, 0);
+    let k_row = row_start(k, batch, head, safe_key);
+    let v_row = row_start(v, batch, head, safe_key);
+    #[unroll]
+    for c in 0..head_dim {
+        own_key[c] = f32::cast_from(k[k_row + c * k.stride(3)]);
+        own_value[c] = f32::cast_from(v[v_row + c * v.stride(3)]);
+    }
     let mut d_key = Array::<f32>::new(head_dim);
     let mut d_value = Array::<f32>::new(head_dim);
     #[unroll]
@@ -447,10 +408,10 @@ fn backward_dkv_kernel<F: Float>(
         d_key[c] = 0.0f32;
         d_value[c] = 0.0f32;
     }
-    let mut queries = SharedMemory::<f32>::new(rows * head_dim);
-    let mut d_outs = SharedMemory::<f32>::new(rows * head_dim);
-    let mut lses = SharedMemory::<f32>::new(rows);
-    let mut deltas = SharedMemory::<f32>::new(rows);
+    let mut queries = SharedMemory::<f32>::new(TILE * head_dim);
+    let mut d_outs = SharedMemory::<f32>::new(TILE * head_dim);
+    let mut lses = SharedMemory::<f32>::new(TILE);
+    let mut deltas = SharedMemory::<f32>::new(TILE);
     let key_block = (first / block_len as usize) as u32;
 
     // Query rows at positions ≥ `first` read this tile: rows from `first − offset` on.
@@ -458,47 +419,27 @@ fn backward_dkv_kernel<F: Float>(
     if first > offset {
         first_row = first - offset;
     }
-    let tiles = q_len.div_ceil(rows);
-    for t in first_row / rows..tiles {
-        let i0 = t * rows;
+    let tiles = q_len.div_ceil(TILE);
+    for t in first_row / TILE..tiles {
+        let i0 = t * TILE;
         if keeps(
             ((offset + i0) / block_len as usize) as u32,
             key_block,
             kind,
             window,
         ) {
-            load_rows::<F>(
-                q,
-                &mut queries,
-                batch,
-                head,
-                i0,
-                q_len,
-                rows,
-                head_dim,
-                head_dim,
-            );
-            load_rows::<F>(
-                grad_out,
-                &mut d_outs,
-                batch,
-                head,
-                i0,
-                q_len,
-                rows,
-                head_dim,
-                head_dim,
-            );
-            load_column(lse, &mut lses, batch, head, i0, q_len, rows);
-            load_column(delta, &mut deltas, batch, head, i0, q_len, rows);
+            load_tile::<F>(q, &mut queries, batch, head, i0, q_len, head_dim);
+            load_tile::<F>(grad_out, &mut d_outs, batch, head, i0, q_len, head_dim);
+            load_column(lse, &mut lses, batch, head, i0, q_len);
+            load_column(delta, &mut deltas, batch, head, i0, q_len);
             sync_cube();
-            for r in 0..rows {
+            for r in 0..TILE {
                 let mut s = 0.0f32;
                 let mut dp = 0.0f32;
                 #[unroll]
                 for c in 0..head_dim {
-                    s += queries[r * head_dim + c] * own_keys[mine + c];
-                    dp += d_outs[r * head_dim + c] * own_values[mine + c];
+                    s += queries[r * head_dim + c] * own_key[c];
+                    dp += d_outs[r * head_dim + c] * own_value[c];
                 }
                 let mut p = 0.0f32;
                 if live && i0 + r < q_len && offset + i0 + r >= key {
@@ -567,17 +508,6 @@ fn check<R: CubeRuntime>(
         "flash attention: {pattern:?} does not fit q_len {q_len}, kv_len {kv_len} (tile {TILE})"
     );
     [b, h, q_len, kv_len, d]
-}
-
-/// Query rows per staged tile in the dK/dV pass: its shared memory is 2·32·(d+1) floats of
-/// key and value rows plus 2·rows·d of queries and output gradients: 16.6 KiB at d = 32,
-/// 24.8 KiB at 64 (16 rows), 41 KiB at 128 (8 rows), under CUDA's 48 KiB.
-fn dkv_query_rows(head_dim: usize) -> usize {
-    match head_dim {
-        0..=32 => TILE,
-        33..=64 => TILE / 2,
-        _ => TILE / 4,
-    }
 }
 
 fn grid(rows: usize, heads: usize, batch: usize) -> CubeCount {
@@ -696,7 +626,6 @@ pub fn backward<R: CubeRuntime>(
             block_len,
             window,
             d,
-            dkv_query_rows(d),
             dtype.into(),
         );
     }
