@@ -60,41 +60,35 @@ pub fn enabled() -> bool {
 
 /// Whether `B` is a backend the kernels run on.
 fn kernel_backend<B: Backend>() -> bool {
-    #[cfg(feature = "wgpu")]
-    if is::<B, strata_kernels::Wgpu>() {
-        return true;
+    struct Probe;
+    impl CubeOp for Probe {
+        type Output = ();
+        fn run<C: OnCube>(self) {}
     }
-    #[cfg(feature = "cuda")]
-    {
-        use burn::tensor::{bf16, f16};
-        use strata_kernels::Cuda;
-        if is::<B, Cuda<f32>>() || is::<B, Cuda<f16>>() || is::<B, Cuda<bf16>>() {
-            return true;
-        }
-    }
-    false
+    run_on_cube::<B, _>(Probe).is_some()
 }
 
-fn run_on_cube<B: Backend, Op: CubeOp>(op: Op) -> Op::Output {
+/// `op` run on `B` when `B` is one of the [`OnCube`] backends compiled in.
+fn run_on_cube<B: Backend, Op: CubeOp>(op: Op) -> Option<Op::Output> {
     #[cfg(feature = "wgpu")]
     if is::<B, strata_kernels::Wgpu>() {
-        return op.run::<strata_kernels::Wgpu>();
+        return Some(op.run::<strata_kernels::Wgpu>());
     }
     #[cfg(feature = "cuda")]
     {
         use burn::tensor::{bf16, f16};
         use strata_kernels::Cuda;
         if is::<B, Cuda<f32>>() {
-            return op.run::<Cuda<f32>>();
+            return Some(op.run::<Cuda<f32>>());
         }
         if is::<B, Cuda<f16>>() {
-            return op.run::<Cuda<f16>>();
+            return Some(op.run::<Cuda<f16>>());
         }
         if is::<B, Cuda<bf16>>() {
-            return op.run::<Cuda<bf16>>();
+            return Some(op.run::<Cuda<bf16>>());
         }
     }
-    unreachable!("run_on_cube is called after kernel_backend")
+    None
 }
 
 /// Whether the kernels can compute attention of queries of shape `q` (`[batch, heads, q_len,
@@ -169,7 +163,7 @@ pub fn forward<B: Backend>(
     v: Tensor<B, 4>,
     pattern: Pattern,
 ) -> (Tensor<B, 4>, Tensor<B, 3>) {
-    run_on_cube::<B, _>(Forward(q, k, v, pattern))
+    run_on_cube::<B, _>(Forward(q, k, v, pattern)).expect("called where `applies` holds")
 }
 
 /// Gradients of q, k and v; call only where [`applies`] holds.
@@ -187,4 +181,5 @@ pub fn backward<B: Backend>(
         grad_out,
         pattern,
     })
+    .expect("called where `applies` holds")
 }
