@@ -162,12 +162,13 @@ fn load_column(
     let row = first + r;
     let mut value = 0.0f32;
     if row < len {
-        value = x[batch * x.stride(0) + head * x.stride(1) + row * x.stride(2)];
+        value = x[row_start(x, batch, head, row)];
     }
     tile[r] = value;
 }
 
 /// Index of row `row` of the `[batch, head]` matrix of `x`; element `c` is at `+ c·x.stride(3)`.
+/// For a `[batch, heads, len]` tensor (lse, D) it is the index of the row's one value.
 #[cube]
 fn row_start<F: Float>(x: &Tensor<F>, batch: usize, head: usize, row: usize) -> usize {
     batch * x.stride(0) + head * x.stride(1) + row * x.stride(2)
@@ -265,8 +266,7 @@ fn forward_kernel<F: Float>(
         for c in 0..head_dim {
             out[out_row + c * out.stride(3)] = F::cast_from(acc[c] / sum);
         }
-        lse[batch * lse.stride(0) + head * lse.stride(1) + row * lse.stride(2)] =
-            row_max + sum.ln();
+        lse[row_start(lse, batch, head, row)] = row_max + sum.ln();
     }
 }
 
@@ -317,8 +317,8 @@ fn backward_dq_kernel<F: Float>(
         row_delta += dy * f32::cast_from(out[y_row + c * out.stride(3)]);
     }
     if live {
-        row_lse = lse[batch * lse.stride(0) + head * lse.stride(1) + row * lse.stride(2)];
-        delta[batch * delta.stride(0) + head * delta.stride(1) + row * delta.stride(2)] = row_delta;
+        row_lse = lse[row_start(lse, batch, head, row)];
+        delta[row_start(delta, batch, head, row)] = row_delta;
     }
     let mut keys = SharedMemory::<f32>::new(TILE * head_dim);
     let mut values = SharedMemory::<f32>::new(TILE * head_dim);
