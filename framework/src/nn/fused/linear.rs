@@ -64,6 +64,13 @@ fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor")
 }
 
+/// The `[m, n]` product of `a` (`[m, k]`) and `b` (`[k, n]`) as a Flex tensor, on every core.
+fn product(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Tensor<Flex, 2> {
+    let mut out = vec![0.0f32; m * n];
+    matmul([m, n, k], &mut out, n, false, a, b, 1.0, true);
+    from_host::<Flex, 2>(out, [m, n], &Default::default())
+}
+
 #[derive(Debug)]
 struct LinearBackward;
 
@@ -77,36 +84,21 @@ impl<B: Backend> Backward<B, 2> for LinearBackward {
         let (x, weight) = (rows_of::<B>(x), rows_of::<B>(weight));
         let [rows, d_out] = [dy.layout().shape()[0], dy.layout().shape()[1]];
         let d_in = weight.layout().shape()[0];
-        let device = Default::default();
         let [parent_x, parent_weight] = ops.parents;
         if let Some(node) = parent_x {
-            let mut dx = vec![0.0f32; rows * d_in];
-            matmul(
-                [rows, d_in, d_out],
-                &mut dx,
+            let dy = Strided::rows(values(&dy), d_out);
+            let dx = product(
+                rows,
                 d_in,
-                false,
-                Strided::rows(values(&dy), d_out),
+                d_out,
+                dy,
                 Strided::columns(values(&weight), d_out),
-                1.0,
-                true,
             );
-            let dx = from_host::<Flex, 2>(dx, [rows, d_in], &device);
             grads.register::<B>(node.id, same(dx.into_primitive().tensor()));
         }
         if let Some(node) = parent_weight {
-            let mut dw = vec![0.0f32; d_in * d_out];
-            matmul(
-                [d_in, d_out, rows],
-                &mut dw,
-                d_out,
-                false,
-                Strided::columns(values(&x), d_in),
-                Strided::rows(values(&dy), d_out),
-                1.0,
-                true,
-            );
-            let dw = from_host::<Flex, 2>(dw, [d_in, d_out], &device);
+            let x = Strided::columns(values(&x), d_in);
+            let dw = product(d_in, d_out, rows, x, Strided::rows(values(&dy), d_out));
             grads.register::<B>(node.id, same(dw.into_primitive().tensor()));
         }
     }
@@ -124,22 +116,9 @@ fn linear_autodiff<I: Backend>(
     );
     let nodes = [x.node.clone(), weight.node.clone()];
     let (xs, ws) = (rows_of::<I>(x.primitive), rows_of::<I>(weight.primitive));
-    let mut y = vec![0.0f32; rows * d_out];
-    matmul(
-        [rows, d_out, d_in],
-        &mut y,
-        d_out,
-        false,
-        Strided::rows(values(&xs), d_in),
-        Strided::rows(values(&ws), d_out),
-        1.0,
-        true,
-    );
-    let y: FloatTensor<I> = same(
-        from_host::<Flex, 2>(y, [rows, d_out], &Default::default())
-            .into_primitive()
-            .tensor(),
-    );
+    let x_rows = Strided::rows(values(&xs), d_in);
+    let y = product(rows, d_out, d_in, x_rows, Strided::rows(values(&ws), d_out));
+    let y: FloatTensor<I> = same(y.into_primitive().tensor());
     let y = match LinearBackward
         .prepare::<NoCheckpointing>(nodes)
         .compute_bound()
