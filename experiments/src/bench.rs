@@ -67,6 +67,7 @@ fn run_with<B: AutodiffBackend>(
             ..Default::default()
         })?;
     }
+    let mut model = model.with_compute_dtype(tc.mixed_precision.compute_dtype());
     let mut optim = AdamW::<B::InnerBackend>::new(tc.adamw());
     let mut rng = StdRng::seed_from_u64(tc.seed);
     let n = tc.batch_size * tc.seq_len;
@@ -130,6 +131,7 @@ fn run_with<B: AutodiffBackend>(
             "checkpoint_every": tc.checkpoint_every,
             "offload_activations": tc.offload_activations,
             "head_chunk": tc.head_chunk,
+            "mixed_precision": tc.mixed_precision.name(),
             "peak_host_mib": strata::train::peak_host_mib(),
             "tokens_per_sec": tokens_per_sec,
             "model_flops_per_sec": flops,

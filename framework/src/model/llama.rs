@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::io::params::HostTensor;
 use crate::nn::attention::{Attention, KvSource, LayerKvCache, Mixing};
 use crate::nn::attnres::{DepthAttention, DepthStream};
+use crate::nn::cast_to;
 use crate::nn::coord3d::{Bms, Coords, default_sections};
 use crate::nn::fused::loss::cross_entropy_trained;
 use crate::nn::fused::norm::rms_norm;
@@ -352,6 +353,7 @@ impl ModelConfig {
             },
             residual: self.residual,
             attnres_block_len: self.attnres_block_len().unwrap_or(0),
+            compute_dtype: None,
         }
     }
 }
@@ -481,6 +483,11 @@ pub struct Llama<B: Backend> {
     pub residual: ResidualMode,
     #[module(skip)]
     pub attnres_block_len: usize,
+    /// Mixed precision (`train.mixed_precision`): the type the sub-layers and the LM head
+    /// compute in, while the parameters, the residual stream, the norms and the loss keep the
+    /// parameters' type. `None`: everything in the parameters' type.
+    #[module(skip)]
+    pub compute_dtype: Option<FloatDType>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -609,16 +616,17 @@ impl<B: Backend> Llama<B> {
     ) -> LayerKvCache<B> {
         let (attn, mlp) = (2 * i, 2 * i + 1);
         let h = stream.input(attn);
-        let (out, attended) = block
-            .attn
-            .forward(rms_norm(&block.attn_norm, h.clone()), phases, kv);
+        let x = self.to_compute(rms_norm(&block.attn_norm, h.clone()));
+        let (out, attended) = block.attn.forward(x, phases, kv);
+        let out = cast_to(out, h.dtype());
         if let Some(trace) = trace.as_deref_mut() {
             trace.push(self.trace(stream, block.attn_res.as_ref(), &h, &out));
         }
         stream.push(attn, out);
 
         let h = stream.input(mlp);
-        let out = block.mlp.forward(rms_norm(&block.mlp_norm, h.clone()));
+        let x = self.to_compute(rms_norm(&block.mlp_norm, h.clone()));
+        let out = cast_to(block.mlp.forward(x), h.dtype());
         if let Some(trace) = trace {
             trace.push(self.trace(stream, block.mlp_res.as_ref(), &h, &out));
         }
@@ -663,16 +671,36 @@ impl<B: Backend> Llama<B> {
 
     /// Final norm and LM head: logits `[batch, seq, vocab]` from the last hidden state.
     pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = rms_norm(&self.norm, h);
-        match &self.lm_head {
+        let stream_dtype = h.dtype();
+        let x = self.to_compute(rms_norm(&self.norm, h));
+        let logits = match &self.lm_head {
             Some(head) => head.forward(x),
             None => {
                 // As rows (see `LoraLinear::forward`): one product for the embedding's gradient.
                 let [batch, seq, d] = x.dims();
                 let rows = x.reshape([batch * seq, d]);
-                let logits = rows.matmul(self.embed.weight.val().transpose());
+                let weight = cast_to(self.embed.weight.val(), rows.dtype());
+                let logits = rows.matmul(weight.transpose());
                 logits.reshape([batch as i64, seq as i64, -1])
             }
+        };
+        // The softmax and the loss read the logits in the stream's type, as autocast does.
+        cast_to(logits, stream_dtype)
+    }
+
+    /// Computes the sub-layers and the LM head in `dtype` (mixed precision; `None`: in the
+    /// parameters' type). Parameters keep their type, so their gradients and the optimizer
+    /// state do too.
+    pub fn with_compute_dtype(mut self, dtype: Option<FloatDType>) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// A sub-layer's (or the LM head's) input in the compute type.
+    fn to_compute<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self.compute_dtype {
+            Some(dtype) => cast_to(x, dtype.into()),
+            None => x,
         }
     }
 

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::nn::fused::linear::linear;
+use crate::nn::cast_to;
 
 /// The projections an adapter can attach to, by the short names configs use. PEFT's module names
 /// (`q_proj`, …, `lm_head`) are accepted too.
@@ -217,17 +218,14 @@ impl<B: Backend> LoraLinear<B> {
 
     fn forward_rows(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         // A base weight stored in a narrower type (`lora.base_dtype`) is widened where it is used.
-        let weight = self.weight.val();
-        let weight = if weight.dtype() == x.dtype() {
-            weight
-        } else {
-            weight.cast(x.dtype())
-        };
+        // So is any weight under mixed precision (`train.mixed_precision`).
+        let weight = cast_to(self.weight.val(), x.dtype());
         let base = linear(x.clone(), weight);
         match &self.lora {
             Some(lora) if !lora.merged => {
-                let low = linear(lora.dropout.forward(x), lora.a.val());
-                base + linear(low, lora.b.val()).mul_scalar(lora.scale)
+                let dtype = x.dtype();
+                let low = linear(lora.dropout.forward(x), cast_to(lora.a.val(), dtype));
+                base + linear(low, cast_to(lora.b.val(), dtype)).mul_scalar(lora.scale)
             }
             _ => base,
         }

@@ -8,6 +8,7 @@
 
 use burn::prelude::*;
 
+use super::cast_to;
 use super::coord3d::{Coords, interleaved_axes};
 
 /// Precomputed cos/sin tables, `[max_seq_len, head_dim]` each (the half-table repeated twice),
@@ -38,6 +39,13 @@ impl<B: Backend> Phases<B> {
     /// Rotates `x: [batch, seq, heads, head_dim]`.
     pub fn rotate(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let (cos, sin) = (self.cos.clone(), self.sin.clone());
+        // Mixed precision: the tables meet the activations in their (compute) type.
+        let dtype = x.dtype();
+        if cos.dtype() != dtype {
+            let rotate_half = cast_to(self.rotate_half.clone(), dtype);
+            let rotated = x.clone().matmul(rotate_half.unsqueeze::<4>());
+            return x * cast_to(cos, dtype) + rotated * cast_to(sin, dtype);
+        }
         let x = match super::fused::rope::rotate_trained(x, cos, sin) {
             Ok(out) => return out,
             Err((x, _, _)) => x,

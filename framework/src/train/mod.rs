@@ -13,6 +13,7 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +67,37 @@ pub struct TrainConfig {
     /// Under activation checkpointing: sequence positions per pass through the LM head and
     /// loss (0: the whole sequence at once).
     pub head_chunk: usize,
+    /// `bf16`: the sub-layers and the LM head compute in bf16 while the parameters, their
+    /// gradients, the AdamW state, the residual stream, the norms and the loss stay in the
+    /// parameters' type (f32), as PyTorch's autocast does; `none`: everything in that type.
+    pub mixed_precision: MixedPrecision,
+}
+
+/// `train.mixed_precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MixedPrecision {
+    #[default]
+    None,
+    Bf16,
+}
+
+impl MixedPrecision {
+    /// The config value.
+    pub fn name(self) -> &'static str {
+        match self {
+            MixedPrecision::None => "none",
+            MixedPrecision::Bf16 => "bf16",
+        }
+    }
+
+    /// What [`Llama::with_compute_dtype`] takes.
+    pub fn compute_dtype(self) -> Option<FloatDType> {
+        match self {
+            MixedPrecision::None => None,
+            MixedPrecision::Bf16 => Some(FloatDType::BF16),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -97,6 +129,7 @@ impl Default for TrainConfig {
             checkpoint_every: 2,
             offload_activations: false,
             head_chunk: 0,
+            mixed_precision: MixedPrecision::None,
         }
     }
 }
@@ -454,6 +487,7 @@ pub fn train<B: AutodiffBackend>(
     } else {
         atomic_write(&metrics_path, |f| writeln!(f, "{METRICS_HEADER}"))?;
     }
+    let mut model = model.with_compute_dtype(tc.mixed_precision.compute_dtype());
     let config_path = run_dir.join("config.toml");
     atomic_write(&config_path, |f| f.write_all(config.to_toml().as_bytes()))?;
 

@@ -19,6 +19,7 @@ mod gguf_export;
 mod hf_parity;
 mod kv_share;
 mod lora;
+mod mixed_precision;
 mod recompute;
 mod seq_block;
 mod smollm2;
