@@ -24,11 +24,21 @@ def note(r):
     if r["framework"] == "strata" and "fusion" in r.get("backend", ""):
         return ("features cuda,fusion (Burn's kernel fusion and autotune); first step includes autotuning; "
                 "same precision caveats as the unfused rows")
+    if r["framework"] == "strata" and r.get("mixed_precision") == "bf16":
+        return ("train.mixed_precision = bf16: sub-layers and LM head compute in bf16; parameters, gradients, "
+                "AdamW state, residual stream, norms and loss in f32; no fusion or autotune")
     if r["framework"] == "strata":
-        return ("parameters, activations and AdamW state all in this dtype (Burn 0.21 has no mixed precision); "
+        return ("parameters, activations and AdamW state all in this dtype; "
                 "attention: the nn::fused op (before commit c69d513: composed ops keeping the n x n scores); "
                 "no fusion or autotune")
     return "autocast bf16, f32 master weights" if r.get("dtype") == "bf16" else "f32, tf32 off"
+
+
+def peak_gib(r):
+    """PyTorch: max_memory_allocated; Strata: nvidia-smi's memory.used above its value at start."""
+    if "peak_memory_gib" in r:
+        return f"{r['peak_memory_gib']:.1f}"
+    return f"{r['peak_device_mib'] / 1024:.1f}" if r.get("peak_device_mib") else ""
 
 
 out = csv.writer(sys.stdout)
@@ -39,6 +49,8 @@ for r in rows:
         continue
     if r["framework"] == "strata":
         variant, dtype = r.get("backend", "cuda"), r.get("backend", "cuda-f32").split("-")[-1]
+        if r.get("mixed_precision") == "bf16":
+            variant, dtype = variant + "+mixed-bf16", "bf16"
     else:
         variant = ("compile" if r.get("compile") else "eager") + "+" + r.get("attention", "sdpa") if "failed" not in r else r["failed"]
         dtype = r.get("dtype", "")
@@ -48,4 +60,4 @@ for r in rows:
     ratio = f"{tps / eager[dtype]:.3f}" if tps and dtype in eager else ""
     out.writerow([datetime.date.today().isoformat(), gpu, r["framework"], variant, dtype, t["batch_size"], T,
                   f"{tps:.0f}" if tps else "", mfu, ratio, f"{r.get('first_step_secs', 0):.1f}",
-                  f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "", note(r)])
+                  peak_gib(r), note(r)])

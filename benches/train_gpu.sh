@@ -42,16 +42,23 @@ torch_run() {
   timeout 300 python3 scripts/reference/train_torch.py "$config" --bench --device cuda --warmup 3 --steps 10 "$@" >> "$raw" \
     || echo "{\"framework\": \"pytorch\", \"failed\": \"$*\"}" >> "$raw"
 }
-torch_run --dtype f32
-torch_run --dtype bf16
+torch_run --dtype f32 --profile
+torch_run --dtype bf16 --profile
 torch_run --dtype bf16 --naive-attention
 torch_run --dtype bf16 --compile
 fi
 
-[ "$part" != pytorch ] && for dtype in f32 bf16; do
-  timeout "${STRATA_TIMEOUT:-240}" "$bin" bench-train "$config" --backend cuda --dtype "$dtype" --warmup 2 --steps 8 >> "$raw" \
-    || echo "{\"framework\": \"strata\", \"backend\": \"cuda-$dtype\", \"failed\": \"exit $? (timeout or error)\"}" >> "$raw"
-done
+# f32; f32 parameters with bf16 compute (train.mixed_precision); everything in bf16.
+strata_run() {
+  timeout "${STRATA_TIMEOUT:-240}" "$bin" bench-train "$config" --backend cuda --warmup 2 --steps 8 --profile "$@" >> "$raw" \
+    || echo "{\"framework\": \"strata\", \"backend\": \"cuda $*\", \"failed\": \"exit $? (timeout or error)\"}" >> "$raw"
+}
+if [ "$part" != pytorch ]; then
+  strata_run --dtype f32
+  strata_run --dtype f32 --set 'train.mixed_precision="bf16"'
+  strata_run --dtype bf16
+fi
 
 python3 benches/gpu_table.py "$raw" "$results/gpu.txt" "$config" > "$results/train_gpu.csv"
-cat "$results/train_gpu.csv"
+python3 benches/profile_table.py "$raw" > "$results/train_gpu_profile.csv"
+cat "$results/train_gpu.csv" "$results/train_gpu_profile.csv"

@@ -31,6 +31,11 @@ pub struct Args {
     /// Freeze the model and train LoRA adapters of this rank (α = 2r) on all seven projections.
     #[arg(long)]
     lora_rank: Option<usize>,
+    /// Also time each step's forward, backward and optimizer apart (waiting for the device
+    /// after each), and the step's projection products alone, as the GPU training issue's
+    /// profile asks.
+    #[arg(long)]
+    profile: bool,
     /// Storage of the frozen base weights under --lora-rank: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     lora_base_dtype: String,
@@ -73,7 +78,17 @@ fn run_with<B: AutodiffBackend>(
     let n = tc.batch_size * tc.seq_len;
     let mut step_secs = Vec::new();
     let mut first_step_secs = 0.0;
-    for step in 0..args.warmup + args.steps {
+    let mut phases: Vec<[f64; 3]> = Vec::new();
+    let device_memory = args
+        .backend
+        .label()
+        .starts_with("cuda")
+        .then(strata::train::DeviceMemorySampler::start)
+        .flatten();
+    // Under --profile, as many steps again after the timed ones, with the phases timed apart.
+    let profiled = if args.profile { args.steps } else { 0 };
+    for step in 0..args.warmup + args.steps + profiled {
+        let profiling = step >= args.warmup + args.steps;
         let ids: Vec<u32> = (0..n)
             .map(|_| rng.random_range(0..config.model.vocab_size as u32))
             .collect();
@@ -86,6 +101,15 @@ fn run_with<B: AutodiffBackend>(
             coords: None,
         };
         let start = Instant::now();
+        // Profiled steps finish the device's work at each mark, so each phase is timed alone
+        // (the marks cost the overlap of host and device work between phases).
+        let mut marks = Vec::new();
+        let mark = |marks: &mut Vec<f64>| {
+            if profiling {
+                B::sync(device).expect("device sync");
+                marks.push(start.elapsed().as_secs_f64());
+            }
+        };
         let grads = match tc.recompute_plan() {
             Some(plan) => {
                 let mut accumulator = GradientsAccumulator::new();
@@ -95,13 +119,21 @@ fn run_with<B: AutodiffBackend>(
             None => {
                 let (inputs, targets) = batch_tensors::<B>(&batch, device);
                 let loss = model.loss(inputs, targets);
+                mark(&mut marks);
                 GradientsParams::from_grads(loss.backward(), &model)
             }
         };
+        mark(&mut marks);
         model = optim.step(1e-4, model, grads, 1.0);
         // Reading one parameter back waits for the step to finish on asynchronous backends.
         let _ = model.norm.gamma.val().into_data();
         let secs = start.elapsed().as_secs_f64();
+        if profiling {
+            if let [forward, backward] = marks[..] {
+                phases.push([forward, backward - forward, secs - backward]);
+            }
+            continue;
+        }
         if step == 0 {
             // Includes kernel compilation and autotuning on GPU backends: the cold start.
             first_step_secs = secs;
@@ -111,6 +143,26 @@ fn run_with<B: AutodiffBackend>(
             step_secs.push(secs);
         }
     }
+    let peak_device_mib = device_memory.and_then(|sampler| sampler.finish());
+    let profile = args.profile.then(|| {
+        let phase = |i: usize| median(&mut phases.iter().map(|p| p[i]).collect::<Vec<_>>());
+        let dtype = match tc.mixed_precision.compute_dtype() {
+            Some(dtype) => dtype.into(),
+            None => model.norm.gamma.val().dtype(),
+        };
+        let gemms = projection_gemms::<B::InnerBackend>(config, dtype, device);
+        let attention = attention_secs::<B>(config, dtype, device);
+        serde_json::json!({
+            "forward_secs": phase(0),
+            "backward_secs": phase(1),
+            "optimizer_secs": phase(2),
+            "gemm_dtype": format!("{dtype:?}"),
+            "gemm_secs": gemms.iter().map(|g| g.step_secs()).sum::<f64>(),
+            "gemm_flops": gemms.iter().map(|g| g.step_flops()).sum::<f64>(),
+            "gemms": gemms.iter().map(|g| serde_json::json!(g)).collect::<Vec<_>>(),
+            "attention_secs": attention,
+        })
+    });
     let total: f64 = step_secs.iter().sum();
     let tokens_per_sec = (n * args.steps) as f64 / total;
     // 6N FLOPs per token holds for full training only (LoRA skips the base weights' gradients).
@@ -137,6 +189,8 @@ fn run_with<B: AutodiffBackend>(
             "model_flops_per_sec": flops,
             "median_step_secs": median(&mut step_secs),
             "first_step_secs": first_step_secs,
+            "peak_device_mib": peak_device_mib,
+            "profile": profile,
         })
     );
     Ok(())
@@ -145,4 +199,140 @@ fn run_with<B: AutodiffBackend>(
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
+}
+
+/// One projection shape of a training step, `[rows, d_in] × [d_in, d_out]`, `count` times, with
+/// the time of each of its three products measured alone: the forward `x·W`, and backward's
+/// `dY·Wᵀ` and `Xᵀ·dY` (transposed operands, as autodiff hands them to the matmul).
+#[derive(serde::Serialize)]
+struct Gemm {
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    count: usize,
+    forward_secs: f64,
+    grad_input_secs: f64,
+    grad_weight_secs: f64,
+}
+
+impl Gemm {
+    fn step_secs(&self) -> f64 {
+        self.count as f64 * (self.forward_secs + self.grad_input_secs + self.grad_weight_secs)
+    }
+
+    fn step_flops(&self) -> f64 {
+        (self.count * 3 * 2 * self.rows * self.d_in * self.d_out) as f64
+    }
+}
+
+/// Times the products of every projection of the model (attention's q, k, v, o, the MLP's
+/// gate, up, down, and the LM head) at one step's rows, in `dtype`, each alone: the floor the
+/// step's matmuls set with this backend's matmul.
+fn projection_gemms<B: burn::tensor::backend::Backend>(
+    config: &ExperimentConfig,
+    dtype: burn::tensor::DType,
+    device: &B::Device,
+) -> Vec<Gemm> {
+    use burn::tensor::{Distribution, Tensor};
+    let m = &config.model;
+    let rows = config.train.batch_size * config.train.seq_len;
+    let (d, q, kv, f, layers) = (
+        m.d_model,
+        m.n_heads * m.head_dim(),
+        m.kv_heads() * m.head_dim(),
+        m.ffn_hidden,
+        m.n_layers,
+    );
+    // Layers sharing keys and values (`kv_share`) skip their k and v projections.
+    let kv_layers = (0..layers).filter(|&l| m.owns_kv(l)).count();
+    let shapes = [
+        (d, q, 2 * layers),
+        (d, kv, 2 * kv_layers),
+        (d, f, 2 * layers),
+        (f, d, layers),
+        (d, m.vocab_size, 1),
+    ];
+    let mut merged: Vec<(usize, usize, usize)> = Vec::new();
+    for (d_in, d_out, count) in shapes {
+        match merged.iter_mut().find(|s| (s.0, s.1) == (d_in, d_out)) {
+            Some(s) => s.2 += count,
+            None => merged.push((d_in, d_out, count)),
+        }
+    }
+    let time = |f: &dyn Fn()| {
+        for _ in 0..2 {
+            f();
+        }
+        B::sync(device).expect("device sync");
+        let mut secs = Vec::new();
+        for _ in 0..10 {
+            let start = Instant::now();
+            f();
+            B::sync(device).expect("device sync");
+            secs.push(start.elapsed().as_secs_f64());
+        }
+        median(&mut secs)
+    };
+    let random = |shape: [usize; 2]| {
+        Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
+    };
+    merged
+        .into_iter()
+        .filter(|s| s.2 > 0)
+        .map(|(d_in, d_out, count)| {
+            let (x, w, dy) = (random([rows, d_in]), random([d_in, d_out]), random([rows, d_out]));
+            Gemm {
+                rows,
+                d_in,
+                d_out,
+                count,
+                forward_secs: time(&|| drop(x.clone().matmul(w.clone()))),
+                grad_input_secs: time(&|| drop(dy.clone().matmul(w.clone().transpose()))),
+                grad_weight_secs: time(&|| drop(x.clone().transpose().matmul(dy.clone()))),
+            }
+        })
+        .collect()
+}
+
+/// Dense causal attention's forward and backward (the op the model trains with) at one step's
+/// shape, timed alone, times the layers: `None` for other attention kinds.
+fn attention_secs<B: AutodiffBackend>(
+    config: &ExperimentConfig,
+    dtype: burn::tensor::DType,
+    device: &B::Device,
+) -> Option<f64> {
+    use burn::tensor::{Distribution, Tensor};
+    use strata::model::AttentionKind;
+    let m = &config.model;
+    if m.attention != AttentionKind::Dense {
+        return None;
+    }
+    let shape = [
+        config.train.batch_size,
+        m.n_heads,
+        config.train.seq_len,
+        m.head_dim(),
+    ];
+    let random = || {
+        Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device)
+            .cast(dtype)
+            .require_grad()
+    };
+    let (q, k, v, g) = (random(), random(), random(), random());
+    let pass = || {
+        let out = strata::nn::attention::dense_causal(q.clone(), k.clone(), v.clone());
+        drop((out * g.clone()).sum().backward());
+    };
+    for _ in 0..2 {
+        pass();
+    }
+    B::sync(device).expect("device sync");
+    let mut secs = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        pass();
+        B::sync(device).expect("device sync");
+        secs.push(start.elapsed().as_secs_f64());
+    }
+    Some(median(&mut secs) * m.n_layers as f64)
 }

@@ -144,6 +144,42 @@ def make_optimizer(model, t):
     return torch.optim.AdamW(groups, lr=t["lr"], betas=(t.get("beta1", 0.9), t.get("beta2", 0.95)), eps=t.get("eps", 1e-8))
 
 
+def projection_gemms(m, rows, dtype, device):
+    """Each projection's three products (x·W, dY·Wᵀ, Xᵀ·dY) at one step's rows, timed alone
+    (CUDA events on a GPU; median of 10): the same shapes `strata bench-train --profile` times."""
+    d, hd = m["d_model"], m["d_model"] // m["n_heads"]
+    q, kv, f, layers = m["n_heads"] * hd, m["n_kv_heads"] * hd, m["ffn_hidden"], m["n_layers"]
+    shapes = {}
+    for d_in, d_out, count in [(d, q, 2 * layers), (d, kv, 2 * layers), (d, f, 2 * layers), (f, d, layers), (d, m["vocab_size"], 1)]:
+        shapes[(d_in, d_out)] = shapes.get((d_in, d_out), 0) + count
+
+    def timed(fn):
+        for _ in range(2):
+            fn()
+        out = []
+        for _ in range(10):
+            if device.type == "cuda":
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record(); fn(); e.record(); torch.cuda.synchronize()
+                out.append(s.elapsed_time(e) / 1e3)
+            else:
+                start = time.perf_counter(); fn(); out.append(time.perf_counter() - start)
+        return sorted(out)[len(out) // 2]
+
+    gemms, total, flops = [], 0.0, 0.0
+    for (d_in, d_out), count in shapes.items():
+        x = torch.randn(rows, d_in, device=device, dtype=dtype)
+        w = torch.randn(d_in, d_out, device=device, dtype=dtype)
+        dy = torch.randn(rows, d_out, device=device, dtype=dtype)
+        g = {"rows": rows, "d_in": d_in, "d_out": d_out, "count": count,
+             "forward_secs": timed(lambda: x @ w), "grad_input_secs": timed(lambda: dy @ w.t()),
+             "grad_weight_secs": timed(lambda: x.t() @ dy)}
+        gemms.append(g)
+        total += count * (g["forward_secs"] + g["grad_input_secs"] + g["grad_weight_secs"])
+        flops += count * 3 * 2 * rows * d_in * d_out
+    return {"gemm_dtype": str(dtype), "gemm_secs": total, "gemm_flops": flops, "gemms": gemms}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
@@ -158,6 +194,8 @@ def main():
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="bf16: autocast, f32 master weights")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--naive-attention", action="store_true", help="materialise the n×n scores (no SDPA)")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --bench: time forward, backward and optimizer apart, and the step's projection products alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = tomllib.loads(pathlib.Path(args.config).read_text())
@@ -200,13 +238,37 @@ def main():
         opt.step()
         return loss.item()
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def profiled_step(x, y, lr):
+        """step() with the device finished at each mark: forward (with the loss), backward,
+        optimizer (clipping included), each timed alone, as `strata bench-train --profile`."""
+        for g in opt.param_groups:
+            g["lr"] = lr
+        marks = [time.perf_counter()]
+        with autocast:
+            loss = F.cross_entropy(fwd(x).reshape(-1, m["vocab_size"]).float(), y.reshape(-1))
+        sync(); marks.append(time.perf_counter())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sync(); marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.get("grad_clip", 1.0))
+        opt.step()
+        loss.item()
+        marks.append(time.perf_counter())
+        return [b - a for a, b in zip(marks, marks[1:])]
+
     if args.bench:
-        times = []
+        times, phases = [], []
         for i in range(args.warmup + args.steps):
             x = torch.randint(0, m["vocab_size"], (bsz, seq), device=device)
             start = time.perf_counter()
             step(x, x, 1e-4)  # .item() waits for the device
             elapsed = time.perf_counter() - start
+            if args.profile and i >= args.warmup:
+                phases.append(profiled_step(x, x, 1e-4))
             if i == 0:
                 info["first_step_secs"] = elapsed
             if i >= args.warmup:
@@ -215,6 +277,12 @@ def main():
                     median_step_secs=sorted(times)[len(times) // 2])
         if device.type == "cuda":
             info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if args.profile:
+            med = lambda xs: sorted(xs)[len(xs) // 2]
+            info["profile"] = {"forward_secs": med([p[0] for p in phases]),
+                               "backward_secs": med([p[1] for p in phases]),
+                               "optimizer_secs": med([p[2] for p in phases]),
+                               **projection_gemms(m, bsz * seq, torch.bfloat16 if args.dtype == "bf16" else torch.float32, device)}
         print(json.dumps(info))
         return
 
