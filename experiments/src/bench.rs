@@ -259,20 +259,7 @@ fn projection_gemms<B: burn::tensor::backend::Backend>(
             None => merged.push((d_in, d_out, count)),
         }
     }
-    let time = |f: &dyn Fn()| {
-        for _ in 0..2 {
-            f();
-        }
-        B::sync(device).expect("device sync");
-        let mut secs = Vec::new();
-        for _ in 0..10 {
-            let start = Instant::now();
-            f();
-            B::sync(device).expect("device sync");
-            secs.push(start.elapsed().as_secs_f64());
-        }
-        median(&mut secs)
-    };
+    let time = |f: &dyn Fn()| time_alone::<B>(device, 10, f);
     let random = |shape: [usize; 2]| {
         Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
     };
@@ -323,16 +310,27 @@ fn attention_secs<B: AutodiffBackend>(
         let out = strata::nn::attention::dense_causal(q.clone(), k.clone(), v.clone());
         drop((out * g.clone()).sum().backward());
     };
+    Some(time_alone::<B>(device, 5, &pass) * m.n_layers as f64)
+}
+
+/// The median time of `repeats` runs of `f` after two warm-up runs, each waiting for the
+/// device to finish.
+fn time_alone<B: burn::tensor::backend::Backend>(
+    device: &B::Device,
+    repeats: usize,
+    f: &dyn Fn(),
+) -> f64 {
     for _ in 0..2 {
-        pass();
+        f();
     }
     B::sync(device).expect("device sync");
-    let mut secs = Vec::new();
-    for _ in 0..5 {
-        let start = Instant::now();
-        pass();
-        B::sync(device).expect("device sync");
-        secs.push(start.elapsed().as_secs_f64());
-    }
-    Some(median(&mut secs) * m.n_layers as f64)
+    let mut secs: Vec<f64> = (0..repeats)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            B::sync(device).expect("device sync");
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(&mut secs)
 }

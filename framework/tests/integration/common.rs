@@ -2,10 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::backend::Autodiff;
 use burn::prelude::*;
+use strata::backend::Cpu;
+use strata::config::ExperimentConfig;
 use strata::io::hf::load_llama;
 use strata::io::params::load_safetensors;
-use strata::train::ids_tensor;
+use strata::model::Llama;
+use strata::tokenizer::ByteTokenizer;
+use strata::train::{Event, TrainSummary, ids_tensor, train};
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -98,4 +103,29 @@ pub fn assert_close(names: &[&str], got: &[Vec<f32>], want: &[Vec<f32>], tol: f3
             .fold(0f32, f32::max);
         assert!(err <= tol * scale, "{name}: max |Δ| {err}, scale {scale}");
     }
+}
+
+/// Trains `config` on the CPU default with the byte tokenizer in a fresh run directory named
+/// after `name` (removed afterwards): the training loss of every logged step, the trained
+/// model and the run's summary.
+pub fn train_logged(config: &ExperimentConfig, name: &str) -> (Vec<f64>, Llama<Cpu>, TrainSummary) {
+    let dir = std::env::temp_dir().join(format!("strata-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut losses = Vec::new();
+    let (model, summary) = train::<Autodiff<Cpu>>(
+        config,
+        &ByteTokenizer,
+        &dir,
+        false,
+        "flex",
+        &Default::default(),
+        &mut |event| {
+            if let Event::Step(metrics) = event {
+                losses.push(metrics.train_loss);
+            }
+        },
+    )
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (losses, model, summary)
 }

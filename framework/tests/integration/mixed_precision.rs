@@ -15,9 +15,8 @@ use strata::backend::Cpu;
 use strata::config::ExperimentConfig;
 use strata::model::{Llama, ModelConfig};
 use strata::nn::lora::LoraConfig;
-use strata::tokenizer::ByteTokenizer;
 use strata::train::optim::grad_squares_by_path;
-use strata::train::{Event, ids_tensor, train};
+use strata::train::ids_tensor;
 
 type B = Autodiff<Cpu>;
 
@@ -208,27 +207,8 @@ mixed_precision = "{mixed}"
 
 /// The training loss at every logged step of a run (the mean over the steps since the last).
 fn loss_curve(test: &str, mixed: &str, seed: u64) -> (Vec<f64>, Llama<Cpu>) {
-    let dir = std::env::temp_dir().join(format!(
-        "strata-mixed-{test}-{mixed}-{seed}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut losses = Vec::new();
-    let (model, _) = train::<B>(
-        &config(test, mixed, seed),
-        &ByteTokenizer,
-        &dir,
-        false,
-        "flex",
-        &Default::default(),
-        &mut |event| {
-            if let Event::Step(metrics) = event {
-                losses.push(metrics.train_loss);
-            }
-        },
-    )
-    .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let (losses, model, _) =
+        common::train_logged(&config(test, mixed, seed), &format!("mixed-{mixed}-{seed}"));
     (losses, model)
 }
 

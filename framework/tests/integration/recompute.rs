@@ -24,8 +24,7 @@ use strata::config::ExperimentConfig;
 use strata::data::Batch;
 use strata::model::{Llama, ModelConfig, ResidualMode};
 use strata::nn::lora::LoraConfig;
-use strata::tokenizer::ByteTokenizer;
-use strata::train::{Event, batch_loss, recompute, train};
+use strata::train::{batch_loss, recompute};
 
 type B = Autodiff<Cpu>;
 
@@ -283,25 +282,7 @@ checkpoint_interval = 3
 }
 
 fn losses(config: &ExperimentConfig, name: &str) -> Vec<f64> {
-    let dir = std::env::temp_dir().join(format!("strata-recompute-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut losses = Vec::new();
-    train::<B>(
-        config,
-        &ByteTokenizer,
-        &dir,
-        false,
-        "flex",
-        &Default::default(),
-        &mut |event| {
-            if let Event::Step(m) = event {
-                losses.push(m.train_loss);
-            }
-        },
-    )
-    .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    losses
+    common::train_logged(config, &format!("recompute-{name}")).0
 }
 
 #[test]
