@@ -267,7 +267,11 @@ fn projection_gemms<B: burn::tensor::backend::Backend>(
         .into_iter()
         .filter(|s| s.2 > 0)
         .map(|(d_in, d_out, count)| {
-            let (x, w, dy) = (random([rows, d_in]), random([d_in, d_out]), random([rows, d_out]));
+            let (x, w, dy) = (
+                random([rows, d_in]),
+                random([d_in, d_out]),
+                random([rows, d_out]),
+            );
             Gemm {
                 rows,
                 d_in,

@@ -13,8 +13,8 @@ use burn::tensor::FloatDType;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::nn::fused::linear::linear;
 use crate::nn::cast_to;
+use crate::nn::fused::linear::linear;
 
 /// The projections an adapter can attach to, by the short names configs use. PEFT's module names
 /// (`q_proj`, …, `lm_head`) are accepted too.

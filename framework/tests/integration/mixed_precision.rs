@@ -15,8 +15,8 @@ use strata::backend::Cpu;
 use strata::config::ExperimentConfig;
 use strata::model::{Llama, ModelConfig};
 use strata::nn::lora::LoraConfig;
-use strata::train::optim::grad_squares_by_path;
 use strata::train::ids_tensor;
+use strata::train::optim::grad_squares_by_path;
 
 type B = Autodiff<Cpu>;
 
@@ -52,7 +52,12 @@ fn run(model: &Llama<B>) -> (Vec<f32>, Vec<(String, f64)>) {
     let device = Default::default();
     let logits = model.forward(ids_tensor(&IDS, [1, IDS.len()], &device));
     assert_eq!(logits.dtype(), DType::F32, "logits come back in f32");
-    let values = logits.clone().into_data().convert::<f32>().to_vec().unwrap();
+    let values = logits
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap();
     let grads = GradientsParams::from_grads(logits.square().mean().backward(), model);
     let squares = grad_squares_by_path(model, &grads)
         .into_iter()
@@ -229,7 +234,10 @@ fn bf16_mixed_training_follows_the_f32_loss_curve() {
     for (i, ((a, b), m)) in f32_a.iter().zip(&f32_b).zip(&mixed_a).enumerate() {
         eprintln!("log {i}: f32 seed 1 {a:.4}, f32 seed 2 {b:.4}, bf16 mixed seed 1 {m:.4}");
     }
-    assert!(tail(&f32_a) < f32_a[0] - 1.0, "the f32 run learns: {f32_a:?}");
+    assert!(
+        tail(&f32_a) < f32_a[0] - 1.0,
+        "the f32 run learns: {f32_a:?}"
+    );
     let seed_spread = (tail(&f32_a) - tail(&f32_b)).abs();
     let gap = (tail(&f32_a) - tail(&mixed_a)).abs();
     assert!(

@@ -126,8 +126,19 @@ fn assert_same(
     (loss, grads): &(f64, BTreeMap<String, Vec<f32>>),
     (want_loss, want): &(f64, BTreeMap<String, Vec<f32>>),
 ) {
+    assert_close(what, (loss, grads), (want_loss, want), 1e-6, 1e-5);
+}
+
+/// [`assert_same`] within `loss_tol` of the loss and `grad_tol` of each gradient's largest entry.
+fn assert_close(
+    what: &str,
+    (loss, grads): (&f64, &BTreeMap<String, Vec<f32>>),
+    (want_loss, want): (&f64, &BTreeMap<String, Vec<f32>>),
+    loss_tol: f64,
+    grad_tol: f32,
+) {
     assert!(
-        (loss - want_loss).abs() <= 1e-6 * want_loss.abs(),
+        (loss - want_loss).abs() <= loss_tol * want_loss.abs(),
         "{what}: loss {loss} vs {want_loss}"
     );
     assert_eq!(
@@ -145,7 +156,7 @@ fn assert_same(
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(
-            worst <= 1e-5 * scale,
+            worst <= grad_tol * scale,
             "{what}: {path}: max |Δ| = {worst}, largest entry {scale}"
         );
     }
@@ -169,25 +180,36 @@ fn tiny(residual: ResidualMode, tie_embeddings: bool) -> ModelConfig {
 #[test]
 fn recomputed_gradients_match_backpropagation() {
     let device = Default::default();
-    for (residual, tied, masked) in [
-        (ResidualMode::Standard, true, false),
-        (ResidualMode::Standard, false, true),
-        (ResidualMode::Rescaled, false, false),
+    // The last case computes in bf16 (`train.mixed_precision`).
+    for (residual, tied, masked, mixed) in [
+        (ResidualMode::Standard, true, false, false),
+        (ResidualMode::Standard, false, true, false),
+        (ResidualMode::Rescaled, false, false, false),
+        (ResidualMode::Standard, true, true, true),
     ] {
         B::seed(&device, 7);
-        let model = tiny(residual, tied).init::<B>(&device);
+        let model = tiny(residual, tied)
+            .init::<B>(&device)
+            .with_compute_dtype(mixed.then_some(burn::tensor::FloatDType::BF16));
         let batch = batch(3, 16, masked);
         let want = reference(&model, &batch);
         // 5 blocks: segments of 1, of 2 (2 + 2 + 1) and one of all 5; host and device; the
         // head over all 16 positions at once or in chunks of 5 (5 + 5 + 5 + 1).
         for (blocks, offload, chunk) in [(1, false, 0), (1, true, 5), (2, true, 0), (5, false, 5)] {
             let what = format!(
-                "{residual:?} tied={tied} masked={masked} blocks={blocks} offload={offload} chunk={chunk}"
+                "{residual:?} tied={tied} masked={masked} mixed={mixed} blocks={blocks} offload={offload} chunk={chunk}"
             );
-            assert_same(
+            let (loss, grads) = recomputed(&model, &batch, blocks, offload, chunk);
+            // In bf16 the recomputed forward takes other attention code than the autodiff
+            // forward (the plain model's passes; the autodiff op's tensor form), which round
+            // differently: measured 9e-6 of the loss and 9e-3 of a gradient's largest entry.
+            let (loss_tol, grad_tol) = if mixed { (1e-4, 2e-2) } else { (1e-6, 1e-5) };
+            assert_close(
                 &what,
-                &recomputed(&model, &batch, blocks, offload, chunk),
-                &want,
+                (&loss, &grads),
+                (&want.0, &want.1),
+                loss_tol,
+                grad_tol,
             );
         }
     }
