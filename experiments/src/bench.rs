@@ -56,6 +56,7 @@ fn run_with<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<()> {
     let tc = &config.train;
+    tc.mixed_precision.check_backend(&args.backend.label())?;
     B::seed(device, tc.seed);
     let mut model = config.model.init::<B>(device);
     if let Some(rank) = args.lora_rank {

@@ -91,6 +91,19 @@ impl MixedPrecision {
         }
     }
 
+    /// Refuses a compute type the backend `backend_name` (as `--backend` names it) lacks:
+    /// wgpu's WGSL has no bf16.
+    pub fn check_backend(self, backend_name: &str) -> Result<()> {
+        if self == MixedPrecision::Bf16 && backend_name.starts_with("wgpu") {
+            return Err(Error::config(
+                "train.mixed_precision",
+                "\"bf16\"",
+                "\"none\" on the wgpu backend (WGSL has no bf16); bf16 compute runs on cuda and the CPU backends",
+            ));
+        }
+        Ok(())
+    }
+
     /// What [`Llama::with_compute_dtype`] takes.
     pub fn compute_dtype(self) -> Option<FloatDType> {
         match self {
@@ -439,6 +452,7 @@ pub fn train<B: AutodiffBackend>(
             ),
         ));
     }
+    tc.mixed_precision.check_backend(backend_name)?;
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     reset_peak_host();
     let device_memory = backend_name

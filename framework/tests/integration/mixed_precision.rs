@@ -247,3 +247,15 @@ fn bf16_mixed_training_follows_the_f32_loss_curve() {
         tail(&mixed_a)
     );
 }
+
+#[test]
+fn bf16_compute_on_wgpu_is_refused_by_name() {
+    use strata::train::MixedPrecision;
+    let error = MixedPrecision::Bf16.check_backend("wgpu-f32").unwrap_err();
+    assert!(
+        error.to_string().contains("train.mixed_precision"),
+        "{error}"
+    );
+    MixedPrecision::Bf16.check_backend("cuda-f32").unwrap();
+    MixedPrecision::None.check_backend("wgpu-f32").unwrap();
+}
