@@ -27,6 +27,9 @@ pub struct TrainState {
     pub seed: u64,
     pub elapsed_secs: f64,
     pub tokenizer: String,
+    /// f16 mixed precision's dynamic loss scale (absent in other runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::train::LossScale>,
 }
 
 pub struct Checkpoint {
@@ -190,6 +193,7 @@ pub fn write_run<B: Backend>(
         seed: config.train.seed,
         elapsed_secs: 0.0,
         tokenizer: tokenizer_fingerprint,
+        loss_scale: None,
     };
     let dir = save(
         out,

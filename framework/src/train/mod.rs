@@ -69,8 +69,53 @@ pub struct TrainConfig {
     pub head_chunk: usize,
     /// `bf16`: the sub-layers and the LM head compute in bf16 while the parameters, their
     /// gradients, the AdamW state, the residual stream, the norms and the loss stay in the
-    /// parameters' type (f32), as PyTorch's autocast does; `none`: everything in that type.
+    /// parameters' type (f32), as PyTorch's autocast does; `f16`: the same in f16 with dynamic
+    /// loss scaling ([`LossScale`]); `none`: everything in the parameters' type.
     pub mixed_precision: MixedPrecision,
+    /// `f16` mixed precision: the initial loss scale.
+    pub loss_scale: f64,
+}
+
+/// Dynamic loss scaling for f16 compute (`train.mixed_precision = "f16"`), as PyTorch's
+/// GradScaler does it: the loss is multiplied by `scale` before the backward pass so that small
+/// gradients survive f16's narrow range; a step whose gradients overflow is skipped and halves
+/// the scale, and every [`LossScale::GROWTH_INTERVAL`] overflow-free steps double it. Saved in
+/// checkpoints, so a resumed run continues with the same scale.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScale {
+    pub scale: f64,
+    /// Overflow-free steps since the scale last changed.
+    pub good_steps: usize,
+    /// Steps skipped for overflowing gradients, over the whole run.
+    pub skipped_steps: usize,
+}
+
+impl LossScale {
+    pub const GROWTH_INTERVAL: usize = 2000;
+
+    pub fn new(scale: f64) -> Self {
+        Self {
+            scale,
+            good_steps: 0,
+            skipped_steps: 0,
+        }
+    }
+
+    /// Records whether this step's gradients are finite; returns whether to apply them.
+    pub fn update(&mut self, finite: bool) -> bool {
+        if !finite {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+            self.skipped_steps += 1;
+            return false;
+        }
+        self.good_steps += 1;
+        if self.good_steps == Self::GROWTH_INTERVAL {
+            self.scale *= 2.0;
+            self.good_steps = 0;
+        }
+        true
+    }
 }
 
 /// `train.mixed_precision`.
@@ -80,6 +125,7 @@ pub enum MixedPrecision {
     #[default]
     None,
     Bf16,
+    F16,
 }
 
 impl MixedPrecision {
@@ -88,6 +134,7 @@ impl MixedPrecision {
         match self {
             MixedPrecision::None => "none",
             MixedPrecision::Bf16 => "bf16",
+            MixedPrecision::F16 => "f16",
         }
     }
 
@@ -98,7 +145,7 @@ impl MixedPrecision {
             return Err(Error::config(
                 "train.mixed_precision",
                 "\"bf16\"",
-                "\"none\" on the wgpu backend (WGSL has no bf16); bf16 compute runs on cuda and the CPU backends",
+                "\"none\" or \"f16\" on the wgpu backend (WGSL has no bf16); bf16 compute runs on cuda and the CPU backends",
             ));
         }
         Ok(())
@@ -109,6 +156,7 @@ impl MixedPrecision {
         match self {
             MixedPrecision::None => None,
             MixedPrecision::Bf16 => Some(FloatDType::BF16),
+            MixedPrecision::F16 => Some(FloatDType::F16),
         }
     }
 }
@@ -143,6 +191,7 @@ impl Default for TrainConfig {
             offload_activations: false,
             head_chunk: 0,
             mixed_precision: MixedPrecision::None,
+            loss_scale: 65536.0,
         }
     }
 }
@@ -150,6 +199,13 @@ impl Default for TrainConfig {
 impl TrainConfig {
     pub fn validate(&self, prefix: &str) -> Result<()> {
         let key = |k: &str| format!("{prefix}{k}");
+        if !(self.loss_scale.is_finite() && self.loss_scale >= 1.0) {
+            return Err(Error::config(
+                key("loss_scale"),
+                self.loss_scale,
+                "a finite number of at least 1",
+            ));
+        }
         for (name, value) in [
             ("batch_size", self.batch_size),
             ("seq_len", self.seq_len),
@@ -334,6 +390,9 @@ pub struct TrainSummary {
     /// when it started (nvidia-smi's memory.used, sampled every 100 ms; MiB).
     #[serde(default)]
     pub peak_device_mib: Option<f64>,
+    /// f16 mixed precision: the loss scale at the end and the steps skipped for overflow.
+    #[serde(default)]
+    pub loss_scale: Option<LossScale>,
 }
 
 const METRICS_HEADER: &str =
@@ -481,6 +540,7 @@ pub fn train<B: AutodiffBackend>(
         seed: tc.seed,
         elapsed_secs: 0.0,
         tokenizer: tokenizer.fingerprint(),
+        loss_scale: None,
     };
     let metrics_path = run_dir.join("metrics.csv");
     if resume && let Some(dir) = checkpoint::latest(run_dir)? {
@@ -502,6 +562,11 @@ pub fn train<B: AutodiffBackend>(
         atomic_write(&metrics_path, |f| writeln!(f, "{METRICS_HEADER}"))?;
     }
     let mut model = model.with_compute_dtype(tc.mixed_precision.compute_dtype());
+    if tc.mixed_precision != MixedPrecision::F16 {
+        state.loss_scale = None;
+    } else if state.loss_scale.is_none() {
+        state.loss_scale = Some(LossScale::new(tc.loss_scale));
+    }
     let config_path = run_dir.join("config.toml");
     atomic_write(&config_path, |f| f.write_all(config.to_toml().as_bytes()))?;
 
@@ -535,6 +600,8 @@ pub fn train<B: AutodiffBackend>(
         let lr = learning_rate(state.step, tc.warmup_steps, tc.max_steps, tc.lr, tc.min_lr);
         let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
         let mut loss_sum = 0.0;
+        // The gradients come out multiplied by the loss scale (1 unless f16).
+        let loss_scale = state.loss_scale.map_or(1.0, |s| s.scale);
         for micro in 0..tc.grad_accum {
             let batch =
                 train_split.train_batch(tc.seed, state.step, micro, tc.batch_size, tc.seq_len)?;
@@ -543,15 +610,20 @@ pub fn train<B: AutodiffBackend>(
                 loss_sum += recompute::loss_and_grads(
                     &model,
                     &batch,
-                    scale,
+                    scale * loss_scale,
                     plan,
                     &mut accumulator,
                     device,
-                );
+                ) / loss_scale;
             } else {
                 let (loss, _) = batch_loss(&model, &batch, device);
                 let loss = loss.mul_scalar(scale);
                 loss_sum += loss.clone().into_scalar().elem::<f64>();
+                let loss = if loss_scale == 1.0 {
+                    loss
+                } else {
+                    loss.mul_scalar(loss_scale)
+                };
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 accumulator.accumulate(&model, grads);
             }
@@ -564,23 +636,44 @@ pub fn train<B: AutodiffBackend>(
                 value: loss_sum,
             });
         }
-        let grad_norm = global_grad_norm::<B, _>(&model, &grads);
-        if !grad_norm.is_finite() {
-            return Err(Error::NonFinite {
-                step: state.step + 1,
-                what: "the gradient norm",
-                value: grad_norm,
-            });
-        }
+        let grad_norm = global_grad_norm::<B, _>(&model, &grads) / loss_scale;
+        // Under loss scaling an overflow skips the step (AdamW's step count still advances, so
+        // that it stays the run's step count); elsewhere it ends the run.
+        let apply = match state.loss_scale.as_mut() {
+            // Overflowing at scale 1 is not the scale: the run diverged.
+            Some(scaler) if !grad_norm.is_finite() && scaler.scale <= 1.0 => {
+                return Err(Error::NonFinite {
+                    step: state.step + 1,
+                    what: "the gradient norm at loss scale 1",
+                    value: grad_norm,
+                });
+            }
+            Some(scaler) => scaler.update(grad_norm.is_finite()),
+            None if !grad_norm.is_finite() => {
+                return Err(Error::NonFinite {
+                    step: state.step + 1,
+                    what: "the gradient norm",
+                    value: grad_norm,
+                });
+            }
+            None => true,
+        };
         let scale = if tc.grad_clip > 0.0 && grad_norm > tc.grad_clip {
             tc.grad_clip / grad_norm
         } else {
             1.0
         };
         if state.step + 1 == tc.max_steps {
-            last_grad_squares = grad_squares_by_path::<B, _>(&model, &grads);
+            last_grad_squares = grad_squares_by_path::<B, _>(&model, &grads)
+                .into_iter()
+                .map(|(path, (sum, n))| (path, (sum / (loss_scale * loss_scale), n)))
+                .collect();
         }
-        model = optimizer.step(lr, model, grads, scale);
+        if apply {
+            model = optimizer.step(lr, model, grads, scale / loss_scale);
+        } else {
+            optimizer.skip();
+        }
 
         state.step += 1;
         state.tokens_seen += tokens_per_step;
@@ -659,6 +752,7 @@ pub fn train<B: AutodiffBackend>(
         optimizer_mib: 2.0 * trainable_mib,
         machine: machine_name(),
         peak_device_mib: device_memory.and_then(DeviceMemorySampler::finish),
+        loss_scale: state.loss_scale,
     };
     let mut depth = eval::depth_profile(&model, &val_batches);
     depth.set_gradients(&last_grad_squares);

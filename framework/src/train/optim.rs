@@ -79,6 +79,11 @@ impl<B: Backend> AdamW<B> {
         module.map(&mut mapper)
     }
 
+    /// Counts a step without updating anything (a step skipped for overflowing gradients).
+    pub fn skip(&mut self) {
+        self.steps += 1;
+    }
+
     /// The moments as `<path>.exp_avg` / `<path>.exp_avg_sq` (PyTorch's names).
     pub fn state_tensors(&self) -> BTreeMap<String, HostTensor> {
         let mut out = BTreeMap::new();

@@ -116,14 +116,30 @@ fn bf16_compute_tracks_f32_in_every_variant() {
 }
 
 fn check(name: &str, model: &Llama<B>) {
+    check_in(name, model, FloatDType::BF16, 1e-4, 3e-2, 6e-2);
+    // f16 keeps 11 significant bits (unit roundoff 4.9e-4): bounds an eighth of bf16's.
+    check_in(name, model, FloatDType::F16, 1e-5, 4e-3, 8e-3);
+}
+
+/// `model` computing in `dtype` against itself in f32: the logits move by a share of their
+/// norm within `least..most`, and each parameter's gradient norm by at most `grad_tolerance`.
+fn check_in(
+    name: &str,
+    model: &Llama<B>,
+    dtype: FloatDType,
+    least: f64,
+    most: f64,
+    grad_tolerance: f64,
+) {
+    let name = format!("{name} {dtype:?}");
     let (want, want_grads) = run(model);
-    let mixed = model.clone().with_compute_dtype(Some(FloatDType::BF16));
+    let mixed = model.clone().with_compute_dtype(Some(dtype));
     let (got, got_grads) = run(&mixed);
     let error = relative(&got, &want);
     eprintln!("{name}: ‖Δlogits‖/‖logits‖ = {error:.2e}");
     assert!(
-        (1e-4..3e-2).contains(&error),
-        "{name}: logits moved by {error:.2e} of their norm under bf16 compute"
+        (least..most).contains(&error),
+        "{name}: logits moved by {error:.2e} of their norm"
     );
     // Parameters stay f32; so do their gradients (the optimizer reads them).
     assert_eq!(mixed.blocks[0].mlp.w_up.weight.val().dtype(), DType::F32);
@@ -136,8 +152,8 @@ fn check(name: &str, model: &Llama<B>) {
     for ((path, got), (_, want)) in got_grads.iter().zip(&want_grads) {
         let (g, w) = (got.sqrt(), want.sqrt());
         assert!(
-            (g - w).abs() <= 6e-2 * w + 1e-12,
-            "{name}: ‖∂/∂{path}‖ = {g:.4e} under bf16, {w:.4e} in f32"
+            (g - w).abs() <= grad_tolerance * w + 1e-12,
+            "{name}: ‖∂/∂{path}‖ = {g:.4e} mixed, {w:.4e} in f32"
         );
     }
 }
@@ -222,29 +238,76 @@ fn tail(curve: &[f64]) -> f64 {
     curve[curve.len() - 5..].iter().sum::<f64>() / 5.0
 }
 
-/// 300 steps of a small model on real text: the bf16-compute run's training loss follows the
-/// f32 run of the same seed within the spread between two f32 seeds, and its weights stay f32.
+/// 300 steps of a small model on real text: the bf16- and f16-compute runs' training loss
+/// follows the f32 run of the same seed within the spread between two f32 seeds, and their
+/// weights stay f32.
 #[test]
-fn bf16_mixed_training_follows_the_f32_loss_curve() {
+fn mixed_training_follows_the_f32_loss_curve() {
     let (f32_a, _) = loss_curve("curve", "none", 1);
     let (f32_b, _) = loss_curve("curve", "none", 2);
-    let (mixed_a, model) = loss_curve("curve", "bf16", 1);
-    assert_eq!(model.norm.gamma.val().dtype(), DType::F32);
-    assert_eq!(f32_a.len(), mixed_a.len());
-    for (i, ((a, b), m)) in f32_a.iter().zip(&f32_b).zip(&mixed_a).enumerate() {
-        eprintln!("log {i}: f32 seed 1 {a:.4}, f32 seed 2 {b:.4}, bf16 mixed seed 1 {m:.4}");
-    }
     assert!(
         tail(&f32_a) < f32_a[0] - 1.0,
         "the f32 run learns: {f32_a:?}"
     );
     let seed_spread = (tail(&f32_a) - tail(&f32_b)).abs();
-    let gap = (tail(&f32_a) - tail(&mixed_a)).abs();
+    for mixed in ["bf16", "f16"] {
+        let (mixed_a, model) = loss_curve("curve", mixed, 1);
+        assert_eq!(model.norm.gamma.val().dtype(), DType::F32);
+        assert_eq!(f32_a.len(), mixed_a.len());
+        for (i, ((a, b), m)) in f32_a.iter().zip(&f32_b).zip(&mixed_a).enumerate() {
+            eprintln!("log {i}: f32 seed 1 {a:.4}, f32 seed 2 {b:.4}, {mixed} seed 1 {m:.4}");
+        }
+        let gap = (tail(&f32_a) - tail(&mixed_a)).abs();
+        assert!(
+            gap <= seed_spread.max(0.05),
+            "final training loss: f32 {:.4}, {mixed} {:.4} (seed spread {seed_spread:.4})",
+            tail(&f32_a),
+            tail(&mixed_a)
+        );
+    }
+}
+
+/// An initial loss scale far too large for f16 (2³⁰; f16 ends at 65504): the first steps'
+/// gradients overflow, each is skipped and halves the scale, and once they fit the run trains.
+#[test]
+fn f16_loss_scaling_skips_overflowing_steps_and_recovers() {
+    let mut config = config("overflow", "f16", 1);
+    config.train.loss_scale = 2f64.powi(30);
+    config.train.max_steps = 60;
+    let (losses, _, summary) = common::train_logged(&config, "mixed-overflow");
+    let scaler = summary
+        .loss_scale
+        .expect("f16 runs report their loss scale");
+    eprintln!("{scaler:?}, losses {losses:?}");
     assert!(
-        gap <= seed_spread.max(0.05),
-        "final training loss: f32 {:.4}, bf16 mixed {:.4} (seed spread {seed_spread:.4})",
-        tail(&f32_a),
-        tail(&mixed_a)
+        scaler.skipped_steps >= 5 && scaler.scale < 2f64.powi(25),
+        "{scaler:?}"
+    );
+    assert_eq!(scaler.scale, 2f64.powi(30 - scaler.skipped_steps as i32));
+    assert!(
+        summary.final_train_loss < losses[0] - 0.5,
+        "the run trains after the skips: {losses:?}"
+    );
+}
+
+#[test]
+fn loss_scale_halves_on_overflow_and_doubles_after_a_clean_stretch() {
+    use strata::train::LossScale;
+    let mut scaler = LossScale::new(1024.0);
+    assert!(!scaler.update(false));
+    assert_eq!((scaler.scale, scaler.skipped_steps), (512.0, 1));
+    for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
+        assert!(scaler.update(true));
+    }
+    assert_eq!(scaler.scale, 512.0);
+    assert!(scaler.update(true));
+    assert_eq!((scaler.scale, scaler.good_steps), (1024.0, 0));
+    // An overflow restarts the clean stretch.
+    scaler.update(true);
+    scaler.update(false);
+    assert_eq!(
+        (scaler.scale, scaler.good_steps, scaler.skipped_steps),
+        (512.0, 0, 2)
     );
 }
 

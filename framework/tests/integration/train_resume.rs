@@ -96,6 +96,12 @@ fn resume_is_exact_with_attnres_seq_block_coord3d_and_kv_share() {
         &["model.residual=\"attnres_block\"", "model.attnres_blocks=2"],
     );
     check_resume("resume-full", &["model.residual=\"attnres_full\""]);
+    // f16 compute with a loss scale that overflows the first steps: the scale and the skipped
+    // steps travel in the checkpoint.
+    check_resume(
+        "resume-f16",
+        &["train.mixed_precision=\"f16\"", "train.loss_scale=1048576"],
+    );
     check_resume(
         "resume-seq-block",
         &[
@@ -152,6 +158,10 @@ fn check_resume(tag: &str, overrides: &[&str]) {
     assert_eq!(curve(&straight), curve(&killed));
     assert_eq!(curve(&straight).len(), 1 + 12);
     assert_eq!(summary_a.val_loss, summary_b.val_loss);
+    assert_eq!(summary_a.loss_scale, summary_b.loss_scale);
+    if let Some(scaler) = summary_a.loss_scale {
+        eprintln!("{tag}: {scaler:?}");
+    }
     assert_eq!(
         named_params::<Cpu, _>(&model_a),
         named_params::<Cpu, _>(&model_b)
