@@ -24,13 +24,15 @@ def note(r):
     if r["framework"] == "strata" and "fusion" in r.get("backend", ""):
         return ("features cuda,fusion (Burn's kernel fusion and autotune); first step includes autotuning; "
                 "same precision caveats as the unfused rows")
+    build = ("features cuda,autotune (Burn's matmul autotuning; the first step includes it)"
+             if r.get("autotune") else "no fusion or autotune")
     if r["framework"] == "strata" and r.get("mixed_precision") == "bf16":
         return ("train.mixed_precision = bf16: sub-layers and LM head compute in bf16; parameters, gradients, "
-                "AdamW state, residual stream, norms and loss in f32; no fusion or autotune")
+                f"AdamW state, residual stream, norms and loss in f32; {build}")
     if r["framework"] == "strata":
         return ("parameters, activations and AdamW state all in this dtype; "
                 "attention: the nn::fused op (before commit c69d513: composed ops keeping the n x n scores); "
-                "no fusion or autotune")
+                f"{build}")
     return "autocast bf16, f32 master weights" if r.get("dtype") == "bf16" else "f32, tf32 off"
 
 
@@ -49,6 +51,8 @@ for r in rows:
         continue
     if r["framework"] == "strata":
         variant, dtype = r.get("backend", "cuda"), r.get("backend", "cuda-f32").split("-")[-1]
+        if r.get("autotune") and "fusion" not in variant:
+            variant += "+autotune"
         if r.get("mixed_precision") == "bf16":
             variant, dtype = variant + "+mixed-bf16", "bf16"
     else:

@@ -17,7 +17,8 @@ for r in rows:
     if not p:
         continue
     if r["framework"] == "strata":
-        variant = r["backend"] + ("+mixed-bf16" if r.get("mixed_precision") == "bf16" else "")
+        variant = (r["backend"] + ("+autotune" if r.get("autotune") else "")
+                   + ("+mixed-bf16" if r.get("mixed_precision") == "bf16" else ""))
     else:
         variant = ("compile" if r.get("compile") else "eager") + "+" + r.get("attention", "sdpa") + "-" + r["dtype"]
     fwd_bwd = p["forward_secs"] + p["backward_secs"]

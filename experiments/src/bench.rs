@@ -174,6 +174,8 @@ fn run_with<B: AutodiffBackend>(
         serde_json::json!({
             "framework": "strata",
             "backend": args.backend.label(),
+            // Burn's matmul autotuning (the `autotune` and `fusion` features).
+            "autotune": cfg!(feature = "autotune"),
             "params": config.model.num_params(),
             "batch_size": tc.batch_size,
             "seq_len": tc.seq_len,
