@@ -37,7 +37,7 @@ run() {
 run "$PLAIN_BIN" --dtype bf16
 run "$TUNE_BIN" --dtype bf16
 run "$TUNE_BIN" --dtype f32 --set 'train.mixed_precision="bf16"'
-run "$TUNE_BIN" --dtype f32
+[ -n "${SKIP_F32:-}" ] || run "$TUNE_BIN" --dtype f32
 python3 benches/gpu_table.py "$raw" "$results/gpu.txt" "$config" > "$results/train_gpu_autotune.csv"
 python3 benches/profile_table.py "$raw" > "$results/train_gpu_autotune_profile.csv"
 cat "$results/train_gpu_autotune.csv" "$results/train_gpu_autotune_profile.csv"
