@@ -32,7 +32,7 @@ timeout 120 python3 scripts/reference/train_torch.py "$config" --bench --device 
 run() {
   bin=$1; shift
   timeout "${STRATA_TIMEOUT:-200}" "$bin" bench-train "$config" --backend cuda --warmup 2 --steps 8 --profile "$@" >> "$raw" \
-    || echo "{\"framework\": \"strata\", \"backend\": \"cuda $*\", \"failed\": \"exit $? (timeout or error)\"}" >> "$raw"
+    || echo "{\"framework\": \"strata\", \"backend\": \"cuda ${*//\"/}\", \"failed\": \"exit $? (timeout or error)\"}" >> "$raw"
 }
 run "$PLAIN_BIN" --dtype bf16
 run "$TUNE_BIN" --dtype bf16

@@ -51,7 +51,7 @@ fi
 # f32; f32 parameters with bf16 compute (train.mixed_precision); everything in bf16.
 strata_run() {
   timeout "${STRATA_TIMEOUT:-240}" "$bin" bench-train "$config" --backend cuda --warmup 2 --steps 8 --profile "$@" >> "$raw" \
-    || echo "{\"framework\": \"strata\", \"backend\": \"cuda $*\", \"failed\": \"exit $? (timeout or error)\"}" >> "$raw"
+    || echo "{\"framework\": \"strata\", \"backend\": \"cuda ${*//\"/}\", \"failed\": \"exit $? (timeout or error)\"}" >> "$raw"
 }
 if [ "$part" != pytorch ]; then
   strata_run --dtype f32
