@@ -38,20 +38,21 @@ pub struct Phases<B: Backend> {
 impl<B: Backend> Phases<B> {
     /// Rotates `x: [batch, seq, heads, head_dim]`.
     pub fn rotate(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let (cos, sin) = (self.cos.clone(), self.sin.clone());
-        // Mixed precision: the tables meet the activations in their (compute) type.
+        // Mixed precision: the tables meet the activations in their (compute) type, through
+        // the tensor ops; the fused op takes tables and activations of one type.
         let dtype = x.dtype();
-        if cos.dtype() != dtype {
-            let rotate_half = cast_to(self.rotate_half.clone(), dtype);
-            let rotated = x.clone().matmul(rotate_half.unsqueeze::<4>());
-            return x * cast_to(cos, dtype) + rotated * cast_to(sin, dtype);
-        }
-        let x = match super::fused::rope::rotate_trained(x, cos, sin) {
-            Ok(out) => return out,
-            Err((x, _, _)) => x,
+        let x = if self.cos.dtype() == dtype {
+            let (cos, sin) = (self.cos.clone(), self.sin.clone());
+            match super::fused::rope::rotate_trained(x, cos, sin) {
+                Ok(out) => return out,
+                Err((x, _, _)) => x,
+            }
+        } else {
+            x
         };
-        let rotated = x.clone().matmul(self.rotate_half.clone().unsqueeze::<4>());
-        x * self.cos.clone() + rotated * self.sin.clone()
+        let rotate_half = cast_to(self.rotate_half.clone(), dtype);
+        let rotated = x.clone().matmul(rotate_half.unsqueeze::<4>());
+        x * cast_to(self.cos.clone(), dtype) + rotated * cast_to(self.sin.clone(), dtype)
     }
 }
 

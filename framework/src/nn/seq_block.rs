@@ -39,8 +39,7 @@ pub fn seq_block_attention<B: Backend>(
     // list with `window` empty blocks in front lets every block take the same slice shape.
     let summarize = |x: Tensor<B, 5>| {
         let means: Tensor<B, 4> = x.mean_dim(3).squeeze_dim(3);
-        let front =
-            Tensor::<B, 4>::zeros([batch, heads, window, head_dim], &device).cast(means.dtype());
+        let front = Tensor::zeros([batch, heads, window, head_dim], (&device, means.dtype()));
         let padded = Tensor::cat(vec![front, means], 2);
         let slots: Vec<Tensor<B, 4>> = (0..window)
             .map(|s| {
@@ -80,8 +79,10 @@ pub(crate) fn into_blocks<B: Backend>(x: Tensor<B, 4>, block_len: usize) -> Tens
     if padded == seq {
         return x;
     }
-    let zeros =
-        Tensor::<B, 4>::zeros([batch, heads, padded - seq, head_dim], &x.device()).cast(x.dtype());
+    let zeros = Tensor::zeros(
+        [batch, heads, padded - seq, head_dim],
+        (&x.device(), x.dtype()),
+    );
     Tensor::cat(vec![x, zeros], 2)
 }
 
