@@ -6,11 +6,7 @@ use crate::common;
 
 use std::path::Path;
 
-use burn::backend::Autodiff;
-use strata::backend::Cpu;
 use strata::config::ExperimentConfig;
-use strata::tokenizer::ByteTokenizer;
-use strata::train::{Event, train};
 
 const MODES: [&str; 4] = ["standard", "block", "full", "rescaled"];
 
@@ -36,24 +32,8 @@ fn tiny_comparison_starts_equal_and_trains_in_every_mode() {
             ],
         )
         .unwrap();
-        let dir =
-            std::env::temp_dir().join(format!("strata-attnres-{mode}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut losses = Vec::new();
-        let (_, summary) = train::<Autodiff<Cpu>>(
-            &config,
-            &ByteTokenizer,
-            &dir,
-            false,
-            "flex",
-            &Default::default(),
-            &mut |event| {
-                if let Event::Step(m) = event {
-                    losses.push(m.train_loss);
-                }
-            },
-        )
-        .unwrap();
+        let dir = common::run_dir(&format!("attnres-{mode}"));
+        let (losses, _, summary) = common::train_in(&config, &dir);
         let first = losses[0];
         assert!(
             summary.val_loss.is_finite() && summary.val_loss < first - 1.0,

@@ -109,13 +109,26 @@ pub fn assert_close(names: &[&str], got: &[Vec<f32>], want: &[Vec<f32>], tol: f3
 /// after `name` (removed afterwards): the training loss of every logged step, the trained
 /// model and the run's summary.
 pub fn train_logged(config: &ExperimentConfig, name: &str) -> (Vec<f64>, Llama<Cpu>, TrainSummary) {
+    let dir = run_dir(name);
+    let run = train_in(config, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    run
+}
+
+/// A fresh (emptied) run directory for `name`, unique to this process.
+pub fn run_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("strata-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// [`train_logged`] in `dir`, which is left for the caller to inspect.
+pub fn train_in(config: &ExperimentConfig, dir: &Path) -> (Vec<f64>, Llama<Cpu>, TrainSummary) {
     let mut losses = Vec::new();
     let (model, summary) = train::<Autodiff<Cpu>>(
         config,
         &ByteTokenizer,
-        &dir,
+        dir,
         false,
         "flex",
         &Default::default(),
@@ -126,6 +139,5 @@ pub fn train_logged(config: &ExperimentConfig, name: &str) -> (Vec<f64>, Llama<C
         },
     )
     .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     (losses, model, summary)
 }
