@@ -16,18 +16,7 @@ export LD_LIBRARY_PATH=$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}
 raw="$results/train_gpu_autotune.jsonl"
 : > "$raw"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$results/gpu.txt"
-python3 - <<'PY' >> "$raw"
-import json, torch
-def rate(dtype, n=8192, reps=10):
-    a = torch.randn(n, n, device="cuda", dtype=dtype); b = torch.randn(n, n, device="cuda", dtype=dtype)
-    for _ in range(3): a @ b
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps): a @ b
-    e.record(); torch.cuda.synchronize()
-    return 2 * n**3 * reps / (s.elapsed_time(e) / 1e3)
-print(json.dumps({"framework": "ceiling", "bf16_flops": rate(torch.bfloat16)}))
-PY
+python3 benches/matmul_ceiling.py >> "$raw"
 timeout 120 python3 scripts/reference/train_torch.py "$config" --bench --device cuda --warmup 3 --steps 10 --dtype bf16 >> "$raw"
 run() {
   bin=$1; shift

@@ -24,19 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 
 if [ "$part" != strata ]; then
 # The measured ceiling that MFU is quoted against: a large bf16 (and tf32) matrix product.
-python3 - <<'PY' >> "$raw"
-import json, torch
-def rate(dtype, n=8192, reps=10):
-    a = torch.randn(n, n, device="cuda", dtype=dtype); b = torch.randn(n, n, device="cuda", dtype=dtype)
-    for _ in range(3): a @ b
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps): a @ b
-    e.record(); torch.cuda.synchronize()
-    return 2 * n**3 * reps / (s.elapsed_time(e) / 1e3)
-torch.backends.cuda.matmul.allow_tf32 = True
-print(json.dumps({"framework": "ceiling", "bf16_flops": rate(torch.bfloat16), "tf32_flops": rate(torch.float32)}))
-PY
+python3 benches/matmul_ceiling.py >> "$raw"
 
 torch_run() {
   timeout 300 python3 scripts/reference/train_torch.py "$config" --bench --device cuda --warmup 3 --steps 10 "$@" >> "$raw" \
