@@ -73,7 +73,7 @@ fn run_with<B: AutodiffBackend>(
             ..Default::default()
         })?;
     }
-    let mut model = model.with_compute_dtype(tc.mixed_precision.compute_dtype());
+    model = model.with_compute_dtype(tc.mixed_precision.compute_dtype());
     let mut optim = AdamW::<B::InnerBackend>::new(tc.adamw());
     let mut rng = StdRng::seed_from_u64(tc.seed);
     let n = tc.batch_size * tc.seq_len;

@@ -561,7 +561,7 @@ pub fn train<B: AutodiffBackend>(
     } else {
         atomic_write(&metrics_path, |f| writeln!(f, "{METRICS_HEADER}"))?;
     }
-    let mut model = model.with_compute_dtype(tc.mixed_precision.compute_dtype());
+    model = model.with_compute_dtype(tc.mixed_precision.compute_dtype());
     if tc.mixed_precision != MixedPrecision::F16 {
         state.loss_scale = None;
     } else if state.loss_scale.is_none() {
