@@ -176,6 +176,8 @@ fn run_with<B: AutodiffBackend>(
             "backend": args.backend.label(),
             // Burn's matmul autotuning (the `autotune` and `fusion` features).
             "autotune": cfg!(feature = "autotune"),
+            // The linear layers' matmul kernel on GPU backends (`STRATA_MATMUL`).
+            "matmul_kernel": matmul_kernel(),
             "params": config.model.num_params(),
             "batch_size": tc.batch_size,
             "seq_len": tc.seq_len,
@@ -197,6 +199,14 @@ fn run_with<B: AutodiffBackend>(
         })
     );
     Ok(())
+}
+
+/// The chosen matmul kernel of the GPU backends (`STRATA_MATMUL`), `None` in a CPU-only build.
+fn matmul_kernel() -> Option<&'static str> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    return strata::nn::fused::kernel::matmul_kernel().ok();
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    None
 }
 
 pub fn median(values: &mut [f64]) -> f64 {
@@ -237,8 +247,38 @@ fn projection_gemms<B: burn::tensor::backend::Backend>(
     device: &B::Device,
 ) -> Vec<Gemm> {
     use burn::tensor::{Distribution, Tensor};
-    let m = &config.model;
+    use strata::nn::fused::linear::{linear, matmul_rows};
     let rows = config.train.batch_size * config.train.seq_len;
+    let time = |f: &dyn Fn()| time_alone::<B>(device, 10, f);
+    let random = |shape: [usize; 2]| {
+        Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
+    };
+    // Through the functions the layers call, so a chosen GPU matmul kernel is timed too.
+    projection_shapes(config)
+        .into_iter()
+        .map(|(d_in, d_out, count)| {
+            let (x, w, dy) = (
+                random([rows, d_in]),
+                random([d_in, d_out]),
+                random([rows, d_out]),
+            );
+            Gemm {
+                rows,
+                d_in,
+                d_out,
+                count,
+                forward_secs: time(&|| drop(linear(x.clone(), w.clone()))),
+                grad_input_secs: time(&|| drop(matmul_rows(dy.clone(), w.clone().transpose()))),
+                grad_weight_secs: time(&|| drop(matmul_rows(x.clone().transpose(), dy.clone()))),
+            }
+        })
+        .collect()
+}
+
+/// The projection shapes `(d_in, d_out, count)` of a model's training step: attention's q, k,
+/// v, o, the MLP's gate, up, down and the LM head, equal shapes merged.
+pub(crate) fn projection_shapes(config: &ExperimentConfig) -> Vec<(usize, usize, usize)> {
+    let m = &config.model;
     let (d, q, kv, f, layers) = (
         m.d_model,
         m.n_heads * m.head_dim(),
@@ -262,30 +302,8 @@ fn projection_gemms<B: burn::tensor::backend::Backend>(
             None => merged.push((d_in, d_out, count)),
         }
     }
-    let time = |f: &dyn Fn()| time_alone::<B>(device, 10, f);
-    let random = |shape: [usize; 2]| {
-        Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
-    };
+    merged.retain(|s| s.2 > 0);
     merged
-        .into_iter()
-        .filter(|s| s.2 > 0)
-        .map(|(d_in, d_out, count)| {
-            let (x, w, dy) = (
-                random([rows, d_in]),
-                random([d_in, d_out]),
-                random([rows, d_out]),
-            );
-            Gemm {
-                rows,
-                d_in,
-                d_out,
-                count,
-                forward_secs: time(&|| drop(x.clone().matmul(w.clone()))),
-                grad_input_secs: time(&|| drop(dy.clone().matmul(w.clone().transpose()))),
-                grad_weight_secs: time(&|| drop(x.clone().transpose().matmul(dy.clone()))),
-            }
-        })
-        .collect()
 }
 
 /// Dense causal attention's forward and backward (the op the model trains with) at one step's
@@ -322,7 +340,7 @@ fn attention_secs<B: AutodiffBackend>(
 
 /// The median time of `repeats` runs of `f` after two warm-up runs, each waiting for the
 /// device to finish.
-fn time_alone<B: burn::tensor::backend::Backend>(
+pub(crate) fn time_alone<B: burn::tensor::backend::Backend>(
     device: &B::Device,
     repeats: usize,
     f: &dyn Fn(),

@@ -5,6 +5,7 @@ mod bench;
 mod bench_attention;
 mod bench_decode;
 mod bench_gguf;
+mod bench_matmul;
 mod bench_suite;
 mod eval;
 mod export;
@@ -75,11 +76,18 @@ enum Command {
     BenchDecode(bench_decode::Args),
     /// Prefill and decode tokens/s of the block engine on llama GGUF files, as CSV.
     BenchGguf(bench_gguf::Args),
+    /// Each GPU matmul kernel timed on a config's training-step products, as JSON lines.
+    BenchMatmul(bench_matmul::Args),
 }
 
 fn main() {
     keep_freed_buffers();
     let cli = Cli::parse();
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if let Err(err) = strata::nn::fused::kernel::matmul_kernel() {
+        eprintln!("error: {err}");
+        std::process::exit(2);
+    }
     let result = match cli.command {
         Command::Train(args) => train::run(args),
         Command::Finetune(args) => finetune::run(args),
@@ -91,6 +99,7 @@ fn main() {
         Command::BenchTrain(args) => bench::run(args),
         Command::BenchDecode(args) => bench_decode::run(args),
         Command::BenchGguf(args) => bench_gguf::run(args),
+        Command::BenchMatmul(args) => bench_matmul::run(args),
         Command::Report(args) => report::run(args),
         Command::Sweep(args) => sweep::run(args),
         Command::Export(args) => export::run(args),

@@ -4,6 +4,8 @@
 //! - [`attention`]: flash attention, forward and backward, causal, with an optional block
 //!   multi-scale (BMS) pattern that skips whole key tiles: the trainable attention of the
 //!   `dense` and `coord3d` attention kinds on the GPU backends.
+//! - [`matmul`]: matrix products through one named kernel of CubeCL's matmul library, for the
+//!   linear layers on the GPU backends.
 //!
 //! The kernels take and return Burn's GPU tensors ([`CubeTensor`]); the backend types below
 //! are the ones they run on. The crate is empty without its `wgpu` or `cuda` feature (`strata`'s
@@ -11,6 +13,11 @@
 
 #[cfg(feature = "gpu")]
 pub mod attention;
+#[cfg(feature = "gpu")]
+pub mod matmul;
+
+#[cfg(feature = "gpu")]
+pub use cubek;
 
 #[cfg(feature = "gpu")]
 pub use burn_cubecl::{

@@ -680,7 +680,7 @@ impl<B: Backend> Llama<B> {
                 let [batch, seq, d] = x.dims();
                 let rows = x.reshape([batch * seq, d]);
                 let weight = cast_to(self.embed.weight.val(), rows.dtype());
-                let logits = rows.matmul(weight.transpose());
+                let logits = crate::nn::fused::linear::matmul_rows(rows, weight.transpose());
                 logits.reshape([batch as i64, seq as i64, -1])
             }
         };

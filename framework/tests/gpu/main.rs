@@ -8,5 +8,6 @@ mod common;
 
 mod flash;
 mod fused;
+mod matmul;
 #[cfg(feature = "wgpu")]
 mod wgpu_parity;

@@ -11,10 +11,15 @@
 //! cores and fit their registers, they are for runs whose scores do not fit in memory.
 
 use std::any::TypeId;
+use std::sync::Mutex;
 
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 use strata_kernels::attention::{self as flash, MAX_HEAD_DIM};
+use strata_kernels::cubek::matmul::launch::Strategy;
+use strata_kernels::matmul as cube_matmul;
+
+pub use strata_kernels::matmul::KERNELS as MATMUL_KERNELS;
 use strata_kernels::{BoolElement, CubeBackend, CubeRuntime, CubeTensor, FloatElement, IntElement};
 
 pub use strata_kernels::attention::Pattern;
@@ -182,4 +187,104 @@ pub fn backward<B: Backend>(
         pattern,
     })
     .expect("called where `applies` holds")
+}
+
+/// The environment variable that names the matmul kernel of the linear layers on the GPU
+/// backends (see [`matmul_kernel`]).
+pub const MATMUL_VAR: &str = "STRATA_MATMUL";
+
+/// The kernel the linear layers' products use on the GPU backends when [`MATMUL_VAR`] is unset.
+pub const DEFAULT_MATMUL: &str = "burn";
+
+/// The matmul kernel [`MATMUL_VAR`] names, one of `strata_kernels::matmul::KERNELS`, or
+/// [`DEFAULT_MATMUL`]; an error naming the variable and the kernels when it names none of them.
+pub fn matmul_kernel() -> Result<&'static str, String> {
+    let Ok(name) = std::env::var(MATMUL_VAR) else {
+        return Ok(DEFAULT_MATMUL);
+    };
+    cube_matmul::KERNELS
+        .iter()
+        .find(|kernel| **kernel == name)
+        .copied()
+        .ok_or_else(|| {
+            format!(
+                "{MATMUL_VAR}={name:?}: not a matmul kernel; expected one of {}",
+                cube_matmul::KERNELS.join(", ")
+            )
+        })
+}
+
+/// The cubek strategy of the chosen kernel; `None` for `burn` (Burn's own product, which the
+/// tensor ops already call) or an unknown name (the CLI reports it at start). Read at each
+/// product: a lookup beside a kernel launch, and tests can switch kernels.
+fn matmul_strategy() -> Option<Strategy> {
+    match matmul_kernel() {
+        Ok("burn") | Err(_) => None,
+        Ok(name) => cube_matmul::strategy(name),
+    }
+}
+
+/// Whether the linear layers of backend `B` take [`matmul`]: `B` is a GPU backend and a
+/// kernel other than Burn's is chosen.
+pub fn matmul_chosen<B: Backend>() -> bool {
+    matmul_strategy().is_some() && kernel_backend::<B>()
+}
+
+struct Product<B: Backend>(Tensor<B, 2>, Tensor<B, 2>, Strategy);
+
+impl<B: Backend> CubeOp for Product<B> {
+    type Output = Tensor<B, 2>;
+    fn run<C: OnCube>(self) -> Tensor<B, 2> {
+        let Product(a, b, strategy) = self;
+        let (lhs, rhs) = (cube::<C, B, 2>(a.clone()), cube::<C, B, 2>(b.clone()));
+        match cube_matmul::matmul(lhs, rhs, &strategy) {
+            Ok(product) => burn::<C, B, 2>(product),
+            Err(reason) => {
+                warn_fallback(a.dims(), b.dims(), &reason);
+                a.matmul(b)
+            }
+        }
+    }
+}
+
+/// Says once per product shape that the chosen kernel cannot run it, so that a benchmark does
+/// not silently time Burn's product instead.
+fn warn_fallback(a: [usize; 2], b: [usize; 2], reason: &str) {
+    static SEEN: Mutex<Vec<([usize; 2], [usize; 2])>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.contains(&(a, b)) {
+        seen.push((a, b));
+        let name = matmul_kernel().unwrap_or(DEFAULT_MATMUL);
+        eprintln!("warning: matmul kernel {name} cannot run {a:?}·{b:?} ({reason}); using Burn's");
+    }
+}
+
+/// `a·b` (`[m, k]·[k, n]`; either may be a transposed view) through the chosen kernel; call only
+/// where [`matmul_chosen`] holds. A product the kernel cannot run takes Burn's.
+pub fn matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    let strategy = matmul_strategy().expect("called where `matmul_chosen` holds");
+    run_on_cube::<B, _>(Product(a, b, strategy)).expect("called where `matmul_chosen` holds")
+}
+
+struct NamedProduct<B: Backend>(Tensor<B, 2>, Tensor<B, 2>, Strategy);
+
+impl<B: Backend> CubeOp for NamedProduct<B> {
+    type Output = Result<Tensor<B, 2>, String>;
+    fn run<C: OnCube>(self) -> Self::Output {
+        let NamedProduct(a, b, strategy) = self;
+        cube_matmul::matmul(cube::<C, B, 2>(a), cube::<C, B, 2>(b), &strategy).map(burn::<C, B, 2>)
+    }
+}
+
+/// `a·b` through the kernel `name` of `strata_kernels::matmul::KERNELS`, without a fallback: an
+/// error when `B` is not a GPU backend, the name is unknown or the kernel cannot run the product.
+/// For `strata bench-matmul`.
+pub fn matmul_with<B: Backend>(
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    name: &str,
+) -> Result<Tensor<B, 2>, String> {
+    let strategy = cube_matmul::strategy(name).ok_or_else(|| format!("no matmul kernel {name}"))?;
+    run_on_cube::<B, _>(NamedProduct(a, b, strategy))
+        .unwrap_or_else(|| Err("not a GPU backend".into()))
 }

@@ -1,0 +1,131 @@
+//! The GPU matmul kernels the linear layers can take (`STRATA_MATMUL`): every kernel that runs on
+//! the device against a naive f64 product on the host, in the three layouts a training step
+//! hands them (`x·W`, `dY·Wᵀ` and `Xᵀ·dY`, the transposes as strided views); then the linear op
+//! under autodiff, through a chosen kernel, against Burn's composed ops on the CPU.
+//!
+//! Tolerances, of the largest entry: 1e-4 for kernels that multiply in f32 (they sum in other
+//! orders than the reference; differences here are ~1e-6); 1e-2 for tensor-core kernels, which
+//! may round f32 inputs to TF32's 10-bit mantissa (relative error 2^-11 per input) and whose
+//! sums of 48 such products stay well inside 1e-2.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use strata::backend::Cpu;
+use strata::nn::fused::kernel::{MATMUL_KERNELS, MATMUL_VAR, matmul_chosen, matmul_with};
+use strata::nn::fused::linear::{linear, matmul_rows};
+
+use crate::common::{assert_close, random, values};
+
+/// `a·b` for row-major `a: [m, k]`, `b: [k, n]`, summed in f64.
+fn naive(a: &[f32], b: &[f32], [m, k, n]: [usize; 3]) -> Vec<f32> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let sum: f64 = (0..k)
+                .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
+                .sum();
+            out[i * n + j] = sum as f32;
+        }
+    }
+    out
+}
+
+fn tolerance(kernel: &str) -> f32 {
+    if kernel.ends_with("unit") { 1e-4 } else { 1e-2 }
+}
+
+/// Every kernel in the three layouts; returns the kernels that ran all three. Sizes that are
+/// not multiples of the kernels' tiles check their edge handling.
+fn kernels_match_a_naive_product<B: Backend>() -> Vec<&'static str> {
+    let [m, k, n] = [70, 48, 36];
+    let (a, b) = (random::<B, 2>(11, [m, k]), random::<B, 2>(12, [k, n]));
+    let want = naive(&values(a.clone()), &values(b.clone()), [m, k, n]);
+    // The same products with an operand stored transposed and handed over as a view.
+    let a_t = Tensor::<B, 2>::from_data(a.clone().transpose().into_data(), &Default::default());
+    let b_t = Tensor::<B, 2>::from_data(b.clone().transpose().into_data(), &Default::default());
+    let layouts = [
+        ("x·W", a.clone(), b.clone()),
+        ("dY·Wᵀ", a.clone(), b_t.transpose()),
+        ("Xᵀ·dY", a_t.transpose(), b.clone()),
+    ];
+    let mut ran = Vec::new();
+    for kernel in MATMUL_KERNELS {
+        let mut all = true;
+        for (layout, a, b) in &layouts {
+            let product = catch_unwind(AssertUnwindSafe(|| {
+                matmul_with(a.clone(), b.clone(), kernel)
+            }));
+            match product {
+                Ok(Ok(got)) => assert_close(
+                    &[&format!("{kernel} {layout}")],
+                    &[values(got)],
+                    std::slice::from_ref(&want),
+                    tolerance(kernel),
+                ),
+                // Refused (no tensor cores, a tile that does not fit): the caller falls back.
+                _ => all = false,
+            }
+        }
+        if all {
+            ran.push(*kernel);
+        }
+    }
+    ran
+}
+
+/// `y = x·W` and the tied head's `h·Eᵀ` with their gradients, under autodiff.
+fn linear_step<G: AutodiffBackend>() -> Vec<Vec<f32>> {
+    let x = random::<G, 2>(21, [33, 24]).require_grad();
+    let w = random::<G, 2>(22, [24, 40]).require_grad();
+    let e = random::<G, 2>(23, [50, 40]).require_grad();
+    let h = linear(x.clone(), w.clone());
+    let logits = matmul_rows(h.clone(), e.clone().transpose());
+    let loss = (logits.clone() * random::<G, 2>(24, [33, 50])).sum();
+    let grads = loss.backward();
+    let mut all = vec![values(h), values(logits)];
+    all.extend([x, w, e].map(|t| values(t.grad(&grads).expect("a gradient"))));
+    all
+}
+
+fn linear_through<G: AutodiffBackend>(kernel: &str) {
+    // SAFETY: tests run one at a time (.cargo/config.toml sets RUST_TEST_THREADS=1), so no
+    // other thread reads the environment meanwhile.
+    unsafe { std::env::set_var(MATMUL_VAR, kernel) };
+    assert!(matmul_chosen::<G::InnerBackend>());
+    let got = linear_step::<G>();
+    // SAFETY: as above.
+    unsafe { std::env::remove_var(MATMUL_VAR) };
+    let want = linear_step::<Autodiff<Cpu>>();
+    let names = ["y", "logits", "dx", "dW", "dE"];
+    assert_close(&names, &got, &want, tolerance(kernel));
+}
+
+/// Mesa's software Vulkan has no cooperative-matrix (tensor-core) instructions: the unit
+/// kernels and Burn's default run.
+#[cfg(feature = "wgpu")]
+#[test]
+fn matmul_kernels_on_wgpu_match_a_naive_product() {
+    use strata::backend::Wgpu;
+    let ran = kernels_match_a_naive_product::<Wgpu>();
+    for kernel in ["burn", "simple_unit", "double_unit"] {
+        assert!(ran.contains(&kernel), "{kernel} did not run; ran {ran:?}");
+    }
+    linear_through::<Autodiff<Wgpu>>("simple_unit");
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn matmul_kernels_on_cuda_match_a_naive_product() {
+    use strata::backend::Cuda;
+    let ran = kernels_match_a_naive_product::<Cuda>();
+    eprintln!("kernels that ran: {ran:?}");
+    for kernel in ["burn", "simple_unit", "simple_cyclic_cmma"] {
+        assert!(ran.contains(&kernel), "{kernel} did not run; ran {ran:?}");
+    }
+    for kernel in ran {
+        linear_through::<Autodiff<Cuda>>(kernel);
+    }
+}

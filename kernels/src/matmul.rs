@@ -1,0 +1,138 @@
+//! Matrix products of Burn's GPU tensors through one chosen kernel of cubek-matmul, CubeCL's
+//! matmul library (the one Burn's GPU backends call).
+//!
+//! Without its `autotune` feature Burn launches cubek's `Auto` strategy for every product: the
+//! simple cyclic tensor-core kernel with default tiles. On an H100 that ran a GPT-2-small
+//! training step's products at 34 TFLOP/s in bf16, about as fast as in f32, where cuBLAS ran
+//! them at 464 (benches/results/gpu_notes.md, entry 3). The `autotune` feature tries a set of
+//! kernels per product shape on first use instead, which takes minutes per model. Here the
+//! caller names the kernel: [`KERNELS`] lists the tensor-core ones Burn's autotuner tries, by a
+//! short name, and `strata bench-matmul` times each of them on a model's products.
+
+use burn_backend::{DType, Shape, TensorMetadata};
+use burn_cubecl::CubeRuntime;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubek::matmul::components::tile::TileMatmulKind;
+use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+use cubek::matmul::launch::{Strategy, launch_ref};
+use cubek::matmul::routines::BlueprintStrategy;
+use cubek::matmul::routines::double_buffering::DoubleBufferingArgs;
+use cubek::matmul::routines::ordered_double_buffering::OrderedSelectionArgs;
+use cubek::matmul::routines::simple::SimpleArgs;
+use cubek::std::InputBinding;
+
+/// The kernels by name, in the order `strata bench-matmul` tries them. `cmma` kernels use the
+/// portable warp-matrix instructions, `mma` ones the PTX `mma` instructions; `tma` ones load
+/// tiles with the Hopper tensor-memory accelerator; `double` ones double-buffer shared memory;
+/// `specialized` ones give loading and computing to different warps; the `unit` ones use no
+/// tensor cores (each unit computes its own small tile), and run where those are missing.
+pub const KERNELS: &[&str] = &[
+    "burn",
+    "simple_cyclic_cmma",
+    "simple_cyclic_mma",
+    "simple_cyclic_mma_multi_rows",
+    "ordered_double_cmma",
+    "ordered_double_mma",
+    "ordered_double_mma_8_rows",
+    "double_cyclic_cmma",
+    "double_cyclic_mma",
+    "double_cyclic_mma_specialized",
+    "specialized_cyclic_cmma",
+    "specialized_cyclic_mma",
+    "simple_tma_cmma",
+    "simple_tma_mma",
+    "simple_tma_mma_multi_rows",
+    "double_tma_mma",
+    "specialized_tma_cmma",
+    "specialized_tma_mma",
+    "simple_unit",
+    "double_unit",
+];
+
+/// The cubek strategy of a kernel of [`KERNELS`] (`burn`: Burn's default, `Auto`).
+pub fn strategy(name: &str) -> Option<Strategy> {
+    use BlueprintStrategy::Inferred;
+    use TileMatmulKind::{Cmma, Mma};
+    let simple = |tile_matmul, multi_rows| SimpleArgs {
+        tile_matmul,
+        multi_rows,
+    };
+    let double = |tile_matmul, specialized| DoubleBufferingArgs {
+        tile_matmul,
+        specialized,
+    };
+    let ordered = |tile_matmul, row_count| OrderedSelectionArgs {
+        tile_matmul,
+        partition_k: Some(2),
+        row_count: Some(row_count),
+        rows_per_plane: Some(2),
+    };
+    Some(match name {
+        "burn" => Strategy::Auto,
+        "simple_cyclic_cmma" => Strategy::SimpleCyclicCmma(Inferred(simple(Cmma, false))),
+        "simple_cyclic_mma" => Strategy::SimpleCyclicMma(Inferred(simple(Mma, false))),
+        "simple_cyclic_mma_multi_rows" => Strategy::SimpleCyclicMma(Inferred(simple(Mma, true))),
+        "ordered_double_cmma" => Strategy::OrderedDoubleCmma(Inferred(ordered(Cmma, 4))),
+        "ordered_double_mma" => Strategy::OrderedDoubleMma(Inferred(ordered(Mma, 4))),
+        "ordered_double_mma_8_rows" => Strategy::OrderedDoubleMma(Inferred(ordered(Mma, 8))),
+        "double_cyclic_cmma" => Strategy::DoubleCyclicCmma(Inferred(double(Cmma, false))),
+        "double_cyclic_mma" => Strategy::DoubleCyclicMma(Inferred(double(Mma, false))),
+        "double_cyclic_mma_specialized" => Strategy::DoubleCyclicMma(Inferred(double(Mma, true))),
+        "specialized_cyclic_cmma" => Strategy::SpecializedCyclicCmma(Inferred(().into())),
+        "specialized_cyclic_mma" => Strategy::SpecializedCyclicMma(Inferred(().into())),
+        "simple_tma_cmma" => Strategy::SimpleTmaCmma(Inferred(simple(Cmma, false))),
+        "simple_tma_mma" => Strategy::SimpleTmaMma(Inferred(simple(Mma, false))),
+        "simple_tma_mma_multi_rows" => Strategy::SimpleTmaMma(Inferred(simple(Mma, true))),
+        "double_tma_mma" => Strategy::DoubleTmaMma(Inferred(double(Mma, false))),
+        "specialized_tma_cmma" => Strategy::SpecializedTmaCmma(Inferred(().into())),
+        "specialized_tma_mma" => Strategy::SpecializedTmaMma(Inferred(().into())),
+        "simple_unit" => Strategy::SimpleUnit(Inferred(Default::default())),
+        "double_unit" => Strategy::DoubleUnit(Inferred(Default::default())),
+        _ => return None,
+    })
+}
+
+/// `lhs · rhs` for `lhs: [m, k]` and `rhs: [k, n]` (either may be a transposed view: the
+/// kernels read operands through their strides), into a new `[m, n]` tensor of `lhs`'s type,
+/// accumulated in f32. An error when the kernel cannot run this product (a tile shape that does
+/// not divide it, an instruction the device lacks): the caller falls back to another kernel.
+pub fn matmul<R: CubeRuntime>(
+    lhs: CubeTensor<R>,
+    rhs: CubeTensor<R>,
+    strategy: &Strategy,
+) -> Result<CubeTensor<R>, String> {
+    let [m, k] = lhs.shape().dims::<2>();
+    let [k_rhs, n] = rhs.shape().dims::<2>();
+    if k != k_rhs {
+        return Err(format!(
+            "matmul: [{m}, {k}] · [{k_rhs}, {n}]: inner sizes differ"
+        ));
+    }
+    let dtype: DType = lhs.dtype;
+    if rhs.dtype != dtype {
+        return Err(format!("matmul: {dtype:?} · {:?}: types differ", rhs.dtype));
+    }
+    let out = empty_device_dtype(
+        lhs.client.clone(),
+        lhs.device.clone(),
+        Shape::from(vec![m, n]),
+        dtype,
+    );
+    let client = out.client.clone();
+    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
+        lhs: dtype.into(),
+        rhs: dtype.into(),
+        out: dtype.into(),
+    });
+    launch_ref(
+        strategy,
+        &client,
+        InputBinding::new(lhs.binding(), dtype.into()),
+        InputBinding::new(rhs.binding(), dtype.into()),
+        out.clone().binding(),
+        &mut dtypes,
+    )
+    .map_err(|err| format!("{err:?}"))?;
+    Ok(out)
+}
