@@ -6,6 +6,8 @@ import json
 import sys
 import tomllib
 
+from variant import strata_variant, torch_variant
+
 raw, gpu_file, config = sys.argv[1:4]
 rows = [json.loads(line) for line in open(raw) if line.strip()]
 name, driver, memory = [f.strip() for f in open(gpu_file).read().strip().split(",")]
@@ -50,13 +52,11 @@ for r in rows:
     if r["framework"] == "ceiling":
         continue
     if r["framework"] == "strata":
-        variant, dtype = r.get("backend", "cuda"), r.get("backend", "cuda-f32").split("-")[-1]
-        if r.get("autotune") and "fusion" not in variant:
-            variant += "+autotune"
+        variant, dtype = strata_variant(r), r.get("backend", "cuda-f32").split("-")[-1]
         if r.get("mixed_precision") == "bf16":
-            variant, dtype = variant + "+mixed-bf16", "bf16"
+            dtype = "bf16"
     else:
-        variant = ("compile" if r.get("compile") else "eager") + "+" + r.get("attention", "sdpa") if "failed" not in r else r["failed"]
+        variant = torch_variant(r) if "failed" not in r else r["failed"]
         dtype = r.get("dtype", "")
     tps = r.get("tokens_per_sec")
     peak = ceiling.get("bf16_flops")

@@ -7,6 +7,8 @@ import csv
 import json
 import sys
 
+from variant import strata_variant, torch_variant
+
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 out = csv.writer(sys.stdout)
 out.writerow(["framework", "variant", "compute_dtype", "step_ms", "forward_ms", "backward_ms", "optimizer_ms",
@@ -17,10 +19,9 @@ for r in rows:
     if not p:
         continue
     if r["framework"] == "strata":
-        variant = (r["backend"] + ("+autotune" if r.get("autotune") else "")
-                   + ("+mixed-bf16" if r.get("mixed_precision") == "bf16" else ""))
+        variant = strata_variant(r)
     else:
-        variant = ("compile" if r.get("compile") else "eager") + "+" + r.get("attention", "sdpa") + "-" + r["dtype"]
+        variant = torch_variant(r) + "-" + r["dtype"]
     fwd_bwd = p["forward_secs"] + p["backward_secs"]
     attention = p.get("attention_secs")
     rest = fwd_bwd - p["gemm_secs"] - (attention or 0.0)

@@ -93,30 +93,32 @@ pub fn strategy(name: &str) -> Option<Strategy> {
     })
 }
 
-/// `lhs · rhs` for `lhs: [m, k]` and `rhs: [k, n]` (either may be a transposed view: the
-/// kernels read operands through their strides), into a new `[m, n]` tensor of `lhs`'s type,
-/// accumulated in f32. An error when the kernel cannot run this product (a tile shape that does
-/// not divide it, an instruction the device lacks): the caller falls back to another kernel.
+/// `lhs · rhs` for `lhs: [..., m, k]` and `rhs: [..., k, n]` with the same leading (batch)
+/// sizes (either may be a transposed or sliced view: the kernels read operands through their
+/// strides), into a new `[..., m, n]` tensor of `lhs`'s type, accumulated in f32. An error when
+/// the kernel cannot run this product (a tile shape that does not divide it, an instruction the
+/// device lacks): the caller falls back to another kernel.
 pub fn matmul<R: CubeRuntime>(
     lhs: CubeTensor<R>,
     rhs: CubeTensor<R>,
     strategy: &Strategy,
 ) -> Result<CubeTensor<R>, String> {
-    let [m, k] = lhs.shape().dims::<2>();
-    let [k_rhs, n] = rhs.shape().dims::<2>();
-    if k != k_rhs {
-        return Err(format!(
-            "matmul: [{m}, {k}] · [{k_rhs}, {n}]: inner sizes differ"
-        ));
+    let (a, b) = (lhs.shape().to_vec(), rhs.shape().to_vec());
+    let rank = a.len();
+    let fits = rank >= 2 && b.len() == rank && a[..rank - 2] == b[..rank - 2];
+    if !fits || a[rank - 1] != b[rank - 2] {
+        return Err(format!("matmul: {a:?} · {b:?}: shapes do not multiply"));
     }
     let dtype: DType = lhs.dtype;
     if rhs.dtype != dtype {
         return Err(format!("matmul: {dtype:?} · {:?}: types differ", rhs.dtype));
     }
+    let mut shape = a.clone();
+    shape[rank - 1] = b[rank - 1];
     let out = empty_device_dtype(
         lhs.client.clone(),
         lhs.device.clone(),
-        Shape::from(vec![m, n]),
+        Shape::from(shape),
         dtype,
     );
     let client = out.client.clone();

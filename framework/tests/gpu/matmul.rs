@@ -1,7 +1,8 @@
 //! The GPU matmul kernels the linear layers can take (`STRATA_MATMUL`): every kernel that runs on
 //! the device against a naive f64 product on the host, in the three layouts a training step
 //! hands them (`x·W`, `dY·Wᵀ` and `Xᵀ·dY`, the transposes as strided views); then the linear op
-//! under autodiff, through a chosen kernel, against Burn's composed ops on the CPU.
+//! under autodiff, and the fused attention op's batched products, through a chosen kernel,
+//! against Burn's composed ops on the CPU.
 //!
 //! Tolerances, of the largest entry: 1e-4 for kernels that multiply in f32 (they sum in other
 //! orders than the reference; differences here are ~1e-6); 1e-2 for tensor-core kernels, which
@@ -103,6 +104,15 @@ fn linear_through<G: AutodiffBackend>(kernel: &str) {
     assert_close(&names, &got, &want, tolerance(kernel));
 }
 
+/// The fused attention op's test (`fused::check`) with its batched products through `kernel`.
+fn attention_through<G: AutodiffBackend>(kernel: &str) {
+    // SAFETY: as in `linear_through`.
+    unsafe { std::env::set_var(MATMUL_VAR, kernel) };
+    crate::fused::check::<G>();
+    // SAFETY: as above.
+    unsafe { std::env::remove_var(MATMUL_VAR) };
+}
+
 /// Mesa's software Vulkan has no cooperative-matrix (tensor-core) instructions: the unit
 /// kernels and Burn's default run.
 #[cfg(feature = "wgpu")]
@@ -114,6 +124,7 @@ fn matmul_kernels_on_wgpu_match_a_naive_product() {
         assert!(ran.contains(&kernel), "{kernel} did not run; ran {ran:?}");
     }
     linear_through::<Autodiff<Wgpu>>("simple_unit");
+    attention_through::<Autodiff<Wgpu>>("simple_unit");
 }
 
 #[cfg(feature = "cuda")]
@@ -127,5 +138,6 @@ fn matmul_kernels_on_cuda_match_a_naive_product() {
     }
     for kernel in ran {
         linear_through::<Autodiff<Cuda>>(kernel);
+        attention_through::<Autodiff<Cuda>>(kernel);
     }
 }

@@ -230,17 +230,17 @@ pub fn matmul_chosen<B: Backend>() -> bool {
     matmul_strategy().is_some() && kernel_backend::<B>()
 }
 
-struct Product<B: Backend>(Tensor<B, 2>, Tensor<B, 2>, Strategy);
+struct Product<B: Backend, const D: usize>(Tensor<B, D>, Tensor<B, D>, Strategy);
 
-impl<B: Backend> CubeOp for Product<B> {
-    type Output = Tensor<B, 2>;
-    fn run<C: OnCube>(self) -> Tensor<B, 2> {
+impl<B: Backend, const D: usize> CubeOp for Product<B, D> {
+    type Output = Tensor<B, D>;
+    fn run<C: OnCube>(self) -> Tensor<B, D> {
         let Product(a, b, strategy) = self;
-        let (lhs, rhs) = (cube::<C, B, 2>(a.clone()), cube::<C, B, 2>(b.clone()));
+        let (lhs, rhs) = (cube::<C, B, D>(a.clone()), cube::<C, B, D>(b.clone()));
         match cube_matmul::matmul(lhs, rhs, &strategy) {
-            Ok(product) => burn::<C, B, 2>(product),
+            Ok(product) => burn::<C, B, D>(product),
             Err(reason) => {
-                warn_fallback(a.dims(), b.dims(), &reason);
+                warn_fallback(a.dims().to_vec(), b.dims().to_vec(), &reason);
                 a.matmul(b)
             }
         }
@@ -249,19 +249,20 @@ impl<B: Backend> CubeOp for Product<B> {
 
 /// Says once per product shape that the chosen kernel cannot run it, so that a benchmark does
 /// not silently time Burn's product instead.
-fn warn_fallback(a: [usize; 2], b: [usize; 2], reason: &str) {
-    static SEEN: Mutex<Vec<([usize; 2], [usize; 2])>> = Mutex::new(Vec::new());
+fn warn_fallback(a: Vec<usize>, b: Vec<usize>, reason: &str) {
+    static SEEN: Mutex<Vec<(Vec<usize>, Vec<usize>)>> = Mutex::new(Vec::new());
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    if !seen.contains(&(a, b)) {
-        seen.push((a, b));
-        let name = matmul_kernel().unwrap_or(DEFAULT_MATMUL);
+    let name = matmul_kernel().unwrap_or(DEFAULT_MATMUL);
+    if !seen.contains(&(a.clone(), b.clone())) {
         eprintln!("warning: matmul kernel {name} cannot run {a:?}·{b:?} ({reason}); using Burn's");
+        seen.push((a, b));
     }
 }
 
-/// `a·b` (`[m, k]·[k, n]`; either may be a transposed view) through the chosen kernel; call only
-/// where [`matmul_chosen`] holds. A product the kernel cannot run takes Burn's.
-pub fn matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+/// `a·b` (`[..., m, k]·[..., k, n]`, equal leading sizes; either may be a transposed view)
+/// through the chosen kernel; call only where [`matmul_chosen`] holds. A product the kernel
+/// cannot run takes Burn's.
+pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
     let strategy = matmul_strategy().expect("called where `matmul_chosen` holds");
     run_on_cube::<B, _>(Product(a, b, strategy)).expect("called where `matmul_chosen` holds")
 }

@@ -1,0 +1,18 @@
+"""The label of one benchmark row of train_gpu.jsonl, shared by gpu_table.py and
+profile_table.py: Strata's backend plus its build and options, PyTorch's mode and attention."""
+
+
+def strata_variant(r):
+    """e.g. `cuda-f32+autotune+mixed-bf16`, `cuda-bf16+matmul=double_tma_mma`."""
+    variant = r.get("backend", "cuda")
+    if r.get("autotune") and "fusion" not in variant:
+        variant += "+autotune"
+    if r.get("matmul_kernel") not in (None, "burn"):
+        variant += "+matmul=" + r["matmul_kernel"]
+    if r.get("mixed_precision") == "bf16":
+        variant += "+mixed-bf16"
+    return variant
+
+
+def torch_variant(r):
+    return ("compile" if r.get("compile") else "eager") + "+" + r.get("attention", "sdpa")
