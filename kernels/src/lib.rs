@@ -4,6 +4,7 @@
 //! - [`attention`]: flash attention, forward and backward, causal, with an optional block
 //!   multi-scale (BMS) pattern that skips whole key tiles: the trainable attention of the
 //!   `dense` and `coord3d` attention kinds on the GPU backends.
+//! - [`adamw`]: one AdamW update of a parameter in one launch.
 //! - [`matmul`]: matrix products through one named kernel of CubeCL's matmul library, for the
 //!   linear layers on the GPU backends.
 //!
@@ -11,6 +12,8 @@
 //! are the ones they run on. The crate is empty without its `wgpu` or `cuda` feature (`strata`'s
 //! features of the same names turn them on).
 
+#[cfg(feature = "gpu")]
+pub mod adamw;
 #[cfg(feature = "gpu")]
 pub mod attention;
 #[cfg(feature = "gpu")]

@@ -151,31 +151,79 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for StepMapper<'_, AB> {
         let n: usize = shape.iter().product();
         let c = self.optim.config;
         let t = self.optim.steps as i32;
-
-        let g = grad.reshape([n]).mul_scalar(self.grad_scale);
+        let g = grad.reshape([n]);
         let p = tensor.inner().reshape([n]);
         let (m, v) = match self.optim.state.remove(&path) {
             Some(Moments { m, v }) => (m, v),
             None => (g.zeros_like(), g.zeros_like()),
         };
-        let m = m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
-        let v = v.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2);
-        let m_hat = m.clone().div_scalar(1.0 - c.beta1.powi(t));
-        let v_hat = v.clone().div_scalar(1.0 - c.beta2.powi(t));
-        let decay = if self.optim.decays(&path, D) {
-            c.weight_decay
-        } else {
-            0.0
+        let step = UpdateScalars {
+            lr: self.lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: if self.optim.decays(&path, D) {
+                c.weight_decay
+            } else {
+                0.0
+            },
+            grad_scale: self.grad_scale,
+            bias_correction1: 1.0 - c.beta1.powi(t),
+            bias_correction2: 1.0 - c.beta2.powi(t),
         };
-        let p = p.mul_scalar(1.0 - self.lr * decay)
-            - m_hat
-                .div(v_hat.sqrt().add_scalar(c.eps))
-                .mul_scalar(self.lr);
+        let [p, m, v] = update([p, g, m, v], &step);
         self.optim.state.insert(path, Moments { m, v });
 
         let updated = Tensor::<AB, D>::from_inner(p.reshape(shape)).require_grad();
         Param::from_mapped_value(id, updated, mapper)
     }
+}
+
+/// The scalars of one parameter's update at step `t`.
+#[derive(Debug, Clone, Copy)]
+struct UpdateScalars {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    /// This parameter's decoupled weight decay (0 where it is not decayed).
+    weight_decay: f64,
+    /// The clipping factor, applied to the gradient first.
+    grad_scale: f64,
+    /// `1 − β1^t`, `1 − β2^t`.
+    bias_correction1: f64,
+    bias_correction2: f64,
+}
+
+/// `[p, m, v]` after one update from `[p, grad, m, v]` (flattened): one kernel on the GPU
+/// backends (`nn::fused::kernel::adamw`), tensor ops elsewhere.
+fn update<B: Backend>(inputs: [Tensor<B, 1>; 4], s: &UpdateScalars) -> [Tensor<B, 1>; 3] {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let inputs = {
+        let step = crate::nn::fused::kernel::AdamWStep {
+            lr: s.lr as f32,
+            beta1: s.beta1 as f32,
+            beta2: s.beta2 as f32,
+            eps: s.eps as f32,
+            weight_decay: s.weight_decay as f32,
+            grad_scale: s.grad_scale as f32,
+            bias_correction1: s.bias_correction1 as f32,
+            bias_correction2: s.bias_correction2 as f32,
+        };
+        match crate::nn::fused::kernel::adamw(inputs, step) {
+            Ok(updated) => return updated,
+            Err(inputs) => inputs,
+        }
+    };
+    let [p, g, m, v] = inputs;
+    let g = g.mul_scalar(s.grad_scale);
+    let m = m.mul_scalar(s.beta1) + g.clone().mul_scalar(1.0 - s.beta1);
+    let v = v.mul_scalar(s.beta2) + g.square().mul_scalar(1.0 - s.beta2);
+    let m_hat = m.clone().div_scalar(s.bias_correction1);
+    let v_hat = v.clone().div_scalar(s.bias_correction2);
+    let p = p.mul_scalar(1.0 - s.lr * s.weight_decay)
+        - m_hat.div(v_hat.sqrt().add_scalar(s.eps)).mul_scalar(s.lr);
+    [p, m, v]
 }
 
 struct SquaredNorm<'a, AB: AutodiffBackend> {

@@ -6,6 +6,7 @@
 #[path = "../integration/common.rs"]
 mod common;
 
+mod adamw;
 mod flash;
 mod fused;
 mod matmul;

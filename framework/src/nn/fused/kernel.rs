@@ -289,3 +289,38 @@ pub fn matmul_with<B: Backend>(
     run_on_cube::<B, _>(NamedProduct(a, b, strategy))
         .unwrap_or_else(|| Err("not a GPU backend".into()))
 }
+
+pub use strata_kernels::adamw::AdamWStep;
+
+/// Whether AdamW updates each parameter with one kernel on the GPU backends: yes unless
+/// `STRATA_FUSED_ADAMW=0` (the tensor-op update, kept to compare).
+pub fn fused_adamw_enabled() -> bool {
+    std::env::var("STRATA_FUSED_ADAMW").map_or(true, |v| v != "0")
+}
+
+struct AdamWOp<B: Backend>([Tensor<B, 1>; 4], AdamWStep);
+
+impl<B: Backend> CubeOp for AdamWOp<B> {
+    type Output = Result<[Tensor<B, 1>; 3], [Tensor<B, 1>; 4]>;
+    fn run<C: OnCube>(self) -> Self::Output {
+        let AdamWOp(inputs, step) = self;
+        let [p, g, m, v] = inputs.clone().map(cube::<C, B, 1>);
+        match strata_kernels::adamw::adamw(p, g, m, v, step) {
+            Ok(updated) => Ok(updated.map(burn::<C, B, 1>)),
+            Err(_) => Err(inputs),
+        }
+    }
+}
+
+/// The updated parameter and moments `[p, m, v]` from `[p, grad, m, v]` (flattened), in one
+/// kernel on a GPU backend where [`fused_adamw_enabled`]; the inputs back otherwise (another
+/// backend, or tensors of different types), for the tensor-op update.
+pub fn adamw<B: Backend>(
+    inputs: [Tensor<B, 1>; 4],
+    step: AdamWStep,
+) -> Result<[Tensor<B, 1>; 3], [Tensor<B, 1>; 4]> {
+    if !fused_adamw_enabled() || !kernel_backend::<B>() {
+        return Err(inputs);
+    }
+    run_on_cube::<B, _>(AdamWOp(inputs, step)).expect("checked: a GPU backend")
+}
