@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The linear layers' GPU matmul kernels on one NVIDIA GPU: every kernel of `strata bench-matmul`
 # on the GPT-2-small training step's products (bf16, then f32), then training steps with the
-# fastest one (`STRATA_MATMUL`) against Burn's default kernel and PyTorch eager, same call.
+# fastest one (`STRATA_MATMUL`), with the fused AdamW and without it, and PyTorch eager, same call.
 #
 #   CUDARC_CUDA_VERSION=13000 CARGO_TARGET_DIR=target/cuda cargo build --release -p strata-experiments --features cuda
 #   STRATA_BIN=target/cuda/release/strata bash benches/matmul_gpu.sh RESULTS_DIR
@@ -31,7 +31,9 @@ strata_run() {
     || echo "{\"framework\": \"strata\", \"backend\": \"cuda ${*//\"/}\", \"failed\": \"exit $? (timeout or error)\"}" >> "$raw"
 }
 STRATA_MATMUL=$best strata_run --dtype bf16
-timeout 120 python3 scripts/reference/train_torch.py "$config" --bench --device cuda --warmup 3 --steps 10 --dtype bf16 >> "$raw" \
+# The same with AdamW as tensor ops instead of one kernel per parameter: the fused AdamW's gain.
+STRATA_FUSED_ADAMW=0 STRATA_MATMUL=$best strata_run --dtype bf16
+timeout 90 python3 scripts/reference/train_torch.py "$config" --bench --device cuda --warmup 3 --steps 10 --dtype bf16 >> "$raw" \
   || echo '{"framework": "pytorch", "failed": "--dtype bf16"}' >> "$raw"
 STRATA_MATMUL=$best strata_run --dtype f32 --set 'train.mixed_precision="bf16"'
 if [ "${SKIP_F32:-0}" != 1 ]; then

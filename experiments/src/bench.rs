@@ -178,6 +178,8 @@ fn run_with<B: AutodiffBackend>(
             "autotune": cfg!(feature = "autotune"),
             // The linear layers' matmul kernel on GPU backends (`STRATA_MATMUL`).
             "matmul_kernel": matmul_kernel(),
+            // AdamW as one kernel per parameter on GPU backends (`STRATA_FUSED_ADAMW`).
+            "fused_adamw": fused_adamw(),
             "params": config.model.num_params(),
             "batch_size": tc.batch_size,
             "seq_len": tc.seq_len,
@@ -205,6 +207,14 @@ fn run_with<B: AutodiffBackend>(
 fn matmul_kernel() -> Option<&'static str> {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     return strata::nn::fused::kernel::matmul_kernel().ok();
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    None
+}
+
+/// Whether AdamW runs as one kernel per parameter, `None` in a CPU-only build.
+fn fused_adamw() -> Option<bool> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    return Some(strata::nn::fused::kernel::fused_adamw_enabled());
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     None
 }
