@@ -54,7 +54,7 @@ fn adamw_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let len = param.len();
-    let stride = CUBE_COUNT as usize * CUBE_DIM as usize;
+    let stride = CUBE_COUNT * CUBE_DIM as usize;
     let mut i = ABSOLUTE_POS;
     while i < len {
         let g = f32::cast_from(grad[i]) * step.grad_scale;
