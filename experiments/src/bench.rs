@@ -145,12 +145,13 @@ fn run_with<B: AutodiffBackend>(
         }
     }
     let peak_device_mib = device_memory.and_then(|sampler| sampler.finish());
+    // The type the step's products run in.
+    let dtype = match tc.mixed_precision.compute_dtype() {
+        Some(dtype) => dtype.into(),
+        None => model.norm.gamma.val().dtype(),
+    };
     let profile = args.profile.then(|| {
         let phase = |i: usize| median(&mut phases.iter().map(|p| p[i]).collect::<Vec<_>>());
-        let dtype = match tc.mixed_precision.compute_dtype() {
-            Some(dtype) => dtype.into(),
-            None => model.norm.gamma.val().dtype(),
-        };
         let gemms = projection_gemms::<B::InnerBackend>(config, dtype, device);
         let attention = attention_secs::<B>(config, dtype, device);
         serde_json::json!({
@@ -164,6 +165,19 @@ fn run_with<B: AutodiffBackend>(
             "attention_secs": attention,
         })
     });
+    // On GPU backends: the linear layers' matmul kernel for the step's type (`STRATA_MATMUL`),
+    // and whether AdamW ran as one kernel per parameter (`STRATA_FUSED_ADAMW`).
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let (matmul_kernel, fused_adamw) = {
+        use strata::nn::fused::kernel;
+        let on_gpu = !strata::nn::fused::on_host::<B::InnerBackend>();
+        (
+            on_gpu.then(|| kernel::matmul_kernel_for::<B::InnerBackend>(dtype)),
+            on_gpu.then(kernel::fused_adamw_enabled),
+        )
+    };
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    let (matmul_kernel, fused_adamw): (Option<&str>, Option<bool>) = (None, None);
     let total: f64 = step_secs.iter().sum();
     let tokens_per_sec = (n * args.steps) as f64 / total;
     // 6N FLOPs per token holds for full training only (LoRA skips the base weights' gradients).
@@ -177,9 +191,8 @@ fn run_with<B: AutodiffBackend>(
             // Burn's matmul autotuning (the `autotune` and `fusion` features).
             "autotune": cfg!(feature = "autotune"),
             // The linear layers' matmul kernel on GPU backends (`STRATA_MATMUL`).
-            "matmul_kernel": matmul_kernel(),
-            // AdamW as one kernel per parameter on GPU backends (`STRATA_FUSED_ADAMW`).
-            "fused_adamw": fused_adamw(),
+            "matmul_kernel": matmul_kernel,
+            "fused_adamw": fused_adamw,
             "params": config.model.num_params(),
             "batch_size": tc.batch_size,
             "seq_len": tc.seq_len,
@@ -201,22 +214,6 @@ fn run_with<B: AutodiffBackend>(
         })
     );
     Ok(())
-}
-
-/// The chosen matmul kernel of the GPU backends (`STRATA_MATMUL`), `None` in a CPU-only build.
-fn matmul_kernel() -> Option<&'static str> {
-    #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    return strata::nn::fused::kernel::matmul_kernel().ok();
-    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-    None
-}
-
-/// Whether AdamW runs as one kernel per parameter, `None` in a CPU-only build.
-fn fused_adamw() -> Option<bool> {
-    #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    return Some(strata::nn::fused::kernel::fused_adamw_enabled());
-    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-    None
 }
 
 pub fn median(values: &mut [f64]) -> f64 {

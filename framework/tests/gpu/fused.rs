@@ -30,7 +30,7 @@ fn run<B: AutodiffBackend>(q_len: usize, kv_len: usize, fused: bool) -> Vec<Vec<
     all
 }
 
-pub(crate) fn check<B: AutodiffBackend>() {
+fn check<B: AutodiffBackend>() {
     for (q_len, kv_len) in [(77, 77), (5, 77)] {
         let got = run::<B>(q_len, kv_len, true);
         let want = run::<Autodiff<Cpu>>(q_len, kv_len, false);

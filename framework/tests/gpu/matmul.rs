@@ -1,8 +1,7 @@
 //! The GPU matmul kernels the linear layers can take (`STRATA_MATMUL`): every kernel that runs on
 //! the device against a naive f64 product on the host, in the three layouts a training step
 //! hands them (`x·W`, `dY·Wᵀ` and `Xᵀ·dY`, the transposes as strided views); then the linear op
-//! under autodiff, and the fused attention op's batched products, through a chosen kernel,
-//! against Burn's composed ops on the CPU.
+//! under autodiff through a chosen kernel against Burn's composed ops on the CPU.
 //!
 //! Tolerances, of the largest entry: 1e-4 for kernels that multiply in f32 (they sum in other
 //! orders than the reference; differences here are ~1e-6); 1e-2 for tensor-core kernels, which
@@ -41,7 +40,7 @@ fn tolerance(kernel: &str) -> f32 {
 /// Every kernel in the three layouts; returns the kernels that ran all three. Sizes that are
 /// not multiples of the kernels' tiles check their edge handling.
 fn kernels_match_a_naive_product<B: Backend>() -> Vec<&'static str> {
-    let [m, k, n] = [70, 48, 36];
+    let [m, k, n] = [70, 64, 36];
     let (a, b) = (random::<B, 2>(11, [m, k]), random::<B, 2>(12, [k, n]));
     let want = naive(&values(a.clone()), &values(b.clone()), [m, k, n]);
     // The same products with an operand stored transposed and handed over as a view.
@@ -73,8 +72,42 @@ fn kernels_match_a_naive_product<B: Backend>() -> Vec<&'static str> {
         if all {
             ran.push(*kernel);
         }
+        // An inner size the kernels do not take (not a multiple of 32) is refused, not computed.
+        let odd = matmul_with(
+            random::<B, 2>(13, [70, 77]),
+            random::<B, 2>(14, [77, 36]),
+            kernel,
+        );
+        assert!(odd.is_err(), "{kernel} took k = 77");
     }
     ran
+}
+
+/// Batched products (`[2, 3, m, k]`), as attention makes them, with transposed views: each
+/// kernel of `kernels` against the naive product of each batch entry.
+fn batched_kernels_match<B: Backend>(kernels: &[&str]) {
+    let [m, k, n] = [70, 64, 36];
+    let a = random::<B, 4>(15, [2, 3, m, k]);
+    let b_t = random::<B, 4>(16, [2, 3, n, k]);
+    let b = Tensor::<B, 4>::from_data(b_t.clone().swap_dims(2, 3).into_data(), &Default::default());
+    let (a_host, b_host) = (values(a.clone()), values(b));
+    let want: Vec<f32> = (0..6)
+        .flat_map(|i| {
+            let (a, b) = (&a_host[i * m * k..][..m * k], &b_host[i * k * n..][..k * n]);
+            naive(a, b, [m, k, n])
+        })
+        .collect();
+    for kernel in kernels {
+        let got = matmul_with(a.clone(), b_t.clone().swap_dims(2, 3), kernel)
+            .unwrap_or_else(|e| panic!("{kernel}: {e}"));
+        let name = format!("{kernel} batched");
+        assert_close(
+            &[&name],
+            &[values(got)],
+            std::slice::from_ref(&want),
+            tolerance(kernel),
+        );
+    }
 }
 
 /// `y = x·W` and the tied head's `h·Eᵀ` with their gradients, under autodiff.
@@ -95,22 +128,13 @@ fn linear_through<G: AutodiffBackend>(kernel: &str) {
     // SAFETY: tests run one at a time (.cargo/config.toml sets RUST_TEST_THREADS=1), so no
     // other thread reads the environment meanwhile.
     unsafe { std::env::set_var(MATMUL_VAR, kernel) };
-    assert!(matmul_chosen::<G::InnerBackend>());
+    assert!(matmul_chosen::<G::InnerBackend>(burn::tensor::DType::F32));
     let got = linear_step::<G>();
     // SAFETY: as above.
     unsafe { std::env::remove_var(MATMUL_VAR) };
     let want = linear_step::<Autodiff<Cpu>>();
     let names = ["y", "logits", "dx", "dW", "dE"];
     assert_close(&names, &got, &want, tolerance(kernel));
-}
-
-/// The fused attention op's test (`fused::check`) with its batched products through `kernel`.
-fn attention_through<G: AutodiffBackend>(kernel: &str) {
-    // SAFETY: as in `linear_through`.
-    unsafe { std::env::set_var(MATMUL_VAR, kernel) };
-    crate::fused::check::<G>();
-    // SAFETY: as above.
-    unsafe { std::env::remove_var(MATMUL_VAR) };
 }
 
 /// Mesa's software Vulkan has no cooperative-matrix (tensor-core) instructions: the unit
@@ -123,8 +147,8 @@ fn matmul_kernels_on_wgpu_match_a_naive_product() {
     for kernel in ["burn", "simple_unit", "double_unit"] {
         assert!(ran.contains(&kernel), "{kernel} did not run; ran {ran:?}");
     }
+    batched_kernels_match::<Wgpu>(&["simple_unit", "double_unit"]);
     linear_through::<Autodiff<Wgpu>>("simple_unit");
-    attention_through::<Autodiff<Wgpu>>("simple_unit");
 }
 
 #[cfg(feature = "cuda")]
@@ -133,11 +157,16 @@ fn matmul_kernels_on_cuda_match_a_naive_product() {
     use strata::backend::Cuda;
     let ran = kernels_match_a_naive_product::<Cuda>();
     eprintln!("kernels that ran: {ran:?}");
-    for kernel in ["burn", "simple_unit", "simple_cyclic_cmma", "double_cyclic_mma"] {
+    for kernel in [
+        "burn",
+        "simple_unit",
+        "simple_cyclic_cmma",
+        "double_cyclic_mma",
+    ] {
         assert!(ran.contains(&kernel), "{kernel} did not run; ran {ran:?}");
     }
     // Through the layers with the kernel the benchmarks chose (each kernel compiles for every
     // shape and layout: all of them would take minutes).
+    batched_kernels_match::<Cuda>(&["simple_unit", "simple_cyclic_cmma", "double_cyclic_mma"]);
     linear_through::<Autodiff<Cuda>>("double_cyclic_mma");
-    attention_through::<Autodiff<Cuda>>("double_cyclic_mma");
 }

@@ -190,22 +190,24 @@ pub fn backward<B: Backend>(
 }
 
 /// The environment variable that names the matmul kernel of the linear layers on the GPU
-/// backends (see [`matmul_kernel`]).
+/// backends (see [`matmul_kernel_for`]).
 pub const MATMUL_VAR: &str = "STRATA_MATMUL";
 
-/// The kernel the linear layers' products use on the GPU backends when [`MATMUL_VAR`] is unset.
-pub const DEFAULT_MATMUL: &str = "burn";
+/// The kernel of bf16 and f16 products on CUDA when [`MATMUL_VAR`] is unset: the fastest of
+/// `strata bench-matmul` on an H100 (benches/results/gpu_notes.md, entry 5), 1.6× the training
+/// steps of Burn's default. f32 products, and every product on wgpu, keep Burn's (`burn`).
+pub const CUDA_HALF_MATMUL: &str = "double_cyclic_mma";
 
-/// The matmul kernel [`MATMUL_VAR`] names, one of `strata_kernels::matmul::KERNELS`, or
-/// [`DEFAULT_MATMUL`]; an error naming the variable and the kernels when it names none of them.
-pub fn matmul_kernel() -> Result<&'static str, String> {
+/// The matmul kernel [`MATMUL_VAR`] names (one of `strata_kernels::matmul::KERNELS`), `None`
+/// when it is unset; an error naming the variable and the kernels when it names none of them.
+pub fn matmul_kernel() -> Result<Option<&'static str>, String> {
     let Ok(name) = std::env::var(MATMUL_VAR) else {
-        return Ok(DEFAULT_MATMUL);
+        return Ok(None);
     };
     cube_matmul::KERNELS
         .iter()
         .find(|kernel| **kernel == name)
-        .copied()
+        .map(|kernel| Some(*kernel))
         .ok_or_else(|| {
             format!(
                 "{MATMUL_VAR}={name:?}: not a matmul kernel; expected one of {}",
@@ -214,33 +216,61 @@ pub fn matmul_kernel() -> Result<&'static str, String> {
         })
 }
 
-/// The cubek strategy of the chosen kernel; `None` for `burn` (Burn's own product, which the
-/// tensor ops already call) or an unknown name (the CLI reports it at start). Read at each
-/// product: a lookup beside a kernel launch, and tests can switch kernels.
-fn matmul_strategy() -> Option<Strategy> {
+/// The kernel that products of `dtype` take on backend `B`: [`MATMUL_VAR`]'s, else
+/// [`CUDA_HALF_MATMUL`] for bf16 and f16 on CUDA, else `burn` (Burn's own product, which the
+/// tensor ops already call). Read at each product: a lookup beside a kernel launch, and tests
+/// can switch kernels. An unknown name counts as `burn` (the CLI reports it at start).
+pub fn matmul_kernel_for<B: Backend>(dtype: burn::tensor::DType) -> &'static str {
+    use burn::tensor::DType;
     match matmul_kernel() {
-        Ok("burn") | Err(_) => None,
-        Ok(name) => cube_matmul::strategy(name),
+        Ok(Some(name)) => name,
+        Err(_) => "burn",
+        Ok(None) if on_cuda::<B>() && matches!(dtype, DType::BF16 | DType::F16) => CUDA_HALF_MATMUL,
+        Ok(None) => "burn",
     }
 }
 
-/// Whether the linear layers of backend `B` take [`matmul`]: `B` is a GPU backend and a
-/// kernel other than Burn's is chosen.
-pub fn matmul_chosen<B: Backend>() -> bool {
-    matmul_strategy().is_some() && kernel_backend::<B>()
+fn on_cuda<B: Backend>() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use burn::tensor::{bf16, f16};
+        use strata_kernels::Cuda;
+        is::<B, Cuda<f32>>() || is::<B, Cuda<f16>>() || is::<B, Cuda<bf16>>()
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
 }
 
-struct Product<B: Backend, const D: usize>(Tensor<B, D>, Tensor<B, D>, Strategy);
+fn matmul_strategy<B: Backend>(dtype: burn::tensor::DType) -> Option<Strategy> {
+    match matmul_kernel_for::<B>(dtype) {
+        "burn" => None,
+        name => cube_matmul::strategy(name),
+    }
+}
+
+/// Whether products of `dtype` on backend `B` take [`matmul`]: `B` is a GPU backend and its
+/// kernel for them is not Burn's.
+pub fn matmul_chosen<B: Backend>(dtype: burn::tensor::DType) -> bool {
+    kernel_backend::<B>() && matmul_strategy::<B>(dtype).is_some()
+}
+
+struct Product<B: Backend, const D: usize>(Tensor<B, D>, Tensor<B, D>, &'static str);
 
 impl<B: Backend, const D: usize> CubeOp for Product<B, D> {
     type Output = Tensor<B, D>;
     fn run<C: OnCube>(self) -> Tensor<B, D> {
-        let Product(a, b, strategy) = self;
+        let Product(a, b, name) = self;
+        // The kernels refuse inner sizes that are not multiples of a tile's depth (attention at
+        // most lengths): Burn's product, without a warning, since that is their rule.
+        if !cube_matmul::takes_inner_size(a.dims()[D - 1]) {
+            return a.matmul(b);
+        }
+        let strategy = cube_matmul::strategy(name).expect("a kernel of the list");
         let (lhs, rhs) = (cube::<C, B, D>(a.clone()), cube::<C, B, D>(b.clone()));
         match cube_matmul::matmul(lhs, rhs, &strategy) {
             Ok(product) => burn::<C, B, D>(product),
             Err(reason) => {
-                warn_fallback(a.dims().to_vec(), b.dims().to_vec(), &reason);
+                warn_fallback(name, a.dims().to_vec(), b.dims().to_vec(), &reason);
                 a.matmul(b)
             }
         }
@@ -249,10 +279,9 @@ impl<B: Backend, const D: usize> CubeOp for Product<B, D> {
 
 /// Says once per product shape that the chosen kernel cannot run it, so that a benchmark does
 /// not silently time Burn's product instead.
-fn warn_fallback(a: Vec<usize>, b: Vec<usize>, reason: &str) {
+fn warn_fallback(name: &str, a: Vec<usize>, b: Vec<usize>, reason: &str) {
     static SEEN: Mutex<Vec<(Vec<usize>, Vec<usize>)>> = Mutex::new(Vec::new());
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    let name = matmul_kernel().unwrap_or(DEFAULT_MATMUL);
     if !seen.contains(&(a.clone(), b.clone())) {
         eprintln!("warning: matmul kernel {name} cannot run {a:?}·{b:?} ({reason}); using Burn's");
         seen.push((a, b));
@@ -263,28 +292,28 @@ fn warn_fallback(a: Vec<usize>, b: Vec<usize>, reason: &str) {
 /// through the chosen kernel; call only where [`matmul_chosen`] holds. A product the kernel
 /// cannot run takes Burn's.
 pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
-    let strategy = matmul_strategy().expect("called where `matmul_chosen` holds");
-    run_on_cube::<B, _>(Product(a, b, strategy)).expect("called where `matmul_chosen` holds")
+    let name = matmul_kernel_for::<B>(a.dtype());
+    run_on_cube::<B, _>(Product(a, b, name)).expect("called where `matmul_chosen` holds")
 }
 
-struct NamedProduct<B: Backend>(Tensor<B, 2>, Tensor<B, 2>, Strategy);
+struct NamedProduct<B: Backend, const D: usize>(Tensor<B, D>, Tensor<B, D>, Strategy);
 
-impl<B: Backend> CubeOp for NamedProduct<B> {
-    type Output = Result<Tensor<B, 2>, String>;
+impl<B: Backend, const D: usize> CubeOp for NamedProduct<B, D> {
+    type Output = Result<Tensor<B, D>, String>;
     fn run<C: OnCube>(self) -> Self::Output {
         let NamedProduct(a, b, strategy) = self;
-        cube_matmul::matmul(cube::<C, B, 2>(a), cube::<C, B, 2>(b), &strategy).map(burn::<C, B, 2>)
+        cube_matmul::matmul(cube::<C, B, D>(a), cube::<C, B, D>(b), &strategy).map(burn::<C, B, D>)
     }
 }
 
 /// `a·b` through the kernel `name` of `strata_kernels::matmul::KERNELS`, without a fallback: an
 /// error when `B` is not a GPU backend, the name is unknown or the kernel cannot run the product.
 /// For `strata bench-matmul`.
-pub fn matmul_with<B: Backend>(
-    a: Tensor<B, 2>,
-    b: Tensor<B, 2>,
+pub fn matmul_with<B: Backend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
     name: &str,
-) -> Result<Tensor<B, 2>, String> {
+) -> Result<Tensor<B, D>, String> {
     let strategy = cube_matmul::strategy(name).ok_or_else(|| format!("no matmul kernel {name}"))?;
     run_on_cube::<B, _>(NamedProduct(a, b, strategy))
         .unwrap_or_else(|| Err("not a GPU backend".into()))
