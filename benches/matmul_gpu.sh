@@ -6,8 +6,9 @@
 #   CUDARC_CUDA_VERSION=13000 CARGO_TARGET_DIR=target/cuda cargo build --release -p strata-experiments --features cuda
 #   STRATA_BIN=target/cuda/release/strata bash benches/matmul_gpu.sh RESULTS_DIR
 #
-# Appends JSON lines to RESULTS_DIR/matmul_gpu.jsonl (kernels) and RESULTS_DIR/train_gpu.jsonl
-# (training steps) and writes RESULTS_DIR/matmul_gpu.csv. Each part has its own time limit so
+# Appends JSON lines to RESULTS_DIR/matmul_gpu.jsonl (kernels) and RESULTS_DIR/train_gpu_matmul.jsonl
+# (training steps) and writes RESULTS_DIR/matmul_gpu.csv, train_gpu_matmul.csv and
+# train_gpu_matmul_profile.csv. Each part has its own time limit so
 # that what finished is kept.
 set -u
 results=${1:-benches/results}
@@ -18,7 +19,7 @@ export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
 export LD_LIBRARY_PATH=$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1
 kernels="$results/matmul_gpu.jsonl"
-raw="$results/train_gpu.jsonl"
+raw="$results/train_gpu_matmul.jsonl"
 touch "$kernels" "$raw"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$results/gpu.txt"
 
@@ -43,3 +44,5 @@ if [ "${SKIP_F32:-0}" != 1 ]; then
   STRATA_MATMUL=$best32 strata_run --dtype f32
 fi
 python3 benches/matmul_table.py "$kernels" > "$results/matmul_gpu.csv"
+python3 benches/gpu_table.py "$raw" "$results/gpu.txt" "$config" > "$results/train_gpu_matmul.csv"
+python3 benches/profile_table.py "$raw" > "$results/train_gpu_matmul_profile.csv"
