@@ -137,12 +137,23 @@ fn linear_through<G: AutodiffBackend>(kernel: &str) {
     assert_close(&names, &got, &want, tolerance(kernel));
 }
 
+/// An unknown kernel name is an error naming the variable and listing the kernels.
+fn unknown_kernel_is_refused() {
+    // SAFETY: as in `linear_through`.
+    unsafe { std::env::set_var(MATMUL_VAR, "fastest") };
+    let err = strata::nn::fused::kernel::matmul_kernel().expect_err("an unknown kernel");
+    // SAFETY: as above.
+    unsafe { std::env::remove_var(MATMUL_VAR) };
+    assert!(err.contains("STRATA_MATMUL=\"fastest\"") && err.contains("double_cyclic_mma"));
+}
+
 /// Mesa's software Vulkan has no cooperative-matrix (tensor-core) instructions: the unit
 /// kernels and Burn's default run.
 #[cfg(feature = "wgpu")]
 #[test]
 fn matmul_kernels_on_wgpu_match_a_naive_product() {
     use strata::backend::Wgpu;
+    unknown_kernel_is_refused();
     let ran = kernels_match_a_naive_product::<Wgpu>();
     for kernel in ["burn", "simple_unit", "double_unit"] {
         assert!(ran.contains(&kernel), "{kernel} did not run; ran {ran:?}");
