@@ -85,17 +85,20 @@ pub fn strategy(name: &str) -> Option<Strategy> {
     })
 }
 
-/// The inner size `k` of the products the kernels take must be a multiple of this: the ground
-/// they were checked on (every kernel matched a naive product on an H100 at k = 48 and 64, in the
-/// three layouts and batched), which every projection of the GPT-2 and Llama shapes is on. Off
-/// that ground nothing is known to be right: through `double_cyclic_mma` the fused attention op's
-/// products (inner sizes 32 and 77, rows 5 and 77, columns 77) came out wrong by 0.4 at scale 1,
-/// not yet explained, so attention does not use these kernels at all.
+/// The kernels take products whose inner size `k` is a multiple of [`K_MULTIPLE`] and whose
+/// column count `n` is a multiple of [`N_MULTIPLE`]: the ground they were checked on. On an H100
+/// every kernel matched a naive product at 70 × 48 × 36 and 70 × 64 × 36, in the three layouts
+/// and batched; through `double_cyclic_mma` the fused attention op's products (inner size 32, 5
+/// or 77 rows, 77 columns) came out wrong by 0.4 at scale 1, not yet explained (a column count
+/// that no vector width divides is one difference). Every projection of the GPT-2 and Llama
+/// shapes is on that ground; a vocabulary of odd size is not, and its LM head takes Burn's
+/// kernel. Attention does not use these kernels.
 pub const K_MULTIPLE: usize = 32;
+pub const N_MULTIPLE: usize = 4;
 
-/// Whether the kernels take a product of inner size `k` (see [`K_MULTIPLE`]).
-pub fn takes_inner_size(k: usize) -> bool {
-    k.is_multiple_of(K_MULTIPLE)
+/// Whether the kernels take a product of inner size `k` and `n` columns.
+pub fn takes(k: usize, n: usize) -> bool {
+    k.is_multiple_of(K_MULTIPLE) && n.is_multiple_of(N_MULTIPLE)
 }
 
 /// `lhs · rhs` for `lhs: [..., m, k]` and `rhs: [..., k, n]` with the same leading (batch)
@@ -114,10 +117,11 @@ pub fn matmul<R: CubeRuntime>(
     if !fits || a[rank - 1] != b[rank - 2] {
         return Err(format!("matmul: {a:?} · {b:?}: shapes do not multiply"));
     }
-    if !takes_inner_size(a[rank - 1]) {
+    let (k, n) = (a[rank - 1], b[rank - 1]);
+    if !takes(k, n) {
         return Err(format!(
-            "matmul: inner size {} is not a multiple of {K_MULTIPLE}",
-            a[rank - 1]
+            "matmul: inner size {k} and {n} columns: the kernels take multiples of \
+             {K_MULTIPLE} and {N_MULTIPLE}"
         ));
     }
     let dtype: DType = lhs.dtype;

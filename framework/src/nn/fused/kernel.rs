@@ -262,9 +262,9 @@ impl<B: Backend, const D: usize> CubeOp for Product<B, D> {
     type Output = Tensor<B, D>;
     fn run<C: OnCube>(self) -> Tensor<B, D> {
         let Product(a, b, name) = self;
-        // The kernels refuse inner sizes that are not multiples of a tile's depth (attention at
-        // most lengths): Burn's product, without a warning, since that is their rule.
-        if !cube_matmul::takes_inner_size(a.dims()[D - 1]) {
+        // Sizes off the ground the kernels were checked on (`strata_kernels::matmul::takes`):
+        // Burn's product, without a warning, since that is their rule.
+        if !cube_matmul::takes(a.dims()[D - 1], b.dims()[D - 1]) {
             return a.matmul(b);
         }
         let strategy = cube_matmul::strategy(name).expect("a kernel of the list");
