@@ -72,13 +72,18 @@ fn kernels_match_a_naive_product<B: Backend>() -> Vec<&'static str> {
         if all {
             ran.push(*kernel);
         }
-        // An inner size the kernels do not take (not a multiple of 32) is refused, not computed.
-        let odd = matmul_with(
-            random::<B, 2>(13, [70, 77]),
-            random::<B, 2>(14, [77, 36]),
-            kernel,
+        // Sizes the kernels do not take (`takes`: k a multiple of 32, n of 4) are refused, not
+        // computed.
+        let [a_odd_k, b_odd_k] = [[70, 77], [77, 36]].map(|shape| random::<B, 2>(13, shape));
+        assert!(
+            matmul_with(a_odd_k, b_odd_k, kernel).is_err(),
+            "{kernel} took k = 77"
         );
-        assert!(odd.is_err(), "{kernel} took k = 77");
+        let [a_odd_n, b_odd_n] = [[70, 64], [64, 77]].map(|shape| random::<B, 2>(14, shape));
+        assert!(
+            matmul_with(a_odd_n, b_odd_n, kernel).is_err(),
+            "{kernel} took n = 77"
+        );
     }
     ran
 }
