@@ -53,6 +53,11 @@ fn kernels_match_a_naive_product<B: Backend>() -> Vec<&'static str> {
     ];
     let mut ran = Vec::new();
     for kernel in MATMUL_KERNELS {
+        // The list and the strategies are written apart: each name must have its strategy.
+        assert!(
+            strata_kernels::matmul::strategy(kernel).is_some(),
+            "{kernel}"
+        );
         let mut all = true;
         for (layout, a, b) in &layouts {
             let product = catch_unwind(AssertUnwindSafe(|| {

@@ -243,40 +243,10 @@ fn on_cuda<B: Backend>() -> bool {
     false
 }
 
-fn matmul_strategy<B: Backend>(dtype: burn::tensor::DType) -> Option<Strategy> {
-    match matmul_kernel_for::<B>(dtype) {
-        "burn" => None,
-        name => cube_matmul::strategy(name),
-    }
-}
-
 /// Whether products of `dtype` on backend `B` take [`matmul`]: `B` is a GPU backend and its
 /// kernel for them is not Burn's.
 pub fn matmul_chosen<B: Backend>(dtype: burn::tensor::DType) -> bool {
-    kernel_backend::<B>() && matmul_strategy::<B>(dtype).is_some()
-}
-
-struct Product<B: Backend, const D: usize>(Tensor<B, D>, Tensor<B, D>, &'static str);
-
-impl<B: Backend, const D: usize> CubeOp for Product<B, D> {
-    type Output = Tensor<B, D>;
-    fn run<C: OnCube>(self) -> Tensor<B, D> {
-        let Product(a, b, name) = self;
-        // Sizes off the ground the kernels were checked on (`strata_kernels::matmul::takes`):
-        // Burn's product, without a warning, since that is their rule.
-        if !cube_matmul::takes(a.dims()[D - 1], b.dims()[D - 1]) {
-            return a.matmul(b);
-        }
-        let strategy = cube_matmul::strategy(name).expect("a kernel of the list");
-        let (lhs, rhs) = (cube::<C, B, D>(a.clone()), cube::<C, B, D>(b.clone()));
-        match cube_matmul::matmul(lhs, rhs, &strategy) {
-            Ok(product) => burn::<C, B, D>(product),
-            Err(reason) => {
-                warn_fallback(name, a.dims().to_vec(), b.dims().to_vec(), &reason);
-                a.matmul(b)
-            }
-        }
-    }
+    kernel_backend::<B>() && matmul_kernel_for::<B>(dtype) != "burn"
 }
 
 /// Says once per product shape that the chosen kernel cannot run it, so that a benchmark does
@@ -294,8 +264,19 @@ fn warn_fallback(name: &str, a: Vec<usize>, b: Vec<usize>, reason: &str) {
 /// through the chosen kernel; call only where [`matmul_chosen`] holds. A product the kernel
 /// cannot run takes Burn's.
 pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    // Sizes off the ground the kernels were checked on (`strata_kernels::matmul::takes`):
+    // Burn's product, without a warning, since that is their rule.
+    if !cube_matmul::takes(a.dims()[D - 1], b.dims()[D - 1]) {
+        return a.matmul(b);
+    }
     let name = matmul_kernel_for::<B>(a.dtype());
-    run_on_cube::<B, _>(Product(a, b, name)).expect("called where `matmul_chosen` holds")
+    match matmul_with(a.clone(), b.clone(), name) {
+        Ok(product) => product,
+        Err(reason) => {
+            warn_fallback(name, a.dims().to_vec(), b.dims().to_vec(), &reason);
+            a.matmul(b)
+        }
+    }
 }
 
 struct NamedProduct<B: Backend, const D: usize>(Tensor<B, D>, Tensor<B, D>, Strategy);
