@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use strata::config::ExperimentConfig;
@@ -253,33 +254,51 @@ fn projection_gemms<B: burn::tensor::backend::Backend>(
     dtype: burn::tensor::DType,
     device: &B::Device,
 ) -> Vec<Gemm> {
-    use burn::tensor::{Distribution, Tensor};
-    use strata::nn::fused::linear::{linear, matmul_rows};
+    use strata::nn::fused::linear::matmul_rows;
     let rows = config.train.batch_size * config.train.seq_len;
     let time = |f: &dyn Fn()| time_alone::<B>(device, 10, f);
-    let random = |shape: [usize; 2]| {
-        Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
-    };
-    // Through the functions the layers call, so a chosen GPU matmul kernel is timed too.
     projection_shapes(config)
         .into_iter()
         .map(|(d_in, d_out, count)| {
-            let (x, w, dy) = (
-                random([rows, d_in]),
-                random([d_in, d_out]),
-                random([rows, d_out]),
-            );
+            // Through the function the layers call, so a chosen GPU matmul kernel is timed too.
+            let [forward_secs, grad_input_secs, grad_weight_secs] =
+                step_products::<B>([rows, d_in, d_out], dtype, device)
+                    .map(|(_, a, b)| time(&|| drop(matmul_rows(a.clone(), b.clone()))));
             Gemm {
                 rows,
                 d_in,
                 d_out,
                 count,
-                forward_secs: time(&|| drop(linear(x.clone(), w.clone()))),
-                grad_input_secs: time(&|| drop(matmul_rows(dy.clone(), w.clone().transpose()))),
-                grad_weight_secs: time(&|| drop(matmul_rows(x.clone().transpose(), dy.clone()))),
+                forward_secs,
+                grad_input_secs,
+                grad_weight_secs,
             }
         })
         .collect()
+}
+
+/// The three products of one projection `[rows, d_in] × [d_in, d_out]` in a training step, as
+/// `(name, lhs, rhs)` on random values in `dtype`: the forward `x·W`, and backward's `dY·Wᵀ`
+/// and `Xᵀ·dY` with the transposes as views, as autodiff hands them to the matmul.
+pub(crate) fn step_products<B: burn::tensor::backend::Backend>(
+    [rows, d_in, d_out]: [usize; 3],
+    dtype: burn::tensor::DType,
+    device: &B::Device,
+) -> [(&'static str, Tensor<B, 2>, Tensor<B, 2>); 3] {
+    use burn::tensor::Distribution;
+    let random = |shape: [usize; 2]| {
+        Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
+    };
+    let (x, w, dy) = (
+        random([rows, d_in]),
+        random([d_in, d_out]),
+        random([rows, d_out]),
+    );
+    [
+        ("forward", x.clone(), w.clone()),
+        ("grad_input", dy.clone(), w.transpose()),
+        ("grad_weight", x.transpose(), dy),
+    ]
 }
 
 /// The projection shapes `(d_in, d_out, count)` of a model's training step: attention's q, k,

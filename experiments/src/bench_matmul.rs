@@ -44,10 +44,8 @@ fn run_with<B: Backend>(_: &ExperimentConfig, _: &Args, _: &B::Device) -> Result
 fn run_with<B: Backend>(config: &ExperimentConfig, args: &Args, device: &B::Device) -> Result<()> {
     use std::panic::{AssertUnwindSafe, catch_unwind};
 
-    use burn::tensor::{DType, Distribution, ElementConversion, Tensor};
+    use burn::tensor::{DType, ElementConversion, Tensor};
     use strata::nn::fused::kernel::{MATMUL_KERNELS as KERNELS, matmul_with};
-
-    use crate::backend::Dtype;
 
     let kernels: Vec<String> = if args.kernels.is_empty() {
         KERNELS.iter().map(|k| k.to_string()).collect()
@@ -62,41 +60,24 @@ fn run_with<B: Backend>(config: &ExperimentConfig, args: &Args, device: &B::Devi
             );
         }
     }
-    let dtype = match args.backend.dtype {
-        Dtype::F32 => DType::F32,
-        Dtype::F16 => DType::F16,
-        Dtype::Bf16 => DType::BF16,
+    let rms = |t: Tensor<B, 2>| {
+        let squares = t.cast(DType::F32).powi_scalar(2).mean();
+        squares.into_scalar().elem::<f64>().sqrt()
     };
     let rows = config.train.batch_size * config.train.seq_len;
-    let random = |shape: [usize; 2]| {
-        Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
-    };
+    // The backend's own float type (`--dtype`).
+    let dtype = <B::FloatElem as burn::tensor::Element>::dtype();
     for (d_in, d_out, count) in crate::bench::projection_shapes(config) {
-        let (x, w, dy) = (
-            random([rows, d_in]),
-            random([d_in, d_out]),
-            random([rows, d_out]),
-        );
-        let products = [
-            ("forward", x.clone(), w.clone()),
-            ("grad_input", dy.clone(), w.clone().transpose()),
-            ("grad_weight", x.clone().transpose(), dy.clone()),
-        ];
+        let products = crate::bench::step_products::<B>([rows, d_in, d_out], dtype, device);
         for (product, a, b) in products {
             let [m, k] = a.dims();
             let n = b.dims()[1];
-            // Burn's product, in f32, is the reference every kernel is checked against.
+            // Burn's product in f32 is the reference every kernel is checked against.
             let reference = a
                 .clone()
                 .cast(DType::F32)
                 .matmul(b.clone().cast(DType::F32));
-            let scale = reference
-                .clone()
-                .powi_scalar(2)
-                .mean()
-                .into_scalar()
-                .elem::<f64>()
-                .sqrt();
+            let scale = rms(reference.clone());
             for kernel in &kernels {
                 let run = || matmul_with(a.clone(), b.clone(), kernel);
                 // A kernel whose launch panics (an unsupported instruction, say) is reported
@@ -106,13 +87,7 @@ fn run_with<B: Backend>(config: &ExperimentConfig, args: &Args, device: &B::Devi
                 let line = match first {
                     Err(reason) => serde_json::json!({ "error": reason }),
                     Ok(out) => {
-                        let diff = out.cast(DType::F32) - reference.clone();
-                        let rms_error = diff
-                            .powi_scalar(2)
-                            .mean()
-                            .into_scalar()
-                            .elem::<f64>()
-                            .sqrt();
+                        let rms_error = rms(out.cast(DType::F32) - reference.clone());
                         let secs =
                             crate::bench::time_alone::<B>(device, args.repeats, &|| drop(run()));
                         serde_json::json!({
