@@ -25,7 +25,7 @@ const CUBE_SIZE: u32 = 256;
 const MAX_CUBES: u32 = 65_535;
 
 /// The scalars of one update.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(CubeType, CubeLaunch, Debug, Clone, Copy, PartialEq)]
 pub struct AdamWStep {
     pub lr: f32,
     pub beta1: f32,
@@ -50,7 +50,7 @@ fn adamw_kernel<F: Float>(
     new_param: &mut Tensor<F>,
     new_m: &mut Tensor<F>,
     new_v: &mut Tensor<F>,
-    step: AdamWScalars,
+    step: AdamWStep,
     #[define(F)] _dtype: StorageType,
 ) {
     let len = param.len();
@@ -69,19 +69,6 @@ fn adamw_kernel<F: Float>(
         new_v[i] = F::cast_from(v_i);
         i += stride;
     }
-}
-
-/// [`AdamWStep`] as a kernel argument.
-#[derive(CubeType, CubeLaunch, Clone, Copy)]
-struct AdamWScalars {
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    weight_decay: f32,
-    grad_scale: f32,
-    bias_correction1: f32,
-    bias_correction2: f32,
 }
 
 /// The updated parameter, first moment and second moment, as new tensors. All four inputs must
@@ -128,7 +115,7 @@ pub fn adamw<R: CubeRuntime>(
             new_param.clone().into_tensor_arg(),
             new_m.clone().into_tensor_arg(),
             new_v.clone().into_tensor_arg(),
-            AdamWScalarsLaunch::new(
+            AdamWStepLaunch::new(
                 step.lr,
                 step.beta1,
                 step.beta2,
