@@ -9,13 +9,20 @@ import tomllib
 from variant import strata_variant, torch_variant
 
 raw, gpu_file, config = sys.argv[1:4]
+# Any further arguments are the `--set key=value` pairs the runs were given (train.* sizes).
 rows = [json.loads(line) for line in open(raw) if line.strip()]
 name, driver, memory = [f.strip() for f in open(gpu_file).read().strip().split(",")]
 gpu = f"{name} (driver {driver})"
 m = tomllib.load(open(config, "rb"))["model"]
 t = tomllib.load(open(config, "rb"))["train"]
+for kv in sys.argv[4:]:
+    if kv != "--set" and kv.startswith("train."):
+        key, value = kv[len("train."):].split("=")
+        t[key] = int(value)
 d, L, V, F, T = m["d_model"], m["n_layers"], m["vocab_size"], m["ffn_hidden"], t["seq_len"]
-params = V * d + L * (4 * d * d + 3 * d * F + 2 * d) + d
+kv_d = d * m.get("n_kv_heads", m["n_heads"]) // m["n_heads"]  # grouped-query k and v widths
+heads = 1 if m.get("tie_embeddings", True) else 2
+params = heads * V * d + L * (2 * d * d + 2 * d * kv_d + 3 * d * F + 2 * d) + d
 flops_per_token = 6 * params + 12 * L * d * T  # PaLM's estimate, attention included
 ceiling = next((r for r in rows if r["framework"] == "ceiling"), {})
 eager = {r.get("dtype"): r["tokens_per_sec"] for r in rows

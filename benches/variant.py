@@ -9,6 +9,8 @@ def strata_variant(r):
         variant += "+autotune"
     if r.get("matmul_kernel") not in (None, "burn"):
         variant += "+matmul=" + r["matmul_kernel"]
+    if r.get("cublas_wait") == "host":
+        variant += "+host-wait"
     if r.get("fused_adamw") is False:
         variant += "+adamw-tensor-ops"
     if r.get("mixed_precision") == "bf16":

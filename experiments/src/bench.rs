@@ -166,19 +166,24 @@ fn run_with<B: AutodiffBackend>(
             "attention_secs": attention,
         })
     });
-    // On GPU backends: the linear layers' matmul kernel for the step's type (`STRATA_MATMUL`),
+    // On GPU backends: the matmul kernel of the linear layers (`STRATA_MATMUL`),
     // and whether AdamW ran as one kernel per parameter (`STRATA_FUSED_ADAMW`).
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     let (matmul_kernel, fused_adamw) = {
         use strata::nn::fused::kernel;
         let on_gpu = !strata::nn::fused::on_host::<B::InnerBackend>();
         (
-            on_gpu.then(|| kernel::matmul_kernel_for::<B::InnerBackend>(dtype)),
+            on_gpu.then(kernel::matmul_kernel_for::<B::InnerBackend>),
             on_gpu.then(kernel::fused_adamw_enabled),
         )
     };
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     let (matmul_kernel, fused_adamw): (Option<&str>, Option<bool>) = (None, None);
+    #[cfg(feature = "cuda")]
+    let cublas_wait = (matmul_kernel == Some(strata::nn::fused::kernel::CUBLAS))
+        .then(strata::nn::fused::kernel::cublas_wait);
+    #[cfg(not(feature = "cuda"))]
+    let cublas_wait: Option<&str> = None;
     let total: f64 = step_secs.iter().sum();
     let tokens_per_sec = (n * args.steps) as f64 / total;
     // 6N FLOPs per token holds for full training only (LoRA skips the base weights' gradients).
@@ -194,6 +199,8 @@ fn run_with<B: AutodiffBackend>(
             // The linear layers' matmul kernel on GPU backends (`STRATA_MATMUL`).
             "matmul_kernel": matmul_kernel,
             "fused_adamw": fused_adamw,
+            // How cuBLAS products are ordered against CubeCL's stream (`STRATA_CUBLAS_WAIT`).
+            "cublas_wait": cublas_wait,
             "params": config.model.num_params(),
             "batch_size": tc.batch_size,
             "seq_len": tc.seq_len,

@@ -7,6 +7,7 @@
 //! - [`adamw`]: one AdamW update of a parameter in one launch.
 //! - [`matmul`]: matrix products through one named kernel of CubeCL's matmul library, for the
 //!   linear layers on the GPU backends.
+//! - [`cublas`]: matrix products through cuBLAS on the CUDA backend.
 //!
 //! The kernels take and return Burn's GPU tensors ([`CubeTensor`]); the backend types below
 //! are the ones they run on. The crate is empty without its `wgpu` or `cuda` feature (`strata`'s
@@ -16,8 +17,11 @@
 pub mod adamw;
 #[cfg(feature = "gpu")]
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cublas;
 #[cfg(feature = "gpu")]
 pub mod matmul;
+pub mod strided;
 
 #[cfg(feature = "gpu")]
 pub use cubek;

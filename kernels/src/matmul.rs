@@ -33,6 +33,7 @@ use cubek::std::InputBinding;
 /// <= 256") after returning, which left the CUDA client unusable for every later product.
 pub const KERNELS: &[&str] = &[
     "burn",
+    CUBLAS,
     "simple_cyclic_cmma",
     "simple_cyclic_mma",
     "simple_cyclic_mma_multi_rows",
@@ -48,7 +49,11 @@ pub const KERNELS: &[&str] = &[
     "double_unit",
 ];
 
-/// The cubek strategy of a kernel of [`KERNELS`] (`burn`: Burn's default, `Auto`).
+/// The name of cuBLAS in [`KERNELS`]: not a cubek kernel, and CUDA only.
+pub const CUBLAS: &str = "cublas";
+
+/// The cubek strategy of a kernel of [`KERNELS`] (`burn`: Burn's default, `Auto`); `None` for
+/// [`CUBLAS`] and unknown names.
 pub fn strategy(name: &str) -> Option<Strategy> {
     use BlueprintStrategy::Inferred;
     use TileMatmulKind::{Cmma, Mma};
@@ -92,13 +97,34 @@ pub fn strategy(name: &str) -> Option<Strategy> {
 /// or 77 rows, 77 columns) came out wrong by 0.4 at scale 1, not yet explained (a column count
 /// that no vector width divides is one difference). Every projection of the GPT-2 and Llama
 /// shapes is on that ground; a vocabulary of odd size is not, and its LM head takes Burn's
-/// kernel. Attention does not use these kernels.
+/// kernel. Attention does not use these kernels (it takes cuBLAS where that is chosen).
 pub const K_MULTIPLE: usize = 32;
 pub const N_MULTIPLE: usize = 4;
 
-/// Whether the kernels take a product of inner size `k` and `n` columns.
-pub fn takes(k: usize, n: usize) -> bool {
+/// Whether `kernel` takes a product of inner size `k` and `n` columns: cuBLAS takes every size.
+pub fn takes(kernel: &str, k: usize, n: usize) -> bool {
+    kernel == CUBLAS || on_checked_ground(k, n)
+}
+
+fn on_checked_ground(k: usize, n: usize) -> bool {
     k.is_multiple_of(K_MULTIPLE) && n.is_multiple_of(N_MULTIPLE)
+}
+
+/// `lhs · rhs` (as [`matmul`]) through the kernel `name` of [`KERNELS`]: an error for an unknown
+/// name, cuBLAS off CUDA, or a product the kernel cannot run.
+pub fn matmul_named<R: CubeRuntime>(
+    lhs: CubeTensor<R>,
+    rhs: CubeTensor<R>,
+    name: &str,
+) -> Result<CubeTensor<R>, String> {
+    if name == CUBLAS {
+        #[cfg(feature = "cuda")]
+        return crate::cublas::matmul_on(lhs, rhs);
+        #[cfg(not(feature = "cuda"))]
+        return Err("cuBLAS runs on the CUDA backend only".into());
+    }
+    let strategy = strategy(name).ok_or_else(|| format!("no matmul kernel {name}"))?;
+    matmul(lhs, rhs, &strategy)
 }
 
 /// `lhs · rhs` for `lhs: [..., m, k]` and `rhs: [..., k, n]` with the same leading (batch)
@@ -118,7 +144,7 @@ pub fn matmul<R: CubeRuntime>(
         return Err(format!("matmul: {a:?} · {b:?}: shapes do not multiply"));
     }
     let (k, n) = (a[rank - 1], b[rank - 1]);
-    if !takes(k, n) {
+    if !on_checked_ground(k, n) {
         return Err(format!(
             "matmul: inner size {k} and {n} columns: the kernels take multiples of \
              {K_MULTIPLE} and {N_MULTIPLE}"

@@ -248,6 +248,16 @@ pub mod device {
 
     use crate::nn::attention::{causal_mask, rows_per_pass};
 
+    /// A batched product of attention: through cuBLAS where that is the chosen GPU kernel
+    /// (`kernel::attention_matmul_chosen`), Burn's product otherwise.
+    fn product<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        if crate::nn::fused::kernel::attention_matmul_chosen::<B>() {
+            return crate::nn::fused::kernel::matmul(a, b);
+        }
+        a.matmul(b)
+    }
+
     /// Scaled, masked scores of query rows `r0..r1`.
     fn scores<B: Backend>(
         q: &Tensor<B, 4>,
@@ -256,10 +266,7 @@ pub mod device {
         r1: usize,
     ) -> Tensor<B, 4> {
         let (q_len, kv_len, d) = (q.dims()[2], k.dims()[2], q.dims()[3]);
-        let s = q
-            .clone()
-            .slice_dim(2, r0..r1)
-            .matmul(k.clone().swap_dims(2, 3))
+        let s = product(q.clone().slice_dim(2, r0..r1), k.clone().swap_dims(2, 3))
             .mul_scalar((d as f64).powf(-0.5));
         let [b, h, rows, _] = s.dims();
         let future = causal_mask::<B>(kv_len - q_len + r0, rows, kv_len, &q.device())
@@ -282,7 +289,7 @@ pub mod device {
             let max = s.clone().max_dim(3);
             let p = (s - max.clone()).exp();
             let sum = p.clone().sum_dim(3);
-            outs.push(p.matmul(v.clone()).div(sum.clone()));
+            outs.push(product(p, v.clone()).div(sum.clone()));
             lses.push((max + sum.log()).squeeze_dim::<3>(3));
         }
         (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
@@ -309,14 +316,11 @@ pub mod device {
             let p =
                 (scores(&q, &k, r0, r1) - lse.clone().slice_dim(2, r0..r1).unsqueeze_dim(3)).exp();
             let dout = grad_out.clone().slice_dim(2, r0..r1);
-            dv = dv + p.clone().swap_dims(2, 3).matmul(dout.clone());
-            let dp = dout.matmul(v.clone().swap_dims(2, 3));
+            dv = dv + product(p.clone().swap_dims(2, 3), dout.clone());
+            let dp = product(dout, v.clone().swap_dims(2, 3));
             let ds = p * (dp - delta.clone().slice_dim(2, r0..r1)) * scale;
-            dk = dk
-                + ds.clone()
-                    .swap_dims(2, 3)
-                    .matmul(q.clone().slice_dim(2, r0..r1));
-            dqs.push(ds.matmul(k.clone()));
+            dk = dk + product(ds.clone().swap_dims(2, 3), q.clone().slice_dim(2, r0..r1));
+            dqs.push(product(ds, k.clone()));
         }
         (Tensor::cat(dqs, 2), dk, dv)
     }

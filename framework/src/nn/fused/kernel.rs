@@ -16,10 +16,9 @@ use std::sync::Mutex;
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 use strata_kernels::attention::{self as flash, MAX_HEAD_DIM};
-use strata_kernels::cubek::matmul::launch::Strategy;
 use strata_kernels::matmul as cube_matmul;
 
-pub use strata_kernels::matmul::KERNELS as MATMUL_KERNELS;
+pub use strata_kernels::matmul::{CUBLAS, KERNELS as MATMUL_KERNELS};
 use strata_kernels::{BoolElement, CubeBackend, CubeRuntime, CubeTensor, FloatElement, IntElement};
 
 pub use strata_kernels::attention::Pattern;
@@ -193,10 +192,10 @@ pub fn backward<B: Backend>(
 /// backends (see [`matmul_kernel_for`]).
 pub const MATMUL_VAR: &str = "STRATA_MATMUL";
 
-/// The kernel of bf16 and f16 products on CUDA when [`MATMUL_VAR`] is unset: the fastest of
-/// `strata bench-matmul` on an H100 (benches/results/gpu_notes.md, entry 5), 1.6× the training
-/// steps of Burn's default. f32 products, and every product on wgpu, keep Burn's (`burn`).
-pub const CUDA_HALF_MATMUL: &str = "double_cyclic_mma";
+/// The kernel of every product on CUDA when [`MATMUL_VAR`] is unset: cuBLAS, 5–6× the
+/// fastest CubeCL kernel on an H100 (benches/results/gpu_notes.md, entries 5 and 6). Products on
+/// wgpu keep Burn's (`burn`).
+pub const CUDA_MATMUL: &str = CUBLAS;
 
 /// The matmul kernel [`MATMUL_VAR`] names (one of `strata_kernels::matmul::KERNELS`), `None`
 /// when it is unset; an error naming the variable and the kernels when it names none of them.
@@ -216,16 +215,15 @@ pub fn matmul_kernel() -> Result<Option<&'static str>, String> {
         })
 }
 
-/// The kernel that products of `dtype` take on backend `B`: [`MATMUL_VAR`]'s, else
-/// [`CUDA_HALF_MATMUL`] for bf16 and f16 on CUDA, else `burn` (Burn's own product, which the
-/// tensor ops already call). Read at each product: a lookup beside a kernel launch, and tests
-/// can switch kernels. An unknown name counts as `burn` (the CLI reports it at start).
-pub fn matmul_kernel_for<B: Backend>(dtype: burn::tensor::DType) -> &'static str {
-    use burn::tensor::DType;
+/// The kernel that products on backend `B` take: [`MATMUL_VAR`]'s, else [`CUDA_MATMUL`] on
+/// CUDA, else `burn` (Burn's own product, which the tensor ops already call). Read at each
+/// product: a lookup beside a kernel launch, and tests can switch kernels. An unknown name
+/// counts as `burn` (the CLI reports it at start).
+pub fn matmul_kernel_for<B: Backend>() -> &'static str {
     match matmul_kernel() {
         Ok(Some(name)) => name,
         Err(_) => "burn",
-        Ok(None) if on_cuda::<B>() && matches!(dtype, DType::BF16 | DType::F16) => CUDA_HALF_MATMUL,
+        Ok(None) if on_cuda::<B>() => CUDA_MATMUL,
         Ok(None) => "burn",
     }
 }
@@ -243,10 +241,27 @@ fn on_cuda<B: Backend>() -> bool {
     false
 }
 
-/// Whether products of `dtype` on backend `B` take [`matmul`]: `B` is a GPU backend and its
-/// kernel for them is not Burn's.
-pub fn matmul_chosen<B: Backend>(dtype: burn::tensor::DType) -> bool {
-    kernel_backend::<B>() && matmul_kernel_for::<B>(dtype) != "burn"
+/// Whether products on backend `B` take [`matmul`]: `B` is a GPU backend and its kernel is not
+/// Burn's.
+pub fn matmul_chosen<B: Backend>() -> bool {
+    kernel_backend::<B>() && matmul_kernel_for::<B>() != "burn"
+}
+
+/// How cuBLAS products are ordered against CubeCL's stream (`STRATA_CUBLAS_WAIT`): `device`
+/// (the default: the streams wait for each other on the GPU) or `host`.
+#[cfg(feature = "cuda")]
+pub fn cublas_wait() -> &'static str {
+    match strata_kernels::cublas::wait() {
+        strata_kernels::cublas::Wait::Host => "host",
+        strata_kernels::cublas::Wait::Device => "device",
+    }
+}
+
+/// Whether attention's batched products on backend `B` take [`matmul`]: only when the chosen
+/// kernel is cuBLAS. Through `double_cyclic_mma` the attention op's CUDA check came out wrong
+/// (gpu_notes.md, entry 5) and the cause is not found, so the CubeCL kernels stay off them.
+pub fn attention_matmul_chosen<B: Backend>() -> bool {
+    kernel_backend::<B>() && matmul_kernel_for::<B>() == CUBLAS
 }
 
 /// Says once per product shape that the chosen kernel cannot run it, so that a benchmark does
@@ -264,12 +279,12 @@ fn warn_fallback(name: &str, a: Vec<usize>, b: Vec<usize>, reason: &str) {
 /// through the chosen kernel; call only where [`matmul_chosen`] holds. A product the kernel
 /// cannot run takes Burn's.
 pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
-    // Sizes off the ground the kernels were checked on (`strata_kernels::matmul::takes`):
-    // Burn's product, without a warning, since that is their rule.
-    if !cube_matmul::takes(a.dims()[D - 1], b.dims()[D - 1]) {
+    let name = matmul_kernel_for::<B>();
+    // Sizes off the ground a kernel was checked on (`strata_kernels::matmul::takes`): Burn's
+    // product, without a warning, since that is its rule.
+    if !cube_matmul::takes(name, a.dims()[D - 1], b.dims()[D - 1]) {
         return a.matmul(b);
     }
-    let name = matmul_kernel_for::<B>(a.dtype());
     match matmul_with(a.clone(), b.clone(), name) {
         Ok(product) => product,
         Err(reason) => {
@@ -279,13 +294,13 @@ pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> T
     }
 }
 
-struct NamedProduct<B: Backend, const D: usize>(Tensor<B, D>, Tensor<B, D>, Strategy);
+struct NamedProduct<'a, B: Backend, const D: usize>(Tensor<B, D>, Tensor<B, D>, &'a str);
 
-impl<B: Backend, const D: usize> CubeOp for NamedProduct<B, D> {
+impl<B: Backend, const D: usize> CubeOp for NamedProduct<'_, B, D> {
     type Output = Result<Tensor<B, D>, String>;
     fn run<C: OnCube>(self) -> Self::Output {
-        let NamedProduct(a, b, strategy) = self;
-        cube_matmul::matmul(cube::<C, B, D>(a), cube::<C, B, D>(b), &strategy).map(burn::<C, B, D>)
+        let NamedProduct(a, b, name) = self;
+        cube_matmul::matmul_named(cube::<C, B, D>(a), cube::<C, B, D>(b), name).map(burn::<C, B, D>)
     }
 }
 
@@ -297,9 +312,7 @@ pub fn matmul_with<B: Backend, const D: usize>(
     b: Tensor<B, D>,
     name: &str,
 ) -> Result<Tensor<B, D>, String> {
-    let strategy = cube_matmul::strategy(name).ok_or_else(|| format!("no matmul kernel {name}"))?;
-    run_on_cube::<B, _>(NamedProduct(a, b, strategy))
-        .unwrap_or_else(|| Err("not a GPU backend".into()))
+    run_on_cube::<B, _>(NamedProduct(a, b, name)).unwrap_or_else(|| Err("not a GPU backend".into()))
 }
 
 pub use strata_kernels::adamw::AdamWStep;

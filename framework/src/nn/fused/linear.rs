@@ -5,9 +5,9 @@
 //!   allocates each output zeroed and then copies it to realign it, and its backward transposes
 //!   the weight into a copy first: together about a tenth of the default model's training step,
 //!   all on one thread.
-//! - the GPU backends, where a matmul kernel is chosen for the type (`STRATA_MATMUL`, or the
-//!   default for bf16 on CUDA; `nn::fused::kernel`): the three products run through that kernel
-//!   instead of the one Burn picks.
+//! - the GPU backends, where a matmul kernel is chosen (`STRATA_MATMUL`, or cuBLAS by default on
+//!   CUDA; `nn::fused::kernel`): the three products run through that kernel instead of the one
+//!   Burn picks.
 //!
 //! ```text
 //! y = x·W      dx = dy·Wᵀ      dW = xᵀ·dy       (x: [rows, d_in], W: [d_in, d_out])
@@ -46,7 +46,7 @@ pub fn matmul_rows<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2>
 
 fn linear_on<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, flex: bool) -> Tensor<B, 2> {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    if kernel::matmul_chosen::<B>(x.dtype()) {
+    if kernel::matmul_chosen::<B>() {
         return kernel::matmul(x, weight);
     }
     match run_on_autodiff(LinearOp(x, weight, flex), Inner::Any) {
@@ -65,7 +65,7 @@ impl<B: Backend> AutodiffOp<B> for LinearOp<B> {
         let (x, weight): (Tensor<Autodiff<I>, 2>, Tensor<Autodiff<I>, 2>) =
             (same(self.0), same(self.1));
         #[cfg(any(feature = "wgpu", feature = "cuda"))]
-        if kernel::matmul_chosen::<I>(x.dtype()) {
+        if kernel::matmul_chosen::<I>() {
             return same(cube::linear_autodiff::<I>(x, weight));
         }
         let f32s = x.dtype() == DType::F32 && weight.dtype() == DType::F32;
