@@ -89,6 +89,8 @@ class Llama(nn.Module):
         self.embed = nn.Embedding(m["vocab_size"], m["d_model"])
         self.blocks = nn.ModuleList(Block(m) for _ in range(m["n_layers"]))
         self.norm = RMSNorm(m["d_model"], m["norm_eps"])
+        # An untied LM head (TinyLlama's shape) is its own [vocab, d_model] matrix.
+        self.head = None if m.get("tie_embeddings", True) else nn.Linear(m["d_model"], m["vocab_size"], bias=False)
         cos, sin = rope_tables(m["d_model"] // m["n_heads"], m["max_seq_len"], m["rope_theta"])
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -104,7 +106,8 @@ class Llama(nn.Module):
         cos, sin = self.cos[:t], self.sin[:t]
         for block in self.blocks:
             x = block(x, cos, sin)
-        return self.norm(x) @ self.embed.weight.T
+        head = self.embed if self.head is None else self.head
+        return self.norm(x) @ head.weight.T
 
 
 def wildcard(pattern, name):
@@ -211,7 +214,6 @@ def main():
     t = {"seed": 1337, "batch_size": 16, "seq_len": 128, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100,
          "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "grad_clip": 1.0, "eval_batches": 20,
          **cfg.get("train", {})}
-    assert m.get("tie_embeddings", True), "the reference ties embeddings like the default config"
     torch.manual_seed(t.get("seed", 1337))
     global NAIVE_ATTENTION
     NAIVE_ATTENTION = args.naive_attention
