@@ -294,7 +294,7 @@ def main():
 
     def batch():
         starts = torch.randint(0, len(train) - seq - 1, (bsz,), generator=gen)
-        w = torch.stack([train[s:s + seq + 1] for s in starts.tolist()])
+        w = torch.stack([train[s:s + seq + 1] for s in starts.tolist()]).to(device)
         return w[:, :-1], w[:, 1:]
 
     start = time.perf_counter()
@@ -325,11 +325,12 @@ def main():
     windows = t.get("eval_batches", 20) * bsz
     span = len(val) - seq - 1
     starts = [i * span // windows for i in range(windows)]
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         losses = []
         for c in range(0, windows, bsz):
-            w = torch.stack([val[s:s + seq + 1] for s in starts[c:c + bsz]])
-            losses.append(F.cross_entropy(model(w[:, :-1]).reshape(-1, m["vocab_size"]), w[:, 1:].reshape(-1)).item())
+            w = torch.stack([val[s:s + seq + 1] for s in starts[c:c + bsz]]).to(device)
+            logits = model(w[:, :-1]).reshape(-1, m["vocab_size"]).float()
+            losses.append(F.cross_entropy(logits, w[:, 1:].reshape(-1)).item())
     val_loss = sum(losses) / len(losses)
     bytes_per_token = val_bytes / len(val)
     info["peak_host_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
