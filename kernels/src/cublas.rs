@@ -27,7 +27,7 @@ use cubecl::prelude::*;
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{result as driver, sys as driver_sys};
 
-use crate::strided::{Operand, batches, operand};
+use crate::strided::{Operand, batches, operand, product_sizes};
 
 type Client = cubecl::client::ComputeClient<CudaRuntime>;
 
@@ -147,11 +147,8 @@ pub fn matmul(
 ) -> Result<CubeTensor<CudaRuntime>, String> {
     let (a, b) = (lhs.shape().to_vec(), rhs.shape().to_vec());
     let rank = a.len();
-    let fits = rank >= 2 && b.len() == rank && a[..rank - 2] == b[..rank - 2];
-    if !fits || a[rank - 1] != b[rank - 2] {
-        return Err(format!("cuBLAS: {a:?} · {b:?}: shapes do not multiply"));
-    }
-    let (m, k, n) = (a[rank - 2], a[rank - 1], b[rank - 1]);
+    let [m, k, n] = product_sizes(&a, &b)
+        .ok_or_else(|| format!("cuBLAS: {a:?} · {b:?}: shapes do not multiply"))?;
     if m == 0 || n == 0 || k == 0 {
         return Err(format!("cuBLAS: empty product {a:?} · {b:?}"));
     }

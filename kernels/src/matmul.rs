@@ -139,11 +139,8 @@ pub fn matmul<R: CubeRuntime>(
 ) -> Result<CubeTensor<R>, String> {
     let (a, b) = (lhs.shape().to_vec(), rhs.shape().to_vec());
     let rank = a.len();
-    let fits = rank >= 2 && b.len() == rank && a[..rank - 2] == b[..rank - 2];
-    if !fits || a[rank - 1] != b[rank - 2] {
-        return Err(format!("matmul: {a:?} · {b:?}: shapes do not multiply"));
-    }
-    let (k, n) = (a[rank - 1], b[rank - 1]);
+    let [_, k, n] = crate::strided::product_sizes(&a, &b)
+        .ok_or_else(|| format!("matmul: {a:?} · {b:?}: shapes do not multiply"))?;
     if !on_checked_ground(k, n) {
         return Err(format!(
             "matmul: inner size {k} and {n} columns: the kernels take multiples of \

@@ -3,6 +3,14 @@
 //! and how batch dimensions become strided batches. Plain index arithmetic, compiled whatever
 //! the features, so that its tests run in every build.
 
+/// `(m, k, n)` of `a · b` for shapes `[..., m, k]` and `[..., k, n]` with the same leading (batch)
+/// sizes; `None` when they do not multiply so.
+pub fn product_sizes(a: &[usize], b: &[usize]) -> Option<[usize; 3]> {
+    let rank = a.len();
+    let fits = rank >= 2 && b.len() == rank && a[..rank - 2] == b[..rank - 2];
+    (fits && a[rank - 1] == b[rank - 2]).then(|| [a[rank - 2], a[rank - 1], b[rank - 1]])
+}
+
 /// How cuBLAS (column-major) reads one matrix operand of a row-major product: `transposed`
 /// when its memory holds the operand column by column (a transposed view), `ld` the distance
 /// between consecutive rows (or columns) in elements.
@@ -74,6 +82,14 @@ pub fn batches(sizes: &[usize], strides: [&[usize]; 3]) -> (Vec<[usize; 3]>, usi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn products_need_equal_batches_and_matching_inner_sizes() {
+        assert_eq!(product_sizes(&[2, 5, 3], &[2, 3, 7]), Some([5, 3, 7]));
+        assert_eq!(product_sizes(&[2, 5, 3], &[4, 3, 7]), None);
+        assert_eq!(product_sizes(&[5, 3], &[4, 7]), None);
+        assert_eq!(product_sizes(&[3], &[3]), None);
+    }
 
     #[test]
     fn operands_read_through_either_stride() {
