@@ -8,10 +8,13 @@
 //! needed at build time; where it is missing [`matmul`] says so and the caller takes another
 //! kernel.
 //!
-//! cuBLAS cannot join CubeCL's stream, which CubeCL keeps to itself, so each product waits for
-//! the stream to finish the work queued before it, runs on a stream of its own, and waits for
-//! that before returning: correct whatever ran before or comes after, at the price of the GPU
-//! idling while the host queues the next launches (tens of microseconds a product).
+//! cuBLAS cannot join CubeCL's stream, which CubeCL keeps to itself, so it runs on a stream of its
+//! own, and each product is ordered against CubeCL's work before and after it by `Handoff`:
+//! the two streams wait for each other on the GPU, and the host never waits. The whole product
+//! is queued from CubeCL's device thread (the thread that launches CubeCL's kernels), where the
+//! operands' device addresses can be asked for without waiting for that thread three times.
+//! [`Wait::Host`] (`STRATA_CUBLAS_WAIT=host`) orders by waiting on the host instead: simpler,
+//! 0.82× the training speed on an H100 (gpu_notes.md, entry 6).
 
 use std::any::Any;
 use std::cell::RefCell;
