@@ -103,22 +103,25 @@ fn with_blas<T>(
     })
 }
 
-fn matrix_strides(t: &CubeTensor<CudaRuntime>) -> [usize; 2] {
-    let strides = t.meta.strides();
-    let rank = strides.len();
-    [strides[rank - 2], strides[rank - 1]]
+/// How cuBLAS reads the matrices of `t` as they lie, if it can.
+fn layout(t: &CubeTensor<CudaRuntime>) -> Option<Operand> {
+    let (shape, strides) = (t.meta.shape(), t.meta.strides());
+    let rank = shape.len();
+    operand(
+        shape[rank - 2],
+        shape[rank - 1],
+        [strides[rank - 2], strides[rank - 1]],
+    )
 }
 
 /// `t` and how cuBLAS reads its matrices, copied to a contiguous tensor if it cannot read them
 /// as they lie.
 fn readable(t: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, Operand) {
-    let shape = t.shape().to_vec();
-    let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-    if let Some(layout) = operand(rows, cols, matrix_strides(&t)) {
+    if let Some(layout) = layout(&t) {
         return (t, layout);
     }
     let t = into_contiguous(t);
-    let layout = operand(rows, cols, matrix_strides(&t)).expect("a contiguous matrix");
+    let layout = layout(&t).expect("a contiguous matrix");
     (t, layout)
 }
 
@@ -141,8 +144,8 @@ fn long(value: usize) -> i64 {
 }
 
 /// `lhs · rhs` for `lhs: [..., m, k]` and `rhs: [..., k, n]` with the same leading (batch) sizes
-/// (either may be a transposed or sliced view), into a new contiguous `[..., m, n]` tensor of
-/// their type, accumulated in f32 (no TF32 for f32 operands). An error when the types or sizes
+/// (either may be a transposed or sliced view), into a new `[..., m, n]` tensor of their type
+/// (laid out as CubeCL lays out new tensors, rows possibly padded), accumulated in f32 (no TF32 for f32 operands). An error when the types or sizes
 /// are not ones cuBLAS takes here, or the library is missing or fails.
 pub fn matmul(
     lhs: CubeTensor<CudaRuntime>,
@@ -178,7 +181,9 @@ pub fn matmul(
         batches(&a[..rank - 2], [&strides[0], &strides[1], &strides[2]]);
 
     // The output's rows may be padded (CubeCL pitches rows to an alignment).
-    let out_layout = readable_in_place(&out)?;
+    let out_layout = layout(&out)
+        .filter(|layout| !layout.transposed)
+        .ok_or_else(|| format!("cuBLAS: output strides {:?}", out.meta.strides()))?;
 
     let elem = dtype.size();
     let (alpha, beta) = (1.0f32, 0.0f32);
@@ -284,15 +289,6 @@ pub fn matmul(
     Ok(out)
 }
 
-/// The layout of a tensor's matrices as they lie; an error if cuBLAS cannot read them so.
-fn readable_in_place(t: &CubeTensor<CudaRuntime>) -> Result<Operand, String> {
-    let shape = t.shape().to_vec();
-    let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-    operand(rows, cols, matrix_strides(t))
-        .filter(|layout| !layout.transposed)
-        .ok_or_else(|| format!("cuBLAS: output strides {:?}", t.meta.strides()))
-}
-
 /// How each product is ordered against the work CubeCL queues before and after it
 /// (`STRATA_CUBLAS_WAIT`): `device` (the default) or `host`.
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -339,6 +335,10 @@ struct Handoff {
     spin: SpinKernels,
     ticket: u32,
 }
+
+/// The launch of the CubeCL side's kernels: one cube of one unit.
+const ONE: CubeCount = CubeCount::Static(1, 1, 1);
+const ONE_UNIT: CubeDim = CubeDim { x: 1, y: 1, z: 1 };
 
 /// Polls before a spinning kernel gives up (an atomic read each, under a microsecond: seconds in
 /// all, far beyond any product).
@@ -441,26 +441,29 @@ impl Handoff {
         })
     }
 
-    fn launch(
-        &self,
-        client: &Client,
-        kernel: fn(&Client, CubeCount, CubeDim, TensorArg<CudaRuntime>, u32),
-        ticket: u32,
-    ) {
-        kernel(
-            client,
-            CubeCount::Static(1, 1, 1),
-            CubeDim::new_1d(1),
-            self.flags.clone().into_tensor_arg(),
-            ticket,
-        );
+    /// Step 1: a one-unit CubeCL kernel sets `reached = ticket`.
+    fn reach(&self, client: &Client, ticket: u32) {
+        let flags = self.flags.clone().into_tensor_arg();
+        // SAFETY: one unit writes index 0 of a 3-element tensor.
+        unsafe {
+            reach_kernel::launch_unchecked::<CudaRuntime>(client, ONE, ONE_UNIT, flags, ticket)
+        }
+    }
+
+    /// Step 3: a one-unit CubeCL kernel spins until `done ≥ ticket`.
+    fn await_done(&self, client: &Client, ticket: u32) {
+        let flags = self.flags.clone().into_tensor_arg();
+        // SAFETY: one unit reads index 1 and writes index 2 of a 3-element tensor.
+        unsafe {
+            await_kernel::launch_unchecked::<CudaRuntime>(client, ONE, ONE_UNIT, flags, ticket)
+        }
     }
 
     /// Step 1 and the wait of step 2: the ticket of this product.
     fn open(&mut self, client: &Client, stream: driver_sys::CUstream) -> Result<u32, String> {
         self.ticket += 1;
         let ticket = self.ticket;
-        self.launch(client, launch_reach, ticket);
+        self.reach(client, ticket);
         let (mut address, mut ticket_arg, mut limit) = (self.address, ticket, SPIN_LIMIT);
         SpinKernels::launch(
             self.spin.wait_reached,
@@ -490,31 +493,9 @@ impl Handoff {
                 (&mut ticket_arg as *mut u32).cast(),
             ],
         )?;
-        self.launch(client, launch_await, ticket);
+        self.await_done(client, ticket);
         Ok(())
     }
-}
-
-fn launch_reach(
-    client: &Client,
-    count: CubeCount,
-    dim: CubeDim,
-    flags: TensorArg<CudaRuntime>,
-    ticket: u32,
-) {
-    // SAFETY: one unit writes index 0 of a 3-element tensor.
-    unsafe { reach_kernel::launch_unchecked::<CudaRuntime>(client, count, dim, flags, ticket) }
-}
-
-fn launch_await(
-    client: &Client,
-    count: CubeCount,
-    dim: CubeDim,
-    flags: TensorArg<CudaRuntime>,
-    ticket: u32,
-) {
-    // SAFETY: one unit reads index 1 and writes index 2 of a 3-element tensor.
-    unsafe { await_kernel::launch_unchecked::<CudaRuntime>(client, count, dim, flags, ticket) }
 }
 
 /// [`matmul`] for tensors of any CubeCL runtime: an error unless it is CUDA's.
