@@ -31,6 +31,15 @@ pub use burn_cubecl::{
     BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, tensor::CubeTensor,
 };
 
+/// Whether `R` is CubeCL's CUDA runtime (always false without the `cuda` feature).
+#[cfg(feature = "gpu")]
+pub fn is_cuda<R: CubeRuntime>() -> bool {
+    #[cfg(feature = "cuda")]
+    return std::any::TypeId::of::<R>() == std::any::TypeId::of::<cubecl::cuda::CudaRuntime>();
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 /// Burn's wgpu backend without kernel fusion (`burn::backend::Wgpu` when `fusion` is off).
 #[cfg(feature = "wgpu")]
 pub type Wgpu = CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;

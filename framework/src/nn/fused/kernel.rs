@@ -228,17 +228,16 @@ pub fn matmul_kernel_for<B: Backend>() -> &'static str {
     }
 }
 
-// Without the cuda feature no backend is CUDA, and `B` goes unused.
-#[cfg_attr(not(feature = "cuda"), allow(clippy::extra_unused_type_parameters))]
+/// Whether `B` is one of the CUDA backends the kernels run on.
 fn on_cuda<B: Backend>() -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        use burn::tensor::{bf16, f16};
-        use strata_kernels::Cuda;
-        is::<B, Cuda<f32>>() || is::<B, Cuda<f16>>() || is::<B, Cuda<bf16>>()
+    struct IsCuda;
+    impl CubeOp for IsCuda {
+        type Output = bool;
+        fn run<C: OnCube>(self) -> bool {
+            strata_kernels::is_cuda::<C::Runtime>()
+        }
     }
-    #[cfg(not(feature = "cuda"))]
-    false
+    run_on_cube::<B, _>(IsCuda).unwrap_or(false)
 }
 
 /// Whether products on backend `B` take [`matmul`]: `B` is a GPU backend and its kernel is not
