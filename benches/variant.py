@@ -13,6 +13,8 @@ def strata_variant(r):
         variant += "+host-wait"
     if r.get("fused_adamw") is False:
         variant += "+adamw-tensor-ops"
+    if r.get("softmax_kernel") is False:
+        variant += "+softmax-tensor-ops"
     if r.get("mixed_precision") == "bf16":
         variant += "+mixed-bf16"
     return variant

@@ -167,18 +167,21 @@ fn run_with<B: AutodiffBackend>(
         })
     });
     // On GPU backends: the matmul kernel of the linear layers (`STRATA_MATMUL`),
-    // and whether AdamW ran as one kernel per parameter (`STRATA_FUSED_ADAMW`).
+    // whether AdamW ran as one kernel per parameter (`STRATA_FUSED_ADAMW`), and whether
+    // attention's softmax ran as one kernel each way (`STRATA_SOFTMAX_KERNEL`).
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    let (matmul_kernel, fused_adamw) = {
+    let (matmul_kernel, fused_adamw, softmax_kernel) = {
         use strata::nn::fused::kernel;
         let on_gpu = !strata::nn::fused::on_host::<B::InnerBackend>();
         (
             on_gpu.then(kernel::matmul_kernel_for::<B::InnerBackend>),
             on_gpu.then(kernel::fused_adamw_enabled),
+            on_gpu.then(kernel::softmax_chosen::<B::InnerBackend>),
         )
     };
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-    let (matmul_kernel, fused_adamw): (Option<&str>, Option<bool>) = (None, None);
+    let (matmul_kernel, fused_adamw, softmax_kernel): (Option<&str>, Option<bool>, Option<bool>) =
+        (None, None, None);
     #[cfg(feature = "cuda")]
     let cublas_wait = (matmul_kernel == Some(strata::nn::fused::kernel::CUBLAS))
         .then(strata::nn::fused::kernel::cublas_wait);
@@ -199,6 +202,7 @@ fn run_with<B: AutodiffBackend>(
             // The linear layers' matmul kernel on GPU backends (`STRATA_MATMUL`).
             "matmul_kernel": matmul_kernel,
             "fused_adamw": fused_adamw,
+            "softmax_kernel": softmax_kernel,
             // How cuBLAS products are ordered against CubeCL's stream (`STRATA_CUBLAS_WAIT`).
             "cublas_wait": cublas_wait,
             "params": config.model.num_params(),

@@ -7,6 +7,10 @@
 //! - [`adamw`]: one AdamW update of a parameter in one launch.
 //! - [`matmul`]: matrix products through one named kernel of CubeCL's matmul library, for the
 //!   linear layers on the GPU backends.
+//! - [`rows`]: RMSNorm forward and backward, a cube per row. [`swiglu`]: the SwiGLU gate
+//!   forward and backward, one element-wise kernel each.
+//! - [`softmax`]: the causal softmax of attention scores and its gradient, one pass each, for
+//!   attention computed as matrix products.
 //! - [`cublas`]: matrix products through cuBLAS on the CUDA backend.
 //!
 //! The kernels take and return Burn's GPU tensors ([`CubeTensor`]); the backend types below
@@ -21,7 +25,13 @@ pub mod attention;
 pub mod cublas;
 #[cfg(feature = "gpu")]
 pub mod matmul;
+#[cfg(feature = "gpu")]
+pub mod rows;
+#[cfg(feature = "gpu")]
+pub mod softmax;
 pub mod strided;
+#[cfg(feature = "gpu")]
+pub mod swiglu;
 
 #[cfg(feature = "gpu")]
 pub use cubek;

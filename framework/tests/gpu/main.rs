@@ -7,8 +7,10 @@
 mod common;
 
 mod adamw;
+mod elementwise;
 mod flash;
 mod fused;
 mod matmul;
+mod softmax;
 #[cfg(feature = "wgpu")]
 mod wgpu_parity;

@@ -246,6 +246,8 @@ pub fn causal_backward<B: Backend>(
 pub mod device {
     use burn::prelude::*;
 
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    use crate::nn::fused::kernel;
     use crate::nn::attention::{causal_mask, rows_per_pass};
 
     /// A batched product of attention: through cuBLAS where that is the chosen GPU kernel
@@ -258,6 +260,21 @@ pub mod device {
         a.matmul(b)
     }
 
+    /// `1/√head_dim`.
+    fn scale<B: Backend>(q: &Tensor<B, 4>) -> f32 {
+        (q.dims()[3] as f32).powf(-0.5)
+    }
+
+    /// Unscaled, unmasked scores `Q Kᵀ` of query rows `r0..r1`.
+    fn raw_scores<B: Backend>(
+        q: &Tensor<B, 4>,
+        k: &Tensor<B, 4>,
+        r0: usize,
+        r1: usize,
+    ) -> Tensor<B, 4> {
+        product(q.clone().slice_dim(2, r0..r1), k.clone().swap_dims(2, 3))
+    }
+
     /// Scaled, masked scores of query rows `r0..r1`.
     fn scores<B: Backend>(
         q: &Tensor<B, 4>,
@@ -265,9 +282,8 @@ pub mod device {
         r0: usize,
         r1: usize,
     ) -> Tensor<B, 4> {
-        let (q_len, kv_len, d) = (q.dims()[2], k.dims()[2], q.dims()[3]);
-        let s = product(q.clone().slice_dim(2, r0..r1), k.clone().swap_dims(2, 3))
-            .mul_scalar((d as f64).powf(-0.5));
+        let (q_len, kv_len) = (q.dims()[2], k.dims()[2]);
+        let s = raw_scores(q, k, r0, r1).mul_scalar(scale(q));
         let [b, h, rows, _] = s.dims();
         let future = causal_mask::<B>(kv_len - q_len + r0, rows, kv_len, &q.device())
             .expand([b, h, rows, kv_len]);
@@ -285,7 +301,16 @@ pub mod device {
         let step = rows_per_pass(batch * heads, k.dims()[2], max_scores);
         let (mut outs, mut lses) = (Vec::new(), Vec::new());
         for r0 in (0..q_len).step_by(step) {
-            let s = scores(&q, &k, r0, (r0 + step).min(q_len));
+            let r1 = (r0 + step).min(q_len);
+            #[cfg(any(feature = "wgpu", feature = "cuda"))]
+            if kernel::softmax_chosen::<B>() {
+                let first = k.dims()[2] - q_len + r0;
+                let (p, lse) = kernel::causal_softmax(raw_scores(&q, &k, r0, r1), scale(&q), first);
+                outs.push(product(p, v.clone()));
+                lses.push(lse);
+                continue;
+            }
+            let s = scores(&q, &k, r0, r1);
             let max = s.clone().max_dim(3);
             let p = (s - max.clone()).exp();
             let sum = p.clone().sum_dim(3);
@@ -313,9 +338,25 @@ pub mod device {
         let mut dqs = Vec::new();
         for r0 in (0..q_len).step_by(step) {
             let r1 = (r0 + step).min(q_len);
+            let dout = grad_out.clone().slice_dim(2, r0..r1);
+            #[cfg(any(feature = "wgpu", feature = "cuda"))]
+            if kernel::softmax_chosen::<B>() {
+                let first = k.dims()[2] - q_len + r0;
+                let dp = product(dout.clone(), v.clone().swap_dims(2, 3));
+                let (p, ds) = kernel::causal_softmax_grad(
+                    raw_scores(&q, &k, r0, r1),
+                    lse.clone().slice_dim(2, r0..r1),
+                    dp,
+                    scale as f32,
+                    first,
+                );
+                dv = dv + product(p.swap_dims(2, 3), dout);
+                dk = dk + product(ds.clone().swap_dims(2, 3), q.clone().slice_dim(2, r0..r1));
+                dqs.push(product(ds, k.clone()));
+                continue;
+            }
             let p =
                 (scores(&q, &k, r0, r1) - lse.clone().slice_dim(2, r0..r1).unsqueeze_dim(3)).exp();
-            let dout = grad_out.clone().slice_dim(2, r0..r1);
             dv = dv + product(p.clone().swap_dims(2, 3), dout.clone());
             let dp = product(dout, v.clone().swap_dims(2, 3));
             let ds = p * (dp - delta.clone().slice_dim(2, r0..r1)) * scale;

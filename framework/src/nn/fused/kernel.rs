@@ -348,3 +348,166 @@ pub fn adamw<B: Backend>(
     }
     run_on_cube::<B, _>(AdamWOp(inputs, step)).expect("checked: a GPU backend")
 }
+
+/// Whether attention in matrix form computes its softmax and the softmax's gradient with one
+/// kernel each on the GPU backends (`strata_kernels::softmax`): yes unless
+/// `STRATA_SOFTMAX_KERNEL=0` (the tensor ops, kept to compare).
+pub fn softmax_kernel_enabled() -> bool {
+    std::env::var("STRATA_SOFTMAX_KERNEL").map_or(true, |v| v != "0")
+}
+
+/// Whether [`causal_softmax`] and [`causal_softmax_grad`] run on backend `B`.
+pub fn softmax_chosen<B: Backend>() -> bool {
+    softmax_kernel_enabled() && kernel_backend::<B>()
+}
+
+struct SoftmaxOp<B: Backend>(Tensor<B, 4>, f32, usize);
+
+impl<B: Backend> CubeOp for SoftmaxOp<B> {
+    type Output = (Tensor<B, 4>, Tensor<B, 3>);
+    fn run<C: OnCube>(self) -> Self::Output {
+        let SoftmaxOp(scores, scale, first) = self;
+        let (probs, lse) =
+            strata_kernels::softmax::causal_softmax(cube::<C, B, 4>(scores), scale, first);
+        (burn::<C, B, 4>(probs), burn::<C, B, 3>(lse))
+    }
+}
+
+/// Probabilities and f32 row log-sum-exp of the causal softmax of `scores·scale`, the raw
+/// products `[batch, heads, rows, kv_len]` of queries at positions `first..first + rows`; call
+/// only where [`softmax_chosen`] holds.
+pub fn causal_softmax<B: Backend>(
+    scores: Tensor<B, 4>,
+    scale: f32,
+    first: usize,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    run_on_cube::<B, _>(SoftmaxOp(scores, scale, first)).expect("called where `softmax_chosen` holds")
+}
+
+struct SoftmaxGradOp<B: Backend>(Tensor<B, 4>, Tensor<B, 3>, Tensor<B, 4>, f32, usize);
+
+impl<B: Backend> CubeOp for SoftmaxGradOp<B> {
+    type Output = (Tensor<B, 4>, Tensor<B, 4>);
+    fn run<C: OnCube>(self) -> Self::Output {
+        let SoftmaxGradOp(scores, lse, grad_probs, scale, first) = self;
+        let (probs, grad_scores) = strata_kernels::softmax::causal_softmax_grad(
+            cube::<C, B, 4>(scores),
+            cube::<C, B, 3>(lse),
+            cube::<C, B, 4>(grad_probs),
+            scale,
+            first,
+        );
+        (burn::<C, B, 4>(probs), burn::<C, B, 4>(grad_scores))
+    }
+}
+
+/// The probabilities again and the gradient of the raw `scores`, given the forward pass's
+/// `lse` and the probabilities' gradient (see [`causal_softmax`]); call only where
+/// [`softmax_chosen`] holds.
+pub fn causal_softmax_grad<B: Backend>(
+    scores: Tensor<B, 4>,
+    lse: Tensor<B, 3>,
+    grad_probs: Tensor<B, 4>,
+    scale: f32,
+    first: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let lse = lse.cast(burn::tensor::DType::F32);
+    run_on_cube::<B, _>(SoftmaxGradOp(scores, lse, grad_probs, scale, first))
+        .expect("called where `softmax_chosen` holds")
+}
+
+/// Whether RMSNorm and the SwiGLU gate run as one kernel each way on the GPU backends
+/// (`strata_kernels::rows`, `strata_kernels::swiglu`): yes unless
+/// `STRATA_ELEMENTWISE_KERNELS=0` (the tensor ops, kept to compare).
+pub fn elementwise_chosen<B: Backend>() -> bool {
+    std::env::var("STRATA_ELEMENTWISE_KERNELS").map_or(true, |v| v != "0")
+        && kernel_backend::<B>()
+}
+
+struct RmsNormOp<B: Backend>(Tensor<B, 2>, Tensor<B, 1>, f32);
+
+impl<B: Backend> CubeOp for RmsNormOp<B> {
+    type Output = (Tensor<B, 2>, Tensor<B, 1>);
+    fn run<C: OnCube>(self) -> Self::Output {
+        let RmsNormOp(x, gamma, epsilon) = self;
+        let (y, inv_rms) =
+            strata_kernels::rows::rms_norm(cube::<C, B, 2>(x), cube::<C, B, 1>(gamma), epsilon);
+        (burn::<C, B, 2>(y), burn::<C, B, 1>(inv_rms))
+    }
+}
+
+/// RMSNorm of the rows of `x: [rows, d]` and each row's `1/rms` (f32); call only where
+/// [`elementwise_chosen`] holds, with `gamma` of `x`'s type.
+pub fn rms_norm<B: Backend>(
+    x: Tensor<B, 2>,
+    gamma: Tensor<B, 1>,
+    epsilon: f32,
+) -> (Tensor<B, 2>, Tensor<B, 1>) {
+    run_on_cube::<B, _>(RmsNormOp(x, gamma, epsilon)).expect("called where `elementwise_chosen` holds")
+}
+
+struct RmsNormGradOp<B: Backend>([Tensor<B, 2>; 2], Tensor<B, 1>, Tensor<B, 1>);
+
+impl<B: Backend> CubeOp for RmsNormGradOp<B> {
+    type Output = (Tensor<B, 2>, Tensor<B, 2>);
+    fn run<C: OnCube>(self) -> Self::Output {
+        let RmsNormGradOp([x, grad_y], gamma, inv_rms) = self;
+        let (grad_x, grad_gamma_rows) = strata_kernels::rows::rms_norm_grad(
+            cube::<C, B, 2>(x),
+            cube::<C, B, 1>(gamma),
+            cube::<C, B, 1>(inv_rms),
+            cube::<C, B, 2>(grad_y),
+        );
+        (burn::<C, B, 2>(grad_x), burn::<C, B, 2>(grad_gamma_rows))
+    }
+}
+
+/// `dx` and the per-row terms of `dγ` (f32 `[rows, d]`) of [`rms_norm`].
+pub fn rms_norm_grad<B: Backend>(
+    x: Tensor<B, 2>,
+    gamma: Tensor<B, 1>,
+    inv_rms: Tensor<B, 1>,
+    grad_y: Tensor<B, 2>,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    run_on_cube::<B, _>(RmsNormGradOp([x, grad_y], gamma, inv_rms))
+        .expect("called where `elementwise_chosen` holds")
+}
+
+struct SwigluOp<B: Backend>(Tensor<B, 1>, Tensor<B, 1>);
+
+impl<B: Backend> CubeOp for SwigluOp<B> {
+    type Output = Tensor<B, 1>;
+    fn run<C: OnCube>(self) -> Self::Output {
+        let SwigluOp(gate, up) = self;
+        burn::<C, B, 1>(strata_kernels::swiglu::swiglu(
+            cube::<C, B, 1>(gate),
+            cube::<C, B, 1>(up),
+        ))
+    }
+}
+
+/// `silu(gate) · up` of flat tensors of one type; call only where [`elementwise_chosen`] holds.
+pub fn swiglu<B: Backend>(gate: Tensor<B, 1>, up: Tensor<B, 1>) -> Tensor<B, 1> {
+    run_on_cube::<B, _>(SwigluOp(gate, up)).expect("called where `elementwise_chosen` holds")
+}
+
+struct SwigluGradOp<B: Backend>([Tensor<B, 1>; 3]);
+
+impl<B: Backend> CubeOp for SwigluGradOp<B> {
+    type Output = (Tensor<B, 1>, Tensor<B, 1>);
+    fn run<C: OnCube>(self) -> Self::Output {
+        let [gate, up, grad_out] = self.0.map(cube::<C, B, 1>);
+        let (grad_gate, grad_up) = strata_kernels::swiglu::swiglu_grad(gate, up, grad_out);
+        (burn::<C, B, 1>(grad_gate), burn::<C, B, 1>(grad_up))
+    }
+}
+
+/// The gradients of `gate` and `up` in [`swiglu`], given the output's.
+pub fn swiglu_grad<B: Backend>(
+    gate: Tensor<B, 1>,
+    up: Tensor<B, 1>,
+    grad_out: Tensor<B, 1>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    run_on_cube::<B, _>(SwigluGradOp([gate, up, grad_out]))
+        .expect("called where `elementwise_chosen` holds")
+}

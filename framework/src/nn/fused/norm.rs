@@ -22,8 +22,14 @@ use super::{
     AutodiffOp, CHUNK, HostValues, Inner, dot, from_host, run_on_autodiff, same, with_simd,
 };
 
-/// `norm.forward(x)`, through this op when `B` is autodiff over a CPU backend in f32.
+/// `norm.forward(x)`, through this op when `B` is autodiff over a CPU backend in f32, or
+/// through the GPU kernels when it is autodiff over a GPU backend they run on.
 pub fn rms_norm<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let x = match run_on_autodiff(gpu::RmsNormOp(x, norm.gamma.val(), norm.epsilon), Inner::Any) {
+        Ok(Ok(y)) => return y,
+        Ok(Err(x)) | Err(gpu::RmsNormOp(x, ..)) => x,
+    };
     if x.dtype() != DType::F32 {
         return norm.forward(x);
     }
@@ -188,4 +194,96 @@ fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum()
+}
+
+/// The same op through the kernels of `strata_kernels::rows`, saving `x`, `γ` and each row's
+/// `r` on the device.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod gpu {
+    use burn::backend::Autodiff;
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+    use burn::prelude::*;
+    use burn::tensor::TensorPrimitive;
+    use burn::tensor::ops::FloatTensor;
+
+    use super::super::{AutodiffOp, kernel, same};
+
+    pub(super) struct RmsNormOp<B: Backend>(pub Tensor<B, 3>, pub Tensor<B, 1>, pub f64);
+
+    impl<B: Backend> AutodiffOp<B> for RmsNormOp<B> {
+        /// `Err(x)` where the kernels do not run: another backend, or `γ` of another type.
+        type Output = Result<Tensor<B, 3>, Tensor<B, 3>>;
+
+        fn run<I: Backend>(self) -> Self::Output {
+            let RmsNormOp(x, gamma, epsilon) = self;
+            if !kernel::elementwise_chosen::<I>() || x.dtype() != gamma.dtype() {
+                return Err(x);
+            }
+            Ok(same(forward::<I>(same(x), same(gamma), epsilon as f32)))
+        }
+    }
+
+    #[derive(Debug)]
+    struct RmsNormKernelBackward;
+
+    impl<B: Backend> Backward<B, 2> for RmsNormKernelBackward {
+        /// `x` as `[rows, d]`, `γ`, each row's `r`, and `x`'s shape.
+        type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, [usize; 3]);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (x, gamma, inv_rms, shape) = ops.state;
+            let wrap2 = |p| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(p));
+            let wrap1 = |p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p));
+            let (x, gamma, inv_rms) = (wrap2(x), wrap1(gamma), wrap1(inv_rms));
+            let grad_y = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(
+                grads.consume::<B>(&ops.node),
+            ))
+            .reshape(x.dims());
+            let dtype = gamma.dtype();
+            let d = shape[2];
+            let (grad_x, grad_gamma_rows) = kernel::rms_norm_grad(x, gamma, inv_rms, grad_y);
+            let [parent_x, parent_gamma] = ops.parents;
+            if let Some(node) = parent_x {
+                grads.register::<B>(node.id, grad_x.reshape(shape).into_primitive().tensor());
+            }
+            if let Some(node) = parent_gamma {
+                let grad_gamma = grad_gamma_rows.sum_dim(0).reshape([d]).cast(dtype);
+                grads.register::<B>(node.id, grad_gamma.into_primitive().tensor());
+            }
+        }
+    }
+
+    fn forward<I: Backend>(
+        x: Tensor<Autodiff<I>, 3>,
+        gamma: Tensor<Autodiff<I>, 1>,
+        epsilon: f32,
+    ) -> Tensor<Autodiff<I>, 3> {
+        let shape = x.dims();
+        let (x, gamma) = (x.into_primitive().tensor(), gamma.into_primitive().tensor());
+        let rows = Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(x.primitive.clone()))
+            .reshape([shape[0] * shape[1], shape[2]]);
+        let g = Tensor::<I, 1>::from_primitive(TensorPrimitive::Float(gamma.primitive.clone()));
+        let (y, inv_rms) = kernel::rms_norm(rows.clone(), g.clone(), epsilon);
+        let y = y.reshape(shape).into_primitive().tensor();
+        let y = match RmsNormKernelBackward
+            .prepare::<NoCheckpointing>([x.node.clone(), gamma.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (
+                    rows.into_primitive().tensor(),
+                    g.into_primitive().tensor(),
+                    inv_rms.into_primitive().tensor(),
+                    shape,
+                );
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(y))
+    }
 }

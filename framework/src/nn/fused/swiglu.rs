@@ -22,8 +22,14 @@ use super::{
     AutodiffOp, CHUNK, HostValues, Inner, exp, from_host, run_on_autodiff, same, with_simd,
 };
 
-/// `silu(gate) · up`, through this op when `B` is autodiff over a CPU backend in f32.
+/// `silu(gate) · up`, through this op when `B` is autodiff over a CPU backend in f32, or
+/// through the GPU kernels when it is autodiff over a GPU backend they run on.
 pub fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let (gate, up) = match run_on_autodiff(gpu::SwigluOp(gate, up), Inner::Any) {
+        Ok(Ok(out)) => return out,
+        Ok(Err((gate, up))) | Err(gpu::SwigluOp(gate, up)) => (gate, up),
+    };
     if gate.dtype() != DType::F32 {
         return silu(gate) * up;
     }
@@ -125,5 +131,90 @@ fn gate_backward((d_gate, d_up, d_out, gate, up): BackwardChunk) {
         let sigmoid = 1.0 / (1.0 + exp(-g));
         *du = dout * g * sigmoid;
         *dg = dout * u * sigmoid * (1.0 + g * (1.0 - sigmoid));
+    }
+}
+
+/// The same op through the kernels of `strata_kernels::swiglu`, saving the inputs on the
+/// device.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod gpu {
+    use burn::backend::Autodiff;
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+    use burn::prelude::*;
+    use burn::tensor::TensorPrimitive;
+    use burn::tensor::ops::FloatTensor;
+
+    use super::super::{AutodiffOp, kernel, same};
+
+    pub(super) struct SwigluOp<B: Backend>(pub Tensor<B, 3>, pub Tensor<B, 3>);
+
+    impl<B: Backend> AutodiffOp<B> for SwigluOp<B> {
+        /// The inputs back where the kernels do not run: another backend, or inputs of
+        /// different types.
+        type Output = Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 3>)>;
+
+        fn run<I: Backend>(self) -> Self::Output {
+            let SwigluOp(gate, up) = self;
+            if !kernel::elementwise_chosen::<I>() || gate.dtype() != up.dtype() {
+                return Err((gate, up));
+            }
+            Ok(same(forward::<I>(same(gate), same(up))))
+        }
+    }
+
+    #[derive(Debug)]
+    struct SwigluKernelBackward;
+
+    impl<B: Backend> Backward<B, 2> for SwigluKernelBackward {
+        /// The flat gate and up values, and their shape.
+        type State = (FloatTensor<B>, FloatTensor<B>, [usize; 3]);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (gate, up, shape) = ops.state;
+            let wrap = |p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p));
+            let grad_out = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(
+                grads.consume::<B>(&ops.node),
+            ))
+            .reshape([shape.iter().product::<usize>()]);
+            let (grad_gate, grad_up) = kernel::swiglu_grad(wrap(gate), wrap(up), grad_out);
+            let [parent_gate, parent_up] = ops.parents;
+            for (parent, grad) in [(parent_gate, grad_gate), (parent_up, grad_up)] {
+                if let Some(node) = parent {
+                    grads.register::<B>(node.id, grad.reshape(shape).into_primitive().tensor());
+                }
+            }
+        }
+    }
+
+    fn forward<I: Backend>(
+        gate: Tensor<Autodiff<I>, 3>,
+        up: Tensor<Autodiff<I>, 3>,
+    ) -> Tensor<Autodiff<I>, 3> {
+        let shape = gate.dims();
+        let (gate, up) = (gate.into_primitive().tensor(), up.into_primitive().tensor());
+        let flat = |p: &FloatTensor<I>| {
+            Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(p.clone()))
+                .reshape([shape.iter().product::<usize>()])
+        };
+        let (g, u) = (flat(&gate.primitive), flat(&up.primitive));
+        let out = kernel::swiglu(g.clone(), u.clone())
+            .reshape(shape)
+            .into_primitive()
+            .tensor();
+        let out = match SwigluKernelBackward
+            .prepare::<NoCheckpointing>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (g.into_primitive().tensor(), u.into_primitive().tensor(), shape);
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }

@@ -1,0 +1,79 @@
+//! RMSNorm and the SwiGLU gate through their GPU kernels (`strata_kernels::rows`,
+//! `strata_kernels::swiglu`, taken by `strata::nn::fused` on autodiff over a GPU backend)
+//! against Burn's composed tensor ops on the CPU: values and every gradient, f32.
+//!
+//! Tolerance 1e-5 of the largest entry: f32 sums in another order (the norm's row sums, the
+//! column sums of dγ); differences seen are ~1e-7.
+
+use burn::backend::Autodiff;
+use burn::module::Param;
+use burn::nn::RmsNormConfig;
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use burn::tensor::backend::AutodiffBackend;
+use strata::backend::Cpu;
+use strata::nn::fused::{norm::rms_norm, swiglu::swiglu};
+
+use crate::common::{assert_close, random, values as host};
+
+/// Output, dx and dγ of RMSNorm over the last axis of `shape`: through `strata`'s op, or
+/// Burn's module (`composed`).
+fn norm<B: AutodiffBackend>(shape: [usize; 3], composed: bool) -> Vec<Vec<f32>> {
+    let x = random::<B, 3>(1, shape).mul_scalar(3.0).require_grad();
+    let w = random::<B, 3>(2, shape);
+    let mut module = RmsNormConfig::new(shape[2])
+        .with_epsilon(1e-5)
+        .init::<B>(&Default::default());
+    module.gamma = Param::from_tensor(random::<B, 1>(3, [shape[2]]).add_scalar(0.5));
+    let y = if composed {
+        module.forward(x.clone())
+    } else {
+        rms_norm(&module, x.clone())
+    };
+    let grads = (y.clone() * w).sum().backward();
+    vec![
+        host(y),
+        host(x.grad(&grads).expect("dx")),
+        host(module.gamma.grad(&grads).expect("dγ")),
+    ]
+}
+
+/// Output, d_gate and d_up of the gate.
+fn gate<B: AutodiffBackend>(shape: [usize; 3], composed: bool) -> Vec<Vec<f32>> {
+    let g = random::<B, 3>(4, shape).mul_scalar(6.0).require_grad();
+    let u = random::<B, 3>(5, shape).require_grad();
+    let w = random::<B, 3>(6, shape);
+    let out = if composed {
+        silu(g.clone()) * u.clone()
+    } else {
+        swiglu(g.clone(), u.clone())
+    };
+    let grads = (out.clone() * w).sum().backward();
+    vec![
+        host(out),
+        host(g.grad(&grads).expect("d_gate")),
+        host(u.grad(&grads).expect("d_up")),
+    ]
+}
+
+fn check<B: AutodiffBackend>() {
+    // Rows longer and shorter than a cube's 256 units.
+    for shape in [[2, 5, 300], [1, 3, 7]] {
+        let want = norm::<Autodiff<Cpu>>(shape, true);
+        assert_close(&["y", "dx", "dγ"], &norm::<B>(shape, false), &want, 1e-5);
+        let want = gate::<Autodiff<Cpu>>(shape, true);
+        assert_close(&["out", "d_gate", "d_up"], &gate::<B>(shape, false), &want, 1e-5);
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn norm_and_gate_kernels_on_wgpu_match_the_cpu() {
+    check::<Autodiff<strata::backend::Wgpu>>();
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn norm_and_gate_kernels_on_cuda_match_the_cpu() {
+    check::<Autodiff<strata::backend::Cuda<f32>>>();
+}

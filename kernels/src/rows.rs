@@ -1,0 +1,218 @@
+//! RMSNorm (Zhang & Sennrich, arXiv 1910.07467) forward and backward, one kernel each, a cube
+//! per row of `[rows, d]`; and the shared-memory reduction that row kernels use.
+//!
+//! Composed of tensor ops, RMSNorm is six launches forward (square, mean, add, root, divide,
+//! scale) and about twice as many backward, each a pass over the activations. With
+//! `r = 1/√(mean(x²) + ε)` per row and `g = dy ∘ γ`:
+//!
+//! ```text
+//! y = x·r·γ
+//! dx = r·g − x·r³·(g·x)/d      dγ = Σ_rows dy ∘ x·r
+//! ```
+//!
+//! The backward kernel writes `dy ∘ x·r` per row as f32 and the caller sums the rows (a
+//! reduction over rows is not a row kernel). Arithmetic is f32 whatever the tensors' type.
+
+use burn_backend::{DType, Shape, TensorMetadata};
+use burn_cubecl::CubeRuntime;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::calculate_cube_count_elemwise;
+use cubecl::prelude::*;
+
+/// Units per cube, one cube per row. A power of two (the reductions halve it).
+pub const UNITS: usize = 256;
+
+/// The maximum (`take_max`) or the sum of every unit's `value`, returned to all of them. Every
+/// unit of the cube must call it (it synchronises the cube); the cube's size must be a power of
+/// two.
+#[cube]
+pub fn cube_reduce(value: f32, shared: &mut SharedMemory<f32>, #[comptime] take_max: bool) -> f32 {
+    let unit = UNIT_POS_X as usize;
+    shared[unit] = value;
+    sync_cube();
+    // The cube's size read at run time: a value from a constant is a compile-time one, which
+    // the loop could not halve.
+    let mut width = CUBE_DIM_X as usize / 2;
+    while width > 0 {
+        if unit < width {
+            if take_max {
+                shared[unit] = max(shared[unit], shared[unit + width]);
+            } else {
+                shared[unit] += shared[unit + width];
+            }
+        }
+        sync_cube();
+        width /= 2;
+    }
+    let total = shared[0];
+    // Every unit has read the total before the memory is used again.
+    sync_cube();
+    total
+}
+
+#[cube(launch_unchecked)]
+fn rms_norm_kernel<F: Float>(
+    x: &Tensor<F>,
+    gamma: &Tensor<F>,
+    y: &mut Tensor<F>,
+    inv_rms: &mut Tensor<f32>,
+    epsilon: f32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS;
+    // The same for every unit of the cube, so the barriers inside are reached by all.
+    if row < x.shape(0) {
+        let d = x.shape(1);
+        let (x_row, x_col) = (row * x.stride(0), x.stride(1));
+        let mut shared = SharedMemory::<f32>::new(UNITS);
+        let mut squares = 0.0f32;
+        let mut c = UNIT_POS_X as usize;
+        while c < d {
+            let value = f32::cast_from(x[x_row + c * x_col]);
+            squares += value * value;
+            c += UNITS;
+        }
+        let r = (cube_reduce(squares, &mut shared, false) / d as f32 + epsilon).sqrt().recip();
+        let (y_row, y_col) = (row * y.stride(0), y.stride(1));
+        let mut c = UNIT_POS_X as usize;
+        while c < d {
+            let value = f32::cast_from(x[x_row + c * x_col]) * r;
+            y[y_row + c * y_col] = F::cast_from(value * f32::cast_from(gamma[c * gamma.stride(0)]));
+            c += UNITS;
+        }
+        if UNIT_POS_X == 0 {
+            inv_rms[row * inv_rms.stride(0)] = r;
+        }
+    }
+}
+
+#[cube(launch_unchecked)]
+fn rms_norm_grad_kernel<F: Float>(
+    x: &Tensor<F>,
+    gamma: &Tensor<F>,
+    inv_rms: &Tensor<f32>,
+    grad_y: &Tensor<F>,
+    grad_x: &mut Tensor<F>,
+    grad_gamma_rows: &mut Tensor<f32>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS;
+    if row < x.shape(0) {
+        let d = x.shape(1);
+        let (x_row, x_col) = (row * x.stride(0), x.stride(1));
+        let (g_row, g_col) = (row * grad_y.stride(0), grad_y.stride(1));
+        let r = inv_rms[row * inv_rms.stride(0)];
+        let mut shared = SharedMemory::<f32>::new(UNITS);
+        let mut gx = 0.0f32;
+        let mut c = UNIT_POS_X as usize;
+        while c < d {
+            let g = f32::cast_from(grad_y[g_row + c * g_col])
+                * f32::cast_from(gamma[c * gamma.stride(0)]);
+            gx += g * f32::cast_from(x[x_row + c * x_col]);
+            c += UNITS;
+        }
+        let coefficient = r * r * r * cube_reduce(gx, &mut shared, false) / d as f32;
+        let (dx_row, dx_col) = (row * grad_x.stride(0), grad_x.stride(1));
+        let (dg_row, dg_col) = (row * grad_gamma_rows.stride(0), grad_gamma_rows.stride(1));
+        let mut c = UNIT_POS_X as usize;
+        while c < d {
+            let dy = f32::cast_from(grad_y[g_row + c * g_col]);
+            let value = f32::cast_from(x[x_row + c * x_col]);
+            let g = dy * f32::cast_from(gamma[c * gamma.stride(0)]);
+            grad_x[dx_row + c * dx_col] = F::cast_from(r * g - value * coefficient);
+            grad_gamma_rows[dg_row + c * dg_col] = dy * value * r;
+            c += UNITS;
+        }
+    }
+}
+
+fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
+    empty_device_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(shape),
+        dtype,
+    )
+}
+
+/// One cube of [`UNITS`] per row.
+fn launch_shape<R: CubeRuntime>(x: &CubeTensor<R>, rows: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new_1d(UNITS as u32);
+    (calculate_cube_count_elemwise(&x.client, rows * UNITS, dim), dim)
+}
+
+/// `[rows, d]` of `x`, checked against `gamma` (`[d]`, same type).
+fn norm_dims<R: CubeRuntime>(x: &CubeTensor<R>, gamma: &CubeTensor<R>) -> [usize; 2] {
+    let dims = x.shape().dims::<2>();
+    assert_eq!(
+        gamma.shape().dims::<1>(),
+        [dims[1]],
+        "rms norm: gamma must have one entry per column of x"
+    );
+    assert_eq!(gamma.dtype, x.dtype, "rms norm: gamma must have x's type");
+    dims
+}
+
+/// `y` (as `x`) and each row's `r = 1/√(mean(x²) + ε)` (`[rows]`, f32) for `x: [rows, d]`.
+pub fn rms_norm<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    gamma: CubeTensor<R>,
+    epsilon: f32,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let [rows, d] = norm_dims(&x, &gamma);
+    let y = empty(&x, vec![rows, d], x.dtype);
+    let inv_rms = empty(&x, vec![rows], DType::F32);
+    let (count, dim) = launch_shape(&x, rows);
+    let (client, dtype) = (x.client.clone(), x.dtype);
+    // SAFETY: cubes past the last row do nothing, and every column index is below `d`.
+    unsafe {
+        rms_norm_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            x.into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            inv_rms.clone().into_tensor_arg(),
+            epsilon,
+            dtype.into(),
+        );
+    }
+    (y, inv_rms)
+}
+
+/// `dx` (as `x`) and the per-row terms of `dγ` (`[rows, d]`, f32; their column sums are `dγ`),
+/// from the forward pass's inputs and `r`, and `dy`.
+pub fn rms_norm_grad<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    gamma: CubeTensor<R>,
+    inv_rms: CubeTensor<R>,
+    grad_y: CubeTensor<R>,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let [rows, d] = norm_dims(&x, &gamma);
+    assert_eq!(grad_y.shape().dims::<2>(), [rows, d], "rms norm: dy must match x");
+    assert_eq!(grad_y.dtype, x.dtype, "rms norm: dy must have x's type");
+    assert_eq!(inv_rms.shape().dims::<1>(), [rows], "rms norm: one r per row");
+    assert_eq!(inv_rms.dtype, DType::F32, "rms norm: r must be f32");
+    let grad_x = empty(&x, vec![rows, d], x.dtype);
+    let grad_gamma_rows = empty(&x, vec![rows, d], DType::F32);
+    let (count, dim) = launch_shape(&x, rows);
+    let (client, dtype) = (x.client.clone(), x.dtype);
+    // SAFETY: as in `rms_norm`; `grad_y` and `inv_rms` were checked to match `x`.
+    unsafe {
+        rms_norm_grad_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            x.into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            inv_rms.into_tensor_arg(),
+            grad_y.into_tensor_arg(),
+            grad_x.clone().into_tensor_arg(),
+            grad_gamma_rows.clone().into_tensor_arg(),
+            dtype.into(),
+        );
+    }
+    (grad_x, grad_gamma_rows)
+}
