@@ -15,6 +15,8 @@ def strata_variant(r):
         variant += "+adamw-tensor-ops"
     if r.get("softmax_kernel") is False:
         variant += "+softmax-tensor-ops"
+    if r.get("elementwise_kernels") is False:
+        variant += "+norm-gate-tensor-ops"
     if r.get("mixed_precision") == "bf16":
         variant += "+mixed-bf16"
     return variant

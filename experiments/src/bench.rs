@@ -167,21 +167,26 @@ fn run_with<B: AutodiffBackend>(
         })
     });
     // On GPU backends: the matmul kernel of the linear layers (`STRATA_MATMUL`),
-    // whether AdamW ran as one kernel per parameter (`STRATA_FUSED_ADAMW`), and whether
-    // attention's softmax ran as one kernel each way (`STRATA_SOFTMAX_KERNEL`).
+    // whether AdamW ran as one kernel per parameter (`STRATA_FUSED_ADAMW`), attention's softmax
+    // as one kernel each way (`STRATA_SOFTMAX_KERNEL`), and RMSNorm and SwiGLU likewise
+    // (`STRATA_ELEMENTWISE_KERNELS`).
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    let (matmul_kernel, fused_adamw, softmax_kernel) = {
+    let (matmul_kernel, [fused_adamw, softmax_kernel, elementwise_kernels]) = {
         use strata::nn::fused::kernel;
         let on_gpu = !strata::nn::fused::on_host::<B::InnerBackend>();
         (
             on_gpu.then(kernel::matmul_kernel_for::<B::InnerBackend>),
-            on_gpu.then(kernel::fused_adamw_enabled),
-            on_gpu.then(kernel::softmax_chosen::<B::InnerBackend>),
+            [
+                kernel::fused_adamw_enabled(),
+                kernel::softmax_chosen::<B::InnerBackend>(),
+                kernel::elementwise_chosen::<B::InnerBackend>(),
+            ]
+            .map(|on| on_gpu.then_some(on)),
         )
     };
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-    let (matmul_kernel, fused_adamw, softmax_kernel): (Option<&str>, Option<bool>, Option<bool>) =
-        (None, None, None);
+    let (matmul_kernel, [fused_adamw, softmax_kernel, elementwise_kernels]) =
+        (None::<&str>, [None::<bool>; 3]);
     #[cfg(feature = "cuda")]
     let cublas_wait = (matmul_kernel == Some(strata::nn::fused::kernel::CUBLAS))
         .then(strata::nn::fused::kernel::cublas_wait);
@@ -203,6 +208,7 @@ fn run_with<B: AutodiffBackend>(
             "matmul_kernel": matmul_kernel,
             "fused_adamw": fused_adamw,
             "softmax_kernel": softmax_kernel,
+            "elementwise_kernels": elementwise_kernels,
             // How cuBLAS products are ordered against CubeCL's stream (`STRATA_CUBLAS_WAIT`).
             "cublas_wait": cublas_wait,
             "params": config.model.num_params(),

@@ -73,7 +73,9 @@ fn rms_norm_kernel<F: Float>(
             squares += value * value;
             c += UNITS;
         }
-        let r = (cube_reduce(squares, &mut shared, false) / d as f32 + epsilon).sqrt().recip();
+        let r = (cube_reduce(squares, &mut shared, false) / d as f32 + epsilon)
+            .sqrt()
+            .recip();
         let (y_row, y_col) = (row * y.stride(0), y.stride(1));
         let mut c = UNIT_POS_X as usize;
         while c < d {
@@ -139,7 +141,10 @@ fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) 
 /// One cube of [`UNITS`] per row.
 fn launch_shape<R: CubeRuntime>(x: &CubeTensor<R>, rows: usize) -> (CubeCount, CubeDim) {
     let dim = CubeDim::new_1d(UNITS as u32);
-    (calculate_cube_count_elemwise(&x.client, rows * UNITS, dim), dim)
+    (
+        calculate_cube_count_elemwise(&x.client, rows * UNITS, dim),
+        dim,
+    )
 }
 
 /// `[rows, d]` of `x`, checked against `gamma` (`[d]`, same type).
@@ -191,9 +196,17 @@ pub fn rms_norm_grad<R: CubeRuntime>(
     grad_y: CubeTensor<R>,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let [rows, d] = norm_dims(&x, &gamma);
-    assert_eq!(grad_y.shape().dims::<2>(), [rows, d], "rms norm: dy must match x");
+    assert_eq!(
+        grad_y.shape().dims::<2>(),
+        [rows, d],
+        "rms norm: dy must match x"
+    );
     assert_eq!(grad_y.dtype, x.dtype, "rms norm: dy must have x's type");
-    assert_eq!(inv_rms.shape().dims::<1>(), [rows], "rms norm: one r per row");
+    assert_eq!(
+        inv_rms.shape().dims::<1>(),
+        [rows],
+        "rms norm: one r per row"
+    );
     assert_eq!(inv_rms.dtype, DType::F32, "rms norm: r must be f32");
     let grad_x = empty(&x, vec![rows, d], x.dtype);
     let grad_gamma_rows = empty(&x, vec![rows, d], DType::F32);

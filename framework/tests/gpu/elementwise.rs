@@ -8,7 +8,6 @@
 use burn::backend::Autodiff;
 use burn::module::Param;
 use burn::nn::RmsNormConfig;
-use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::AutodiffBackend;
 use strata::backend::Cpu;
@@ -62,7 +61,12 @@ fn check<B: AutodiffBackend>() {
         let want = norm::<Autodiff<Cpu>>(shape, true);
         assert_close(&["y", "dx", "dγ"], &norm::<B>(shape, false), &want, 1e-5);
         let want = gate::<Autodiff<Cpu>>(shape, true);
-        assert_close(&["out", "d_gate", "d_up"], &gate::<B>(shape, false), &want, 1e-5);
+        assert_close(
+            &["out", "d_gate", "d_up"],
+            &gate::<B>(shape, false),
+            &want,
+            1e-5,
+        );
     }
 }
 

@@ -10,9 +10,16 @@ use strata::nn::fused::kernel::{causal_softmax, causal_softmax_grad};
 use crate::common::{assert_close, random, values as host};
 
 /// Naive probabilities, lse and gradient of the raw scores, row by row.
-fn naive(scores: &[f32], grad_probs: &[f32], dims: [usize; 4], scale: f64, first: usize) -> [Vec<f32>; 3] {
+fn naive(
+    scores: &[f32],
+    grad_probs: &[f32],
+    dims: [usize; 4],
+    scale: f64,
+    first: usize,
+) -> [Vec<f32>; 3] {
     let [b, h, rows, kv] = dims;
-    let (mut probs, mut lses, mut grads) = (vec![0f32; scores.len()], vec![], vec![0f32; scores.len()]);
+    let (mut probs, mut lses, mut grads) =
+        (vec![0f32; scores.len()], vec![], vec![0f32; scores.len()]);
     for row in 0..b * h * rows {
         let keys = first + row % rows + 1;
         let s = &scores[row * kv..row * kv + keys];
@@ -32,18 +39,33 @@ fn naive(scores: &[f32], grad_probs: &[f32], dims: [usize; 4], scale: f64, first
 }
 
 fn check<B: Backend>() {
-    for (dims, first) in [([2, 3, 5, 77], 72), ([1, 2, 40, 40], 0), ([1, 1, 3, 300], 297), ([1, 2, 7, 300], 100)] {
+    for (dims, first) in [
+        ([2, 3, 5, 77], 72),
+        ([1, 2, 40, 40], 0),
+        ([1, 1, 3, 300], 297),
+        ([1, 2, 7, 300], 100),
+    ] {
         let scores = random::<B, 4>(1, dims).mul_scalar(8.0);
         let grad_probs = random::<B, 4>(2, dims);
         let scale = 0.125;
         let (probs, lse) = causal_softmax(scores.clone(), scale, first);
-        let (probs_again, grads) =
-            causal_softmax_grad(scores.clone(), lse.clone(), grad_probs.clone(), scale, first);
+        let (probs_again, grads) = causal_softmax_grad(
+            scores.clone(),
+            lse.clone(),
+            grad_probs.clone(),
+            scale,
+            first,
+        );
         let want = naive(&host(scores), &host(grad_probs), dims, scale as f64, first);
         assert_close(
             &["probs", "lse", "grad", "probs again"],
             &[host(probs), host(lse), host(grads), host(probs_again)],
-            &[want[0].clone(), want[1].clone(), want[2].clone(), want[0].clone()],
+            &[
+                want[0].clone(),
+                want[1].clone(),
+                want[2].clone(),
+                want[0].clone(),
+            ],
             1e-5,
         );
     }

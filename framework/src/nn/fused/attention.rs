@@ -246,9 +246,9 @@ pub fn causal_backward<B: Backend>(
 pub mod device {
     use burn::prelude::*;
 
+    use crate::nn::attention::{causal_mask, rows_per_pass};
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     use crate::nn::fused::kernel;
-    use crate::nn::attention::{causal_mask, rows_per_pass};
 
     /// A batched product of attention: through cuBLAS where that is the chosen GPU kernel
     /// (`kernel::attention_matmul_chosen`), Burn's product otherwise.

@@ -381,7 +381,8 @@ pub fn causal_softmax<B: Backend>(
     scale: f32,
     first: usize,
 ) -> (Tensor<B, 4>, Tensor<B, 3>) {
-    run_on_cube::<B, _>(SoftmaxOp(scores, scale, first)).expect("called where `softmax_chosen` holds")
+    run_on_cube::<B, _>(SoftmaxOp(scores, scale, first))
+        .expect("called where `softmax_chosen` holds")
 }
 
 struct SoftmaxGradOp<B: Backend>(Tensor<B, 4>, Tensor<B, 3>, Tensor<B, 4>, f32, usize);
@@ -420,8 +421,7 @@ pub fn causal_softmax_grad<B: Backend>(
 /// (`strata_kernels::rows`, `strata_kernels::swiglu`): yes unless
 /// `STRATA_ELEMENTWISE_KERNELS=0` (the tensor ops, kept to compare).
 pub fn elementwise_chosen<B: Backend>() -> bool {
-    std::env::var("STRATA_ELEMENTWISE_KERNELS").map_or(true, |v| v != "0")
-        && kernel_backend::<B>()
+    std::env::var("STRATA_ELEMENTWISE_KERNELS").map_or(true, |v| v != "0") && kernel_backend::<B>()
 }
 
 struct RmsNormOp<B: Backend>(Tensor<B, 2>, Tensor<B, 1>, f32);
@@ -443,7 +443,8 @@ pub fn rms_norm<B: Backend>(
     gamma: Tensor<B, 1>,
     epsilon: f32,
 ) -> (Tensor<B, 2>, Tensor<B, 1>) {
-    run_on_cube::<B, _>(RmsNormOp(x, gamma, epsilon)).expect("called where `elementwise_chosen` holds")
+    run_on_cube::<B, _>(RmsNormOp(x, gamma, epsilon))
+        .expect("called where `elementwise_chosen` holds")
 }
 
 struct RmsNormGradOp<B: Backend>([Tensor<B, 2>; 2], Tensor<B, 1>, Tensor<B, 1>);

@@ -26,7 +26,10 @@ use super::{
 /// through the GPU kernels when it is autodiff over a GPU backend they run on.
 pub fn rms_norm<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    let x = match run_on_autodiff(gpu::RmsNormOp(x, norm.gamma.val(), norm.epsilon), Inner::Any) {
+    let x = match run_on_autodiff(
+        gpu::RmsNormOp(x, norm.gamma.val(), norm.epsilon),
+        Inner::Any,
+    ) {
         Ok(Ok(y)) => return y,
         Ok(Err(x)) | Err(gpu::RmsNormOp(x, ..)) => x,
     };

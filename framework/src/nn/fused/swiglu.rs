@@ -210,7 +210,11 @@ mod gpu {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let state = (g.into_primitive().tensor(), u.into_primitive().tensor(), shape);
+                let state = (
+                    g.into_primitive().tensor(),
+                    u.into_primitive().tensor(),
+                    shape,
+                );
                 prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(out),
