@@ -7,8 +7,8 @@
 //! - [`adamw`]: one AdamW update of a parameter in one launch.
 //! - [`matmul`]: matrix products through one named kernel of CubeCL's matmul library, for the
 //!   linear layers on the GPU backends.
-//! - [`rows`]: RMSNorm forward and backward, a cube per row. [`swiglu`]: the SwiGLU gate
-//!   forward and backward, one element-wise kernel each.
+//! - [`rows`]: RMSNorm forward and backward, a cube per row. [`swiglu`] and [`rope`]: the
+//!   SwiGLU gate and the rotary embedding, forward and backward, one element-wise kernel each.
 //! - [`softmax`]: the causal softmax of attention scores and its gradient, one pass each, for
 //!   attention computed as matrix products.
 //! - [`cublas`]: matrix products through cuBLAS on the CUDA backend.
@@ -25,6 +25,8 @@ pub mod attention;
 pub mod cublas;
 #[cfg(feature = "gpu")]
 pub mod matmul;
+#[cfg(feature = "gpu")]
+pub mod rope;
 #[cfg(feature = "gpu")]
 pub mod rows;
 #[cfg(feature = "gpu")]

@@ -1,6 +1,6 @@
-//! RMSNorm and the SwiGLU gate through their GPU kernels (`strata_kernels::rows`,
-//! `strata_kernels::swiglu`, taken by `strata::nn::fused` on autodiff over a GPU backend)
-//! against Burn's composed tensor ops on the CPU: values and every gradient, f32.
+//! RMSNorm, the SwiGLU gate and the rotary embedding through their GPU kernels
+//! (`strata_kernels::{rows, swiglu, rope}`, taken by `strata::nn::fused` on autodiff over a GPU
+//! backend) against Burn's composed tensor ops on the CPU: values and every gradient, f32.
 //!
 //! Tolerance 1e-5 of the largest entry: f32 sums in another order (the norm's row sums, the
 //! column sums of dγ); differences seen are ~1e-7.
@@ -11,7 +11,8 @@ use burn::nn::RmsNormConfig;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::AutodiffBackend;
 use strata::backend::Cpu;
-use strata::nn::fused::{norm::rms_norm, swiglu::swiglu};
+use burn::tensor::Tensor;
+use strata::nn::fused::{norm::rms_norm, rope::rotate_trained, swiglu::swiglu};
 
 use crate::common::{assert_close, random, values as host};
 
@@ -55,7 +56,36 @@ fn gate<B: AutodiffBackend>(shape: [usize; 3], composed: bool) -> Vec<Vec<f32>> 
     ]
 }
 
+/// Output and dx of the rotate-half rotation of `x: [batch, seq, heads, head_dim]` (a
+/// transposed view) by tables `[table_batch, seq, 1, head_dim]`. Any table values do: the op
+/// and the composition apply the same formula to them.
+fn rotation<B: AutodiffBackend>(
+    [b, seq, heads, d]: [usize; 4],
+    table_batch: usize,
+    composed: bool,
+) -> Vec<Vec<f32>> {
+    let x = random::<B, 4>(7, [b, heads, seq, d]).require_grad();
+    let xt = x.clone().swap_dims(1, 2);
+    let cos = random::<B, 4>(8, [table_batch, seq, 1, d]);
+    let sin = random::<B, 4>(9, [table_batch, seq, 1, d]);
+    let w = random::<B, 4>(10, [b, seq, heads, d]);
+    let out = if composed {
+        let half = d / 2;
+        let (x1, x2) = (xt.clone().slice_dim(3, 0..half), xt.clone().slice_dim(3, half..d));
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        xt * cos + rotated * sin
+    } else {
+        rotate_trained(xt, cos, sin).expect("the op runs on this backend")
+    };
+    let grads = (out.clone() * w).sum().backward();
+    vec![host(out), host(x.grad(&grads).expect("dx"))]
+}
+
 fn check<B: AutodiffBackend>() {
+    for (shape, table_batch) in [([2, 5, 3, 8], 1), ([2, 4, 2, 64], 2)] {
+        let want = rotation::<Autodiff<Cpu>>(shape, table_batch, true);
+        assert_close(&["out", "dx"], &rotation::<B>(shape, table_batch, false), &want, 1e-5);
+    }
     // Rows longer and shorter than a cube's 256 units.
     for shape in [[2, 5, 300], [1, 3, 7]] {
         let want = norm::<Autodiff<Cpu>>(shape, true);
@@ -72,12 +102,12 @@ fn check<B: AutodiffBackend>() {
 
 #[cfg(feature = "wgpu")]
 #[test]
-fn norm_and_gate_kernels_on_wgpu_match_the_cpu() {
+fn norm_gate_and_rope_kernels_on_wgpu_match_the_cpu() {
     check::<Autodiff<strata::backend::Wgpu>>();
 }
 
 #[cfg(feature = "cuda")]
 #[test]
-fn norm_and_gate_kernels_on_cuda_match_the_cpu() {
+fn norm_gate_and_rope_kernels_on_cuda_match_the_cpu() {
     check::<Autodiff<strata::backend::Cuda<f32>>>();
 }

@@ -512,3 +512,26 @@ pub fn swiglu_grad<B: Backend>(
     run_on_cube::<B, _>(SwigluGradOp([gate, up, grad_out]))
         .expect("called where `elementwise_chosen` holds")
 }
+
+struct RopeOp<B: Backend>([Tensor<B, 4>; 3], bool);
+
+impl<B: Backend> CubeOp for RopeOp<B> {
+    type Output = Tensor<B, 4>;
+    fn run<C: OnCube>(self) -> Self::Output {
+        let [x, cos, sin] = self.0.map(cube::<C, B, 4>);
+        burn::<C, B, 4>(strata_kernels::rope::rope(x, cos, sin, self.1))
+    }
+}
+
+/// `x: [batch, seq, heads, head_dim]` turned by the angles of the rotate-half tables `cos`,
+/// `sin` (`[batch or 1, seq, 1, head_dim]`, `x`'s type); `back` turns by minus them. Call only
+/// where [`elementwise_chosen`] holds.
+pub fn rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+    back: bool,
+) -> Tensor<B, 4> {
+    run_on_cube::<B, _>(RopeOp([x, cos, sin], back))
+        .expect("called where `elementwise_chosen` holds")
+}

@@ -1,6 +1,8 @@
-//! Rotary embedding with its own backward pass, on the CPU backends: the gradient is the
-//! input's gradient turned back by the same angles. Composed of tensor ops, the rotation is a
-//! tiny matmul and two broadcast products (strided passes on the CPU) plus the backward of each.
+//! Rotary embedding with its own backward pass: the gradient is the input's gradient turned
+//! back by the same angles. Composed of tensor ops, the rotation is a tiny matmul and two
+//! broadcast products (strided passes on the CPU) plus the backward of each; here it is one
+//! pass each way, on every core on the CPU backends and one kernel on the GPU backends
+//! (`strata_kernels::rope`).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -12,30 +14,44 @@ use burn::tensor::TensorPrimitive;
 use burn::tensor::ops::FloatTensor;
 use rayon::prelude::*;
 
-use super::{AutodiffOp, HostValues, Inner, from_host, run_on_autodiff, same};
+use super::{AutodiffOp, HostValues, Inner, from_host, on_host, run_on_autodiff, same};
 
 type Rotation<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
 
 /// `x: [batch, seq, heads, head_dim]` rotated by `cos`, `sin: [batch or 1, seq, 1, head_dim]`
-/// in the rotate-half layout, through this op when `B` is autodiff over a CPU backend; `Err`
-/// gives the inputs back otherwise.
+/// in the rotate-half layout, through this op when `B` is autodiff over a CPU backend or a GPU
+/// backend the kernel runs on; `Err` gives the inputs back otherwise.
 pub fn rotate_trained<B: Backend>(
     x: Tensor<B, 4>,
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
 ) -> Result<Tensor<B, 4>, Rotation<B>> {
-    run_on_autodiff(RopeOp(x, cos, sin), Inner::Host).map_err(|op| (op.0, op.1, op.2))
+    match run_on_autodiff(RopeOp(x, cos, sin), Inner::Any) {
+        Ok(result) => result,
+        Err(op) => Err((op.0, op.1, op.2)),
+    }
 }
 
 struct RopeOp<B: Backend>(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
 
 impl<B: Backend> AutodiffOp<B> for RopeOp<B> {
-    type Output = Tensor<B, 4>;
+    type Output = Result<Tensor<B, 4>, Rotation<B>>;
 
-    fn run<I: Backend>(self) -> Tensor<B, 4> {
+    fn run<I: Backend>(self) -> Self::Output {
+        if !on_host::<I>() && !gpu_kernel::<I>() {
+            return Err((self.0, self.1, self.2));
+        }
         let (x, cos, sin): Rotation<Autodiff<I>> = (same(self.0), same(self.1), same(self.2));
-        same(rope_autodiff::<I>(x, cos.inner(), sin.inner()))
+        Ok(same(rope_autodiff::<I>(x, cos.inner(), sin.inner())))
     }
+}
+
+/// Whether `B` is a GPU backend the kernel runs on, and it is chosen.
+fn gpu_kernel<B: Backend>() -> bool {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    return super::kernel::elementwise_chosen::<B>();
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    false
 }
 
 #[derive(Debug)]
@@ -82,13 +98,18 @@ fn rope_autodiff<I: Backend>(
 }
 
 /// Pair (j, j + half) turned by the angle whose cos and sin the tables hold at j (and j + half);
-/// `back` turns by minus that angle, which is the transpose the backward pass needs.
+/// `back` turns by minus that angle, which is the transpose the backward pass needs. On a GPU
+/// backend, through its kernel.
 pub fn rotate<B: Backend>(
     x: Tensor<B, 4>,
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
     back: bool,
 ) -> Tensor<B, 4> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if !on_host::<B>() {
+        return super::kernel::rope(x, cos, sin, back);
+    }
     let [b, seq, heads, d] = x.dims();
     let tables_per_batch = cos.dims()[0] != 1;
     let device = x.device();
