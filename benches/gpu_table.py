@@ -35,13 +35,14 @@ def note(r):
                 "same precision caveats as the unfused rows")
     build = ("features cuda,autotune (Burn's matmul autotuning; the first step includes it)"
              if r.get("autotune") else "no fusion or autotune")
+    kernels = ("attention: the nn::fused op, its softmax one kernel each way; RMSNorm, SwiGLU and RoPE "
+               "one kernel each way" if r.get("softmax_kernel") and r.get("elementwise_kernels") else
+               "attention: the nn::fused op (before commit c69d513: composed ops keeping the n x n scores)")
     if r["framework"] == "strata" and r.get("mixed_precision") == "bf16":
         return ("train.mixed_precision = bf16: sub-layers and LM head compute in bf16; parameters, gradients, "
-                f"AdamW state, residual stream, norms and loss in f32; {build}")
+                f"AdamW state, residual stream, norms and loss in f32; {kernels}; {build}")
     if r["framework"] == "strata":
-        return ("parameters, activations and AdamW state all in this dtype; "
-                "attention: the nn::fused op (before commit c69d513: composed ops keeping the n x n scores); "
-                f"{build}")
+        return f"parameters, activations and AdamW state all in this dtype; {kernels}; {build}"
     return "autocast bf16, f32 master weights" if r.get("dtype") == "bf16" else "f32, tf32 off"
 
 

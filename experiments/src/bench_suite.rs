@@ -4,6 +4,10 @@
 //! `strata` process (one at a time), so one's memory peak or warm caches do not leak into the
 //! next. Peers (PyTorch for train, transformers + PEFT for lora) run in the same invocation where
 //! `--python` can import them; otherwise the file says they were skipped and why.
+//!
+//! On CUDA the train suite is the GPU training table instead (`benches/train_gpu.sh`, GPT-2-small
+//! and TinyLlama-1.1B shapes against PyTorch eager and torch.compile): `train_gpu.csv` and
+//! `train_gpu_tinyllama.csv`. `--quick` keeps the small shapes there (`train_cuda.csv`).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -58,6 +62,10 @@ pub fn run(args: Args) -> Result<()> {
         other => other.to_owned(),
     };
     for suite in suites {
+        if suite == "train" && device_kind == "cuda" && !args.quick {
+            train_gpu_tables(&args)?;
+            continue;
+        }
         let out = args.results.join(format!("{suite}_{device_kind}.csv"));
         println!("== suite {suite} -> {}", out.display());
         let (about, peer, rows) = match suite {
@@ -91,6 +99,51 @@ const TRAIN_SHAPES: [(&str, &str, &[&str]); 2] = [
 ];
 
 type Rows = Vec<Vec<(String, String)>>;
+
+/// The shapes of the GPU training table: (results name, config, `train.*` sizes, whether to
+/// leave out the f32 and naive-attention rows).
+const GPU_TRAIN_SHAPES: [(&str, &str, &str, bool); 2] = [
+    ("train_gpu", "configs/bench/gpt2_small.toml", "", false),
+    (
+        "train_gpu_tinyllama",
+        "configs/bench/tinyllama_1b.toml",
+        "train.batch_size=2 train.seq_len=2048",
+        true,
+    ),
+];
+
+/// The train suite on CUDA: `benches/train_gpu.sh` for each of [`GPU_TRAIN_SHAPES`] — Strata
+/// (this binary) in f32, mixed bf16 and bf16 against PyTorch eager and torch.compile on the same
+/// GPU in one run, with the bf16 matmul ceiling that MFU is quoted against. It writes
+/// `<name>.csv`, `<name>_profile.csv` and their JSON lines `<name>.jsonl` under `--results`.
+fn train_gpu_tables(args: &Args) -> Result<()> {
+    let exe = std::env::current_exe().context("locating the strata binary")?;
+    for (name, config, sets, short) in GPU_TRAIN_SHAPES {
+        // The table is made from every line of the JSON-lines file: start it afresh.
+        let raw = args.results.join(format!("{name}.jsonl"));
+        if raw.exists() {
+            std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
+        }
+        println!(
+            "  $ bash benches/train_gpu.sh all {} ({name})",
+            args.results.display()
+        );
+        let status = Command::new("bash")
+            .args(["benches/train_gpu.sh", "all"])
+            .arg(&args.results)
+            .env("STRATA_BIN", &exe)
+            .env("CONFIG", config)
+            .env("NAME", name)
+            .env("SETS", sets)
+            .env("SHORT", if short { "1" } else { "0" })
+            .status()
+            .context("running bash benches/train_gpu.sh")?;
+        if !status.success() {
+            bail!("benches/train_gpu.sh failed for {name} ({status})");
+        }
+    }
+    Ok(())
+}
 
 fn train_suite(args: &Args) -> Result<(&'static str, String, Rows)> {
     let peer = torch_peer(args);

@@ -8,10 +8,10 @@
 use burn::backend::Autodiff;
 use burn::module::Param;
 use burn::nn::RmsNormConfig;
+use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::AutodiffBackend;
 use strata::backend::Cpu;
-use burn::tensor::Tensor;
 use strata::nn::fused::{norm::rms_norm, rope::rotate_trained, swiglu::swiglu};
 
 use crate::common::{assert_close, random, values as host};
@@ -71,7 +71,10 @@ fn rotation<B: AutodiffBackend>(
     let w = random::<B, 4>(10, [b, seq, heads, d]);
     let out = if composed {
         let half = d / 2;
-        let (x1, x2) = (xt.clone().slice_dim(3, 0..half), xt.clone().slice_dim(3, half..d));
+        let (x1, x2) = (
+            xt.clone().slice_dim(3, 0..half),
+            xt.clone().slice_dim(3, half..d),
+        );
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
         xt * cos + rotated * sin
     } else {
@@ -84,7 +87,12 @@ fn rotation<B: AutodiffBackend>(
 fn check<B: AutodiffBackend>() {
     for (shape, table_batch) in [([2, 5, 3, 8], 1), ([2, 4, 2, 64], 2)] {
         let want = rotation::<Autodiff<Cpu>>(shape, table_batch, true);
-        assert_close(&["out", "dx"], &rotation::<B>(shape, table_batch, false), &want, 1e-5);
+        assert_close(
+            &["out", "dx"],
+            &rotation::<B>(shape, table_batch, false),
+            &want,
+            1e-5,
+        );
     }
     // Rows longer and shorter than a cube's 256 units.
     for shape in [[2, 5, 300], [1, 3, 7]] {
