@@ -9,6 +9,7 @@
 //!   linear layers on the GPU backends.
 //! - [`rows`]: RMSNorm forward and backward, a cube per row. [`swiglu`] and [`rope`]: the
 //!   SwiGLU gate and the rotary embedding, forward and backward, one element-wise kernel each.
+//! - [`cross_entropy`]: cross-entropy over the vocabulary and its gradient, a cube per row.
 //! - [`softmax`]: the causal softmax of attention scores and its gradient, one pass each, for
 //!   attention computed as matrix products.
 //! - [`cublas`]: matrix products through cuBLAS on the CUDA backend.
@@ -21,6 +22,8 @@
 pub mod adamw;
 #[cfg(feature = "gpu")]
 pub mod attention;
+#[cfg(feature = "gpu")]
+pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cublas;
 #[cfg(feature = "gpu")]

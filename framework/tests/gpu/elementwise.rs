@@ -1,6 +1,7 @@
-//! RMSNorm, the SwiGLU gate and the rotary embedding through their GPU kernels
-//! (`strata_kernels::{rows, swiglu, rope}`, taken by `strata::nn::fused` on autodiff over a GPU
-//! backend) against Burn's composed tensor ops on the CPU: values and every gradient, f32.
+//! RMSNorm, the SwiGLU gate, the rotary embedding and the cross-entropy loss through their GPU
+//! kernels (`strata_kernels::{rows, swiglu, rope, cross_entropy}`, taken by `strata::nn::fused`
+//! on autodiff over a GPU backend) against Burn's composed tensor ops on the CPU: values and
+//! every gradient, f32.
 //!
 //! Tolerance 1e-5 of the largest entry: f32 sums in another order (the norm's row sums, the
 //! column sums of dγ); differences seen are ~1e-7.
@@ -8,10 +9,12 @@
 use burn::backend::Autodiff;
 use burn::module::Param;
 use burn::nn::RmsNormConfig;
-use burn::tensor::Tensor;
+use burn::tensor::activation::log_softmax;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Int, Tensor, TensorData};
 use strata::backend::Cpu;
+use strata::model::{cross_entropy, cross_entropy_masked};
 use strata::nn::fused::{norm::rms_norm, rope::rotate_trained, swiglu::swiglu};
 
 use crate::common::{assert_close, random, values as host};
@@ -84,7 +87,50 @@ fn rotation<B: AutodiffBackend>(
     vec![host(out), host(x.grad(&grads).expect("dx"))]
 }
 
+/// Loss and d_logits of the cross-entropy of logits `[batch, seq, vocab]`, with a mask or not.
+fn loss<B: AutodiffBackend>(shape: [usize; 3], masked: bool, composed: bool) -> Vec<Vec<f32>> {
+    let [batch, seq, vocab] = shape;
+    let device = Default::default();
+    let logits = random::<B, 3>(11, shape).mul_scalar(10.0).require_grad();
+    let ids: Vec<i64> = (0..batch * seq)
+        .map(|i| (i * 7919 % vocab) as i64)
+        .collect();
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
+    let mask_values: Vec<f32> = (0..batch * seq)
+        .map(|i| (i % 3 != 0) as u8 as f32)
+        .collect();
+    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask_values, [batch, seq]), &device);
+    let value = if composed {
+        let rows = batch * seq;
+        let picked = log_softmax(logits.clone().reshape([rows, vocab]), 1)
+            .gather(1, targets.reshape([rows, 1]))
+            .reshape([rows]);
+        if masked {
+            let mask = mask.reshape([rows]);
+            (picked * mask.clone()).sum().neg() / mask.sum()
+        } else {
+            picked.mean().neg()
+        }
+    } else if masked {
+        cross_entropy_masked(logits.clone(), targets, mask)
+    } else {
+        cross_entropy(logits.clone(), targets)
+    };
+    let grads = value.clone().mul_scalar(3.0).backward();
+    vec![host(value), host(logits.grad(&grads).expect("d_logits"))]
+}
+
 fn check<B: AutodiffBackend>() {
+    // Rows longer than a cube's 256 units, and shorter.
+    for (shape, masked) in [
+        ([2, 3, 300], false),
+        ([2, 3, 300], true),
+        ([1, 4, 37], true),
+    ] {
+        let want = loss::<Autodiff<Cpu>>(shape, masked, true);
+        let got = loss::<B>(shape, masked, false);
+        assert_close(&["loss", "d_logits"], &got, &want, 1e-5);
+    }
     for (shape, table_batch) in [([2, 5, 3, 8], 1), ([2, 4, 2, 64], 2)] {
         let want = rotation::<Autodiff<Cpu>>(shape, table_batch, true);
         assert_close(
@@ -110,12 +156,12 @@ fn check<B: AutodiffBackend>() {
 
 #[cfg(feature = "wgpu")]
 #[test]
-fn norm_gate_and_rope_kernels_on_wgpu_match_the_cpu() {
+fn norm_gate_rope_and_loss_kernels_on_wgpu_match_the_cpu() {
     check::<Autodiff<strata::backend::Wgpu>>();
 }
 
 #[cfg(feature = "cuda")]
 #[test]
-fn norm_gate_and_rope_kernels_on_cuda_match_the_cpu() {
+fn norm_gate_rope_and_loss_kernels_on_cuda_match_the_cpu() {
     check::<Autodiff<strata::backend::Cuda<f32>>>();
 }

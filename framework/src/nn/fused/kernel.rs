@@ -37,7 +37,12 @@ impl From<Bms> for Pattern {
 }
 
 /// A Burn backend whose float tensors are CubeCL tensors of `Runtime`.
-pub trait OnCube: Backend<FloatTensorPrimitive = CubeTensor<Self::Runtime>> {
+pub trait OnCube:
+    Backend<
+        FloatTensorPrimitive = CubeTensor<Self::Runtime>,
+        IntTensorPrimitive = CubeTensor<Self::Runtime>,
+    >
+{
     type Runtime: CubeRuntime;
 }
 
@@ -533,5 +538,60 @@ pub fn rope<B: Backend>(
     back: bool,
 ) -> Tensor<B, 4> {
     run_on_cube::<B, _>(RopeOp([x, cos, sin], back))
+        .expect("called where `elementwise_chosen` holds")
+}
+
+fn cube_int<C: OnCube, B: Backend>(t: Tensor<B, 1, Int>) -> CubeTensor<C::Runtime> {
+    same::<_, Tensor<C, 1, Int>>(t).into_primitive()
+}
+
+struct CrossEntropyOp<B: Backend>(Tensor<B, 2>, Tensor<B, 1, Int>);
+
+impl<B: Backend> CubeOp for CrossEntropyOp<B> {
+    type Output = (Tensor<B, 1>, Tensor<B, 1>);
+    fn run<C: OnCube>(self) -> Self::Output {
+        let CrossEntropyOp(logits, targets) = self;
+        let (losses, lse) = strata_kernels::cross_entropy::cross_entropy(
+            cube::<C, B, 2>(logits),
+            cube_int::<C, B>(targets),
+        );
+        (burn::<C, B, 1>(losses), burn::<C, B, 1>(lse))
+    }
+}
+
+/// Each row's loss `lse − z[target]` and `lse` (f32) of logits `[rows, vocab]` and i32
+/// targets `[rows]`; call only where [`elementwise_chosen`] holds.
+pub fn cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    run_on_cube::<B, _>(CrossEntropyOp(logits, targets))
+        .expect("called where `elementwise_chosen` holds")
+}
+
+struct CrossEntropyGradOp<B: Backend>(Tensor<B, 2>, Tensor<B, 1, Int>, [Tensor<B, 1>; 2]);
+
+impl<B: Backend> CubeOp for CrossEntropyGradOp<B> {
+    type Output = Tensor<B, 2>;
+    fn run<C: OnCube>(self) -> Self::Output {
+        let CrossEntropyGradOp(logits, targets, rows) = self;
+        let [lse, coefficients] = rows.map(cube::<C, B, 1>);
+        burn::<C, B, 2>(strata_kernels::cross_entropy::cross_entropy_grad(
+            cube::<C, B, 2>(logits),
+            cube_int::<C, B>(targets),
+            lse,
+            coefficients,
+        ))
+    }
+}
+
+/// The logits' gradient of [`cross_entropy`], row `n` scaled by `coefficients[n]` (f32).
+pub fn cross_entropy_grad<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    lse: Tensor<B, 1>,
+    coefficients: Tensor<B, 1>,
+) -> Tensor<B, 2> {
+    run_on_cube::<B, _>(CrossEntropyGradOp(logits, targets, [lse, coefficients]))
         .expect("called where `elementwise_chosen` holds")
 }

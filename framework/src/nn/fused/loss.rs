@@ -27,11 +27,19 @@ use super::{
 pub type LossInputs<B> = (Tensor<B, 2>, Tensor<B, 1, Int>, Option<Tensor<B, 1>>);
 
 /// Mean of −log softmax(logits)[target] over the rows (those where `mask` is 1, if given; 0
-/// when none is), through this op when `B` is autodiff over a CPU backend in f32; `Err` gives
-/// the inputs back otherwise.
+/// when none is), through this op when `B` is autodiff over a CPU backend in f32, or through
+/// the GPU kernels when it is autodiff over a GPU backend they run on; `Err` gives the inputs
+/// back otherwise.
 pub fn cross_entropy_trained<B: Backend>(
     (logits, targets, mask): LossInputs<B>,
 ) -> Result<Tensor<B, 1>, LossInputs<B>> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let (logits, targets, mask) =
+        match run_on_autodiff(gpu::LossOp(logits, targets, mask), Inner::Any) {
+            Ok(Ok(loss)) => return Ok(loss),
+            Ok(Err(inputs)) => inputs,
+            Err(gpu::LossOp(logits, targets, mask)) => (logits, targets, mask),
+        };
     if logits.dtype() != DType::F32 {
         return Err((logits, targets, mask));
     }
@@ -159,4 +167,117 @@ fn softmax_nll((rows, weights, targets): (&mut [f32], &[f32], &[i64])) -> f64 {
         loss += w as f64 * (log_sum_exp - target_logit) as f64;
     }
     loss
+}
+
+/// The same op through the kernels of `strata_kernels::cross_entropy`, saving the logits, the
+/// targets, each row's `lse` and weight on the device. The loss has the logits' type.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod gpu {
+    use burn::backend::Autodiff;
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+    use burn::prelude::*;
+    use burn::tensor::ops::{FloatTensor, IntTensor};
+    use burn::tensor::{DType, TensorPrimitive};
+
+    use super::super::{AutodiffOp, kernel, same};
+    use super::LossInputs;
+
+    pub(super) struct LossOp<B: Backend>(
+        pub Tensor<B, 2>,
+        pub Tensor<B, 1, Int>,
+        pub Option<Tensor<B, 1>>,
+    );
+
+    impl<B: Backend> AutodiffOp<B> for LossOp<B> {
+        /// The inputs back where the kernels do not run: another backend, or targets that are
+        /// not i32.
+        type Output = Result<Tensor<B, 1>, LossInputs<B>>;
+
+        fn run<I: Backend>(self) -> Self::Output {
+            let LossOp(logits, targets, mask) = self;
+            if !kernel::elementwise_chosen::<I>() || targets.dtype() != DType::I32 {
+                return Err((logits, targets, mask));
+            }
+            let targets: Tensor<Autodiff<I>, 1, Int> = same(targets);
+            let mask = mask.map(|m| same::<_, Tensor<Autodiff<I>, 1>>(m).inner());
+            Ok(same(forward::<I>(same(logits), targets.inner(), mask)))
+        }
+    }
+
+    #[derive(Debug)]
+    struct LossKernelBackward;
+
+    impl<B: Backend> Backward<B, 1> for LossKernelBackward {
+        /// The logits, the targets, each row's `lse` and weight (f32).
+        type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let grad = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(
+                grads.consume::<B>(&ops.node),
+            ));
+            let [parent] = ops.parents;
+            let Some(node) = parent else { return };
+            let (logits, targets, lse, weights) = ops.state;
+            let float = |p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p));
+            let weights = float(weights);
+            let coefficients = grad.cast(DType::F32).expand(weights.dims()) * weights;
+            let grad_logits = kernel::cross_entropy_grad(
+                Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(logits)),
+                Tensor::<B, 1, Int>::from_primitive(targets),
+                float(lse),
+                coefficients,
+            );
+            grads.register::<B>(node.id, grad_logits.into_primitive().tensor());
+        }
+    }
+
+    fn forward<I: Backend>(
+        logits: Tensor<Autodiff<I>, 2>,
+        targets: Tensor<I, 1, Int>,
+        mask: Option<Tensor<I, 1>>,
+    ) -> Tensor<Autodiff<I>, 1> {
+        let [rows, _] = logits.dims();
+        let dtype = logits.dtype();
+        let device = logits.device();
+        // Each row's weight: 1/rows, or its mask over the number of rows counted.
+        let weights = match mask {
+            Some(mask) => {
+                let mask = mask.cast(DType::F32);
+                let counted = mask.clone().sum().clamp_min(1.0).expand([rows]);
+                mask / counted
+            }
+            None => Tensor::<I, 1>::ones([rows], &device)
+                .cast(DType::F32)
+                .div_scalar(rows as f64),
+        };
+        let logits = logits.into_primitive().tensor();
+        let node = logits.node.clone();
+        let z = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(logits.primitive));
+        let (losses, lse) = kernel::cross_entropy(z.clone(), targets.clone());
+        let loss = (losses * weights.clone())
+            .sum()
+            .cast(dtype)
+            .into_primitive()
+            .tensor();
+        let loss = match LossKernelBackward
+            .prepare::<NoCheckpointing>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (
+                    z.into_primitive().tensor(),
+                    targets.into_primitive(),
+                    lse.into_primitive().tensor(),
+                    weights.into_primitive().tensor(),
+                );
+                prep.finish(state, loss)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(loss),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(loss))
+    }
 }
