@@ -1,9 +1,16 @@
-//! The CubeCL flash-attention kernels of `strata-kernels` (kernels/), called on Burn tensors of
-//! the GPU backends: wgpu and CUDA without kernel fusion (Burn's fusion backend wraps tensors in
-//! its own stream, which these kernels do not join; with `fusion` on, attention takes the tensor
-//! ops).
+//! The CubeCL kernels of `strata-kernels` (kernels/), called on Burn tensors of the GPU
+//! backends: wgpu and CUDA without kernel fusion (Burn's fusion backend wraps tensors in its own
+//! stream, which these kernels do not join; with `fusion` on, the ops take the tensor ops).
 //!
-//! They are opt-in: `STRATA_FLASH_KERNEL=1` in the environment turns them on. Measured on an
+//! - Attention's causal softmax and its gradient ([`causal_softmax`], [`causal_softmax_grad`];
+//!   on unless `STRATA_SOFTMAX_KERNEL=0`), RMSNorm, the SwiGLU gate, the rotary embedding and
+//!   the cross-entropy loss ([`rms_norm`], [`swiglu`], [`rope`], [`cross_entropy`] and their
+//!   gradients; on unless `STRATA_ELEMENTWISE_KERNELS=0`): one kernel each way where the tensor
+//!   ops take one launch and one pass over memory each.
+//! - Matrix products through a named kernel or cuBLAS ([`matmul`]), AdamW ([`adamw`]).
+//! - Flash attention ([`forward`], [`backward`]), which keeps no n×n scores.
+//!
+//! The flash kernels are opt-in: `STRATA_FLASH_KERNEL=1` in the environment turns them on. Measured on an
 //! H200 (benches/results/flash_attention_gpu.csv) they keep no n×n scores (peak device memory
 //! 1.9 GB against 15.9 GB at 16k tokens), but are slower than the tensor ops they replace: the
 //! forward pass is even at head size 64 and the backward pass 2× slower; at head size 128 each

@@ -17,6 +17,11 @@
 //! every core: in a training step of the default model, the elementwise passes of the norms,
 //! the MLP's gate and the loss took about as long as all the matrix products. These ops run
 //! their loops on every core (rayon), and the exponentials they need in vector registers.
+//!
+//! On the GPU backends (wgpu and CUDA without Burn's fusion) the norm, the gate, the rotary
+//! embedding, the loss and attention's softmax run as one CubeCL kernel each way
+//! (`strata_kernels`, called through [`kernel`]) instead of a launch per tensor op, each pass
+//! over the activations (or, for attention, the n×n scores) reading and writing all of it.
 
 pub mod attention;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
