@@ -35,8 +35,9 @@ def note(r):
                 "same precision caveats as the unfused rows")
     build = ("features cuda,autotune (Burn's matmul autotuning; the first step includes it)"
              if r.get("autotune") else "no fusion or autotune")
-    kernels = ("attention: the nn::fused op, its softmax one kernel each way; RMSNorm, SwiGLU and RoPE "
-               "one kernel each way" if r.get("softmax_kernel") and r.get("elementwise_kernels") else
+    kernels = ("attention: the nn::fused op, its softmax one kernel each way; RMSNorm, SwiGLU, RoPE and "
+               "(binaries from commit d5e71e9 on) the loss one kernel each way"
+               if r.get("softmax_kernel") and r.get("elementwise_kernels") else
                "attention: the nn::fused op (before commit c69d513: composed ops keeping the n x n scores)")
     if r["framework"] == "strata" and r.get("mixed_precision") == "bf16":
         return ("train.mixed_precision = bf16: sub-layers and LM head compute in bf16; parameters, gradients, "
