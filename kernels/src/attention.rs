@@ -24,11 +24,12 @@
 //! Arithmetic is f32 whatever the tensors' type (f32, f16, bf16): values are widened as they
 //! are loaded, and `lse` and `D` are f32 tensors.
 
-use burn_backend::{DType, Shape, TensorMetadata};
+use burn_backend::{DType, TensorMetadata};
 use burn_cubecl::CubeRuntime;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
+
+use crate::empty;
 
 /// Rows per cube (one unit each) and keys per shared-memory tile. Loops over the head size are
 /// unrolled (the rows they index stay in registers); loops over a tile's keys are not:
@@ -469,15 +470,6 @@ fn backward_dkv_kernel<F: Float>(
 
 fn dims(x: &CubeTensor<impl CubeRuntime>) -> [usize; 4] {
     x.shape().dims::<4>()
-}
-
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
-    empty_device_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::from(shape),
-        dtype,
-    )
 }
 
 /// Checks shapes and pattern; returns `[batch, heads, q_len, kv_len, head_dim]`.

@@ -13,14 +13,13 @@
 //! kernel cannot raise an error; NaN reaches the reported loss). Targets are i32 (Burn's int
 //! type on the GPU backends); arithmetic is f32 whatever the logits' type.
 
-use burn_backend::{DType, Shape, TensorMetadata};
+use burn_backend::{DType, TensorMetadata};
 use burn_cubecl::CubeRuntime;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
 
 use crate::rows::cube_reduce;
+use crate::{cubes, empty};
 
 /// Units per cube, one cube per row. A power of two (the reductions halve it).
 const UNITS: usize = 256;
@@ -99,15 +98,6 @@ fn cross_entropy_grad_kernel<F: Float>(
     }
 }
 
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
-    empty_device_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::from(shape),
-        dtype,
-    )
-}
-
 /// `[rows, vocab]`, checked against the i32 targets and f32 row vectors.
 fn check<R: CubeRuntime>(
     logits: &CubeTensor<R>,
@@ -128,14 +118,6 @@ fn check<R: CubeRuntime>(
     dims
 }
 
-fn launch_shape<R: CubeRuntime>(x: &CubeTensor<R>, rows: usize) -> (CubeCount, CubeDim) {
-    let dim = CubeDim::new_1d(UNITS as u32);
-    (
-        calculate_cube_count_elemwise(&x.client, rows * UNITS, dim),
-        dim,
-    )
-}
-
 /// Each row's loss `lse − z[target]` and `lse` (f32 `[rows]` each), for i32 `targets`.
 pub fn cross_entropy<R: CubeRuntime>(
     logits: CubeTensor<R>,
@@ -144,7 +126,7 @@ pub fn cross_entropy<R: CubeRuntime>(
     let [rows, _] = check(&logits, &targets, &[]);
     let losses = empty(&logits, vec![rows], DType::F32);
     let lse = empty(&logits, vec![rows], DType::F32);
-    let (count, dim) = launch_shape(&logits, rows);
+    let (count, dim) = cubes(&logits, rows, UNITS);
     let (client, dtype) = (logits.client.clone(), logits.dtype);
     // SAFETY: cubes past the last row do nothing; columns stay below `vocab`, and a target is
     // read only after it is checked to be one of them.
@@ -172,7 +154,7 @@ pub fn cross_entropy_grad<R: CubeRuntime>(
 ) -> CubeTensor<R> {
     let [rows, vocab] = check(&logits, &targets, &[&lse, &coefficients]);
     let grad = empty(&logits, vec![rows, vocab], logits.dtype);
-    let (count, dim) = launch_shape(&logits, rows);
+    let (count, dim) = cubes(&logits, rows, UNITS);
     let (client, dtype) = (logits.client.clone(), logits.dtype);
     // SAFETY: cubes past the last row do nothing; columns stay below `vocab`.
     unsafe {

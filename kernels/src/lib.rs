@@ -46,6 +46,36 @@ pub use burn_cubecl::{
     BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, tensor::CubeTensor,
 };
 
+/// A new tensor of `shape` and `dtype` on `like`'s device, its contents undefined. (Burn's
+/// allocation: rows of matrices may be padded, so kernels index outputs through their strides.)
+#[cfg(feature = "gpu")]
+pub(crate) fn empty<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    shape: Vec<usize>,
+    dtype: burn_backend::DType,
+) -> CubeTensor<R> {
+    burn_cubecl::ops::numeric::empty_device_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        burn_backend::Shape::from(shape),
+        dtype,
+    )
+}
+
+/// The launch of `count` cubes of `units` units each on `like`'s client, spread over the grid's
+/// axes where one axis cannot hold them; kernels find theirs as `CUBE_POS` and skip positions
+/// past `count`.
+#[cfg(feature = "gpu")]
+pub(crate) fn cubes<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    count: usize,
+    units: usize,
+) -> (cubecl::prelude::CubeCount, cubecl::prelude::CubeDim) {
+    let dim = cubecl::prelude::CubeDim::new_1d(units as u32);
+    let count = cubecl::calculate_cube_count_elemwise(&like.client, count * units, dim);
+    (count, dim)
+}
+
 /// Whether `R` is CubeCL's CUDA runtime (always false without the `cuda` feature).
 #[cfg(feature = "gpu")]
 pub fn is_cuda<R: CubeRuntime>() -> bool {

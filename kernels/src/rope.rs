@@ -13,12 +13,12 @@
 
 use burn_backend::TensorMetadata;
 use burn_cubecl::CubeRuntime;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
 
-const UNITS: u32 = 256;
+use crate::{cubes, empty};
+
+const UNITS: usize = 256;
 
 #[cube(launch_unchecked)]
 fn rope_kernel<F: Float>(
@@ -73,9 +73,8 @@ pub fn rope<R: CubeRuntime>(
         );
     }
     assert!(d % 2 == 0, "rope: head_dim {d} must be even");
-    let out = empty_device_dtype(x.client.clone(), x.device.clone(), x.shape(), x.dtype);
-    let dim = CubeDim::new_1d(UNITS);
-    let count = calculate_cube_count_elemwise(&x.client, x.shape().num_elements(), dim);
+    let out = empty(&x, x.shape().to_vec(), x.dtype);
+    let (count, dim) = cubes(&x, x.shape().num_elements().div_ceil(UNITS), UNITS);
     let (client, dtype) = (x.client.clone(), x.dtype);
     // SAFETY: units past the last element do nothing; indices follow the checked shapes.
     unsafe {

@@ -13,12 +13,12 @@
 //! The backward kernel writes `dy ∘ x·r` per row as f32 and the caller sums the rows (a
 //! reduction over rows is not a row kernel). Arithmetic is f32 whatever the tensors' type.
 
-use burn_backend::{DType, Shape, TensorMetadata};
+use burn_backend::{DType, TensorMetadata};
 use burn_cubecl::CubeRuntime;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
+
+use crate::{cubes, empty};
 
 /// Units per cube, one cube per row. A power of two (the reductions halve it).
 pub const UNITS: usize = 256;
@@ -129,24 +129,6 @@ fn rms_norm_grad_kernel<F: Float>(
     }
 }
 
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
-    empty_device_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::from(shape),
-        dtype,
-    )
-}
-
-/// One cube of [`UNITS`] per row.
-fn launch_shape<R: CubeRuntime>(x: &CubeTensor<R>, rows: usize) -> (CubeCount, CubeDim) {
-    let dim = CubeDim::new_1d(UNITS as u32);
-    (
-        calculate_cube_count_elemwise(&x.client, rows * UNITS, dim),
-        dim,
-    )
-}
-
 /// `[rows, d]` of `x`, checked against `gamma` (`[d]`, same type).
 fn norm_dims<R: CubeRuntime>(x: &CubeTensor<R>, gamma: &CubeTensor<R>) -> [usize; 2] {
     let dims = x.shape().dims::<2>();
@@ -168,7 +150,7 @@ pub fn rms_norm<R: CubeRuntime>(
     let [rows, d] = norm_dims(&x, &gamma);
     let y = empty(&x, vec![rows, d], x.dtype);
     let inv_rms = empty(&x, vec![rows], DType::F32);
-    let (count, dim) = launch_shape(&x, rows);
+    let (count, dim) = cubes(&x, rows, UNITS);
     let (client, dtype) = (x.client.clone(), x.dtype);
     // SAFETY: cubes past the last row do nothing, and every column index is below `d`.
     unsafe {
@@ -210,7 +192,7 @@ pub fn rms_norm_grad<R: CubeRuntime>(
     assert_eq!(inv_rms.dtype, DType::F32, "rms norm: r must be f32");
     let grad_x = empty(&x, vec![rows, d], x.dtype);
     let grad_gamma_rows = empty(&x, vec![rows, d], DType::F32);
-    let (count, dim) = launch_shape(&x, rows);
+    let (count, dim) = cubes(&x, rows, UNITS);
     let (client, dtype) = (x.client.clone(), x.dtype);
     // SAFETY: as in `rms_norm`; `grad_y` and `inv_rms` were checked to match `x`.
     unsafe {

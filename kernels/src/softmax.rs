@@ -17,12 +17,12 @@
 //!
 //! Arithmetic is f32 whatever the tensors' type; `lse` is an f32 tensor.
 
-use burn_backend::{DType, Shape, TensorMetadata};
+use burn_backend::{DType, TensorMetadata};
 use burn_cubecl::CubeRuntime;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
+use crate::empty;
 use crate::rows::cube_reduce;
 
 /// Units per cube, one cube per score row. A power of two (the reductions halve it).
@@ -127,15 +127,6 @@ fn softmax_grad_kernel<F: Float>(
         grad_scores[d_row + j * d_col] = F::cast_from(ds);
         j += UNITS;
     }
-}
-
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
-    empty_device_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::from(shape),
-        dtype,
-    )
 }
 
 /// `[batch, heads, rows, kv_len]`, checked to fit the launch grid (one cube per row).

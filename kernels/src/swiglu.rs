@@ -11,12 +11,12 @@
 
 use burn_backend::{Shape, TensorMetadata};
 use burn_cubecl::CubeRuntime;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
 
-const UNITS: u32 = 256;
+use crate::{cubes, empty};
+
+const UNITS: usize = 256;
 
 #[cube]
 fn sigmoid(g: f32) -> f32 {
@@ -60,7 +60,7 @@ fn swiglu_grad_kernel<F: Float>(
 }
 
 fn empty_like<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
-    empty_device_dtype(x.client.clone(), x.device.clone(), x.shape(), x.dtype)
+    empty(x, x.shape().to_vec(), x.dtype)
 }
 
 /// `[n]`, checked: every tensor flat, contiguous, of `gate`'s length and type.
@@ -76,16 +76,11 @@ fn flat_len<R: CubeRuntime>(gate: &CubeTensor<R>, others: &[&CubeTensor<R>]) -> 
     n
 }
 
-fn launch_shape<R: CubeRuntime>(x: &CubeTensor<R>, n: usize) -> (CubeCount, CubeDim) {
-    let dim = CubeDim::new_1d(UNITS);
-    (calculate_cube_count_elemwise(&x.client, n, dim), dim)
-}
-
 /// `silu(gate) · up`.
 pub fn swiglu<R: CubeRuntime>(gate: CubeTensor<R>, up: CubeTensor<R>) -> CubeTensor<R> {
     let n = flat_len(&gate, &[&up]);
     let out = empty_like(&gate);
-    let (count, dim) = launch_shape(&gate, n);
+    let (count, dim) = cubes(&gate, n.div_ceil(UNITS), UNITS);
     let (client, dtype) = (gate.client.clone(), gate.dtype);
     // SAFETY: every unit past the last element does nothing.
     unsafe {
@@ -110,7 +105,7 @@ pub fn swiglu_grad<R: CubeRuntime>(
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let n = flat_len(&gate, &[&up, &grad_out]);
     let (grad_gate, grad_up) = (empty_like(&gate), empty_like(&gate));
-    let (count, dim) = launch_shape(&gate, n);
+    let (count, dim) = cubes(&gate, n.div_ceil(UNITS), UNITS);
     let (client, dtype) = (gate.client.clone(), gate.dtype);
     // SAFETY: every unit past the last element does nothing.
     unsafe {
