@@ -184,6 +184,13 @@ fn run_with<B: AutodiffBackend>(
             .map(|on| on_gpu.then_some(on)),
         )
     };
+    // Query passes of attention in matrix form (`STRATA_ATTENTION_PASSES`), where the score
+    // kernels run.
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let attention_passes =
+        (softmax_kernel == Some(true)).then(strata::nn::fused::kernel::causal_passes);
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    let attention_passes: Option<usize> = None;
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     let (matmul_kernel, [fused_adamw, softmax_kernel, elementwise_kernels]) =
         (None::<&str>, [None::<bool>; 3]);
@@ -209,6 +216,7 @@ fn run_with<B: AutodiffBackend>(
             "fused_adamw": fused_adamw,
             "softmax_kernel": softmax_kernel,
             "elementwise_kernels": elementwise_kernels,
+            "attention_passes": attention_passes,
             // How cuBLAS products are ordered against CubeCL's stream (`STRATA_CUBLAS_WAIT`).
             "cublas_wait": cublas_wait,
             "params": config.model.num_params(),

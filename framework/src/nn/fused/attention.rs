@@ -260,6 +260,45 @@ pub mod device {
         a.matmul(b)
     }
 
+    /// Query rows per pass: as many as `max_scores` allows; and, where the score kernels run,
+    /// at most a `kernel::causal_passes()`-th of the queries, so that each pass reads only the
+    /// keys up to its last query ([`pass_keys`]) and the masked part of the n×n square is
+    /// mostly never computed.
+    fn pass_rows<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, max_scores: usize) -> usize {
+        let [batch, heads, q_len, _] = q.dims();
+        let step = rows_per_pass(batch * heads, k.dims()[2], max_scores);
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        if kernel::softmax_chosen::<B>() {
+            return step.min(q_len.div_ceil(kernel::causal_passes()).max(1));
+        }
+        let _ = q_len;
+        step
+    }
+
+    /// The position of query row `r0` and the keys that rows `r0..r1` read (causal).
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    fn pass_keys<B: Backend>(
+        q: &Tensor<B, 4>,
+        k: &Tensor<B, 4>,
+        r0: usize,
+        r1: usize,
+    ) -> (usize, std::ops::Range<usize>) {
+        let offset = k.dims()[2] - q.dims()[2];
+        (offset + r0, 0..offset + r1)
+    }
+
+    /// `sum` with `part` added to its first `part.dims()[2]` keys.
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    fn add_to_first_keys<B: Backend>(sum: Tensor<B, 4>, part: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, keys, d] = part.dims();
+        if keys == sum.dims()[2] {
+            return sum + part;
+        }
+        let first = [0..b, 0..h, 0..keys, 0..d];
+        let updated = sum.clone().slice(first.clone()) + part;
+        sum.slice_assign(first, updated)
+    }
+
     /// `1/√head_dim`.
     fn scale<B: Backend>(q: &Tensor<B, 4>) -> f32 {
         (q.dims()[3] as f32).powf(-0.5)
@@ -297,16 +336,16 @@ pub mod device {
         max_scores: usize,
     ) -> (Tensor<B, 4>, Tensor<B, 3>) {
         let q_len = q.dims()[2];
-        let [batch, heads, _, _] = q.dims();
-        let step = rows_per_pass(batch * heads, k.dims()[2], max_scores);
+        let step = pass_rows(&q, &k, max_scores);
         let (mut outs, mut lses) = (Vec::new(), Vec::new());
         for r0 in (0..q_len).step_by(step) {
             let r1 = (r0 + step).min(q_len);
             #[cfg(any(feature = "wgpu", feature = "cuda"))]
             if kernel::softmax_chosen::<B>() {
-                let first = k.dims()[2] - q_len + r0;
+                let (first, keys) = pass_keys(&q, &k, r0, r1);
+                let k = k.clone().slice_dim(2, keys.clone());
                 let (p, lse) = kernel::causal_softmax(raw_scores(&q, &k, r0, r1), scale(&q), first);
-                outs.push(product(p, v.clone()));
+                outs.push(product(p, v.clone().slice_dim(2, keys)));
                 lses.push(lse);
                 continue;
             }
@@ -331,8 +370,7 @@ pub mod device {
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let q_len = q.dims()[2];
         let scale = (q.dims()[3] as f64).powf(-0.5);
-        let [batch, heads, _, _] = q.dims();
-        let step = rows_per_pass(batch * heads, k.dims()[2], max_scores);
+        let step = pass_rows(&q, &k, max_scores);
         let delta = (grad_out.clone() * out).sum_dim(3);
         let (mut dk, mut dv) = (k.zeros_like(), v.zeros_like());
         let mut dqs = Vec::new();
@@ -341,8 +379,12 @@ pub mod device {
             let dout = grad_out.clone().slice_dim(2, r0..r1);
             #[cfg(any(feature = "wgpu", feature = "cuda"))]
             if kernel::softmax_chosen::<B>() {
-                let first = k.dims()[2] - q_len + r0;
-                let dp = product(dout.clone(), v.clone().swap_dims(2, 3));
+                let (first, keys) = pass_keys(&q, &k, r0, r1);
+                let (k, v) = (
+                    k.clone().slice_dim(2, keys.clone()),
+                    v.clone().slice_dim(2, keys),
+                );
+                let dp = product(dout.clone(), v.swap_dims(2, 3));
                 let (p, ds) = kernel::causal_softmax_grad(
                     raw_scores(&q, &k, r0, r1),
                     lse.clone().slice_dim(2, r0..r1),
@@ -350,9 +392,10 @@ pub mod device {
                     scale as f32,
                     first,
                 );
-                dv = dv + product(p.swap_dims(2, 3), dout);
-                dk = dk + product(ds.clone().swap_dims(2, 3), q.clone().slice_dim(2, r0..r1));
-                dqs.push(product(ds, k.clone()));
+                dv = add_to_first_keys(dv, product(p.swap_dims(2, 3), dout));
+                let dk_pass = product(ds.clone().swap_dims(2, 3), q.clone().slice_dim(2, r0..r1));
+                dk = add_to_first_keys(dk, dk_pass);
+                dqs.push(product(ds, k));
                 continue;
             }
             let p =
