@@ -15,7 +15,7 @@ def strata_variant(r):
         variant += "+adamw-tensor-ops"
     if r.get("softmax_kernel") is False:
         variant += "+softmax-tensor-ops"
-    if r.get("attention_passes") not in (None, 2):
+    if r.get("attention_passes") not in (None, 1):
         variant += f"+attention-passes={r['attention_passes']}"
     if r.get("elementwise_kernels") is False:
         variant += "+norm-gate-tensor-ops"

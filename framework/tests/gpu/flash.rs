@@ -61,6 +61,7 @@ fn reference(
         k.clone().inner(),
         v.clone().inner(),
         usize::MAX,
+        1,
     );
     let mut all = vec![values(out), values(lse)];
     all.extend([q, k, v].map(|x| values(x.grad(&grads).expect("a gradient"))));

@@ -72,7 +72,7 @@ fn tensor_op_form_in_passes_matches_the_host_loops() {
         // 2·2·29·3 scores: passes of three query rows, the last one shorter.
         let max_scores = b * h * kv_len * 3;
         let (out_h, lse_h) = host::forward(q.clone(), k.clone(), v.clone());
-        let (out_d, lse_d) = device::forward(q.clone(), k.clone(), v.clone(), max_scores);
+        let (out_d, lse_d) = device::forward(q.clone(), k.clone(), v.clone(), max_scores, 1);
         let (dq_h, dk_h, dv_h) = host::backward(
             q.clone(),
             k.clone(),
@@ -82,7 +82,7 @@ fn tensor_op_form_in_passes_matches_the_host_loops() {
             dout.clone(),
         );
         let (dq_d, dk_d, dv_d) =
-            device::backward(q, k, v, out_d.clone(), lse_d.clone(), dout, max_scores);
+            device::backward(q, k, v, out_d.clone(), lse_d.clone(), dout, max_scores, 1);
         let host_all = [
             host_values(out_h),
             host_values(lse_h),

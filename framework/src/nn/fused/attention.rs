@@ -211,7 +211,13 @@ pub fn causal_forward<B: Backend>(
     if kernel::chosen::<B>(q.dims(), k.dims(), Pattern::Causal) {
         return kernel::forward(q, k, v, Pattern::Causal);
     }
-    device::forward(q, k, v, crate::nn::coord3d::MAX_SCORES_PER_PASS)
+    device::forward(
+        q,
+        k,
+        v,
+        crate::nn::coord3d::MAX_SCORES_PER_PASS,
+        query_passes(),
+    )
 }
 
 /// Gradients of q, k and v.
@@ -239,10 +245,22 @@ pub fn causal_backward<B: Backend>(
         lse,
         grad_out,
         crate::nn::coord3d::MAX_SCORES_PER_PASS,
+        query_passes(),
     )
 }
 
-/// Tensor-op form, for any backend: queries in passes of at most `max_scores` scores.
+/// Passes of queries for attention in matrix form (`kernel::causal_passes`; 1 without the GPU
+/// kernels).
+fn query_passes() -> usize {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    return kernel::causal_passes();
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    1
+}
+
+/// Tensor-op form, for any backend: queries in passes of at most `max_scores` scores, and, where
+/// the GPU score kernels run, in at least `query_passes` passes that each read only the keys up
+/// to their last query.
 pub mod device {
     use burn::prelude::*;
 
@@ -261,17 +279,22 @@ pub mod device {
     }
 
     /// Query rows per pass: as many as `max_scores` allows; and, where the score kernels run,
-    /// at most a `kernel::causal_passes()`-th of the queries, so that each pass reads only the
-    /// keys up to its last query ([`pass_keys`]) and the masked part of the n×n square is
-    /// mostly never computed.
-    fn pass_rows<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, max_scores: usize) -> usize {
+    /// at most a `query_passes`-th of the queries, so that each pass reads only the keys up to
+    /// its last query ([`pass_keys`]) and most of the masked part of the n×n square is never
+    /// computed.
+    fn pass_rows<B: Backend>(
+        q: &Tensor<B, 4>,
+        k: &Tensor<B, 4>,
+        max_scores: usize,
+        query_passes: usize,
+    ) -> usize {
         let [batch, heads, q_len, _] = q.dims();
         let step = rows_per_pass(batch * heads, k.dims()[2], max_scores);
         #[cfg(any(feature = "wgpu", feature = "cuda"))]
         if kernel::softmax_chosen::<B>() {
-            return step.min(q_len.div_ceil(kernel::causal_passes()).max(1));
+            return step.min(q_len.div_ceil(query_passes.max(1)).max(1));
         }
-        let _ = q_len;
+        let _ = (q_len, query_passes);
         step
     }
 
@@ -334,9 +357,10 @@ pub mod device {
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
         max_scores: usize,
+        query_passes: usize,
     ) -> (Tensor<B, 4>, Tensor<B, 3>) {
         let q_len = q.dims()[2];
-        let step = pass_rows(&q, &k, max_scores);
+        let step = pass_rows(&q, &k, max_scores, query_passes);
         let (mut outs, mut lses) = (Vec::new(), Vec::new());
         for r0 in (0..q_len).step_by(step) {
             let r1 = (r0 + step).min(q_len);
@@ -367,10 +391,11 @@ pub mod device {
         lse: Tensor<B, 3>,
         grad_out: Tensor<B, 4>,
         max_scores: usize,
+        query_passes: usize,
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let q_len = q.dims()[2];
         let scale = (q.dims()[3] as f64).powf(-0.5);
-        let step = pass_rows(&q, &k, max_scores);
+        let step = pass_rows(&q, &k, max_scores, query_passes);
         let delta = (grad_out.clone() * out).sum_dim(3);
         let (mut dk, mut dv) = (k.zeros_like(), v.zeros_like());
         let mut dqs = Vec::new();

@@ -369,15 +369,15 @@ pub fn softmax_kernel_enabled() -> bool {
 }
 
 /// How many passes of queries causal attention in matrix form takes where the score kernels
-/// run (`STRATA_ATTENTION_PASSES`, default 2): pass `i` of `n` reads only the keys up to its last
-/// query, so the products and score kernels cover about `(n + 1)/(2n)` of the n×n square, at
-/// the price of more, smaller launches.
+/// run (`STRATA_ATTENTION_PASSES`, default 1): with `n` passes each reads only the keys up to its
+/// last query, so the products and score kernels cover about `(n + 1)/(2n)` of the n×n square,
+/// at the price of more, smaller launches. Off by default until measured on a GPU.
 pub fn causal_passes() -> usize {
     std::env::var("STRATA_ATTENTION_PASSES")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&n| n > 0)
-        .unwrap_or(2)
+        .unwrap_or(1)
 }
 
 /// Whether [`causal_softmax`] and [`causal_softmax_grad`] run on backend `B`.
