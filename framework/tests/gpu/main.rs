@@ -12,5 +12,6 @@ mod flash;
 mod fused;
 mod matmul;
 mod softmax;
+mod training_step;
 #[cfg(feature = "wgpu")]
 mod wgpu_parity;
