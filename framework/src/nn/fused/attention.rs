@@ -383,6 +383,7 @@ pub mod device {
         (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn backward<B: Backend>(
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
