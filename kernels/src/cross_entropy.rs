@@ -18,14 +18,11 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use crate::rows::cube_reduce;
+use crate::rows::cube_log_sum_exp;
 use crate::{cubes, empty};
 
 /// Units per cube, one cube per row. A power of two (the reductions halve it).
 const UNITS: usize = 256;
-
-/// Below every real logit (finite: WGSL has no infinity literal).
-const LOWEST: f32 = -1.0e30;
 
 #[cube(launch_unchecked)]
 #[allow(clippy::eq_op)] // `x − x` and `0/0` make the NaN below on purpose
@@ -42,20 +39,7 @@ fn cross_entropy_kernel<F: Float>(
         let vocab = logits.shape(1);
         let (z_row, z_col) = (row * logits.stride(0), logits.stride(1));
         let mut shared = SharedMemory::<f32>::new(UNITS);
-        let mut row_max = f32::new(LOWEST);
-        let mut c = UNIT_POS_X as usize;
-        while c < vocab {
-            row_max = max(row_max, f32::cast_from(logits[z_row + c * z_col]));
-            c += UNITS;
-        }
-        let row_max = cube_reduce(row_max, &mut shared, true);
-        let mut sum = 0.0f32;
-        let mut c = UNIT_POS_X as usize;
-        while c < vocab {
-            sum += (f32::cast_from(logits[z_row + c * z_col]) - row_max).exp();
-            c += UNITS;
-        }
-        let row_lse = row_max + cube_reduce(sum, &mut shared, false).ln();
+        let row_lse = cube_log_sum_exp(logits, z_row, z_col, vocab, 1.0f32, &mut shared);
         if UNIT_POS_X == 0 {
             let target = targets[row * targets.stride(0)];
             // NaN made at run time: WGSL has no NaN literal and rejects a constant 0/0.

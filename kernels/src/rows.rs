@@ -1,5 +1,5 @@
 //! RMSNorm (Zhang & Sennrich, arXiv 1910.07467) forward and backward, one kernel each, a cube
-//! per row of `[rows, d]`; and the shared-memory reduction that row kernels use.
+//! per row of `[rows, d]`; and the shared-memory reductions that row kernels use.
 //!
 //! Composed of tensor ops, RMSNorm is six launches forward (square, mean, add, root, divide,
 //! scale) and about twice as many backward, each a pass over the activations. With
@@ -49,6 +49,38 @@ pub fn cube_reduce(value: f32, shared: &mut SharedMemory<f32>, #[comptime] take_
     // Every unit has read the total before the memory is used again.
     sync_cube();
     total
+}
+
+/// Below every real value a row's maximum is taken of, so a running maximum starts there
+/// (finite: WGSL has no infinity literal).
+const LOWEST: f32 = -1.0e30;
+
+/// `ln Σ exp(scale·x[start + j·step])` over `j < len`, each unit of the cube taking every
+/// cube-size-th `j`, returned to all of them (every unit must call it, as [`cube_reduce`]).
+#[cube]
+pub fn cube_log_sum_exp<F: Float>(
+    x: &Tensor<F>,
+    start: usize,
+    step: usize,
+    len: usize,
+    scale: f32,
+    shared: &mut SharedMemory<f32>,
+) -> f32 {
+    let units = CUBE_DIM_X as usize;
+    let mut row_max = f32::new(LOWEST);
+    let mut j = UNIT_POS_X as usize;
+    while j < len {
+        row_max = max(row_max, f32::cast_from(x[start + j * step]) * scale);
+        j += units;
+    }
+    let row_max = cube_reduce(row_max, shared, true);
+    let mut sum = 0.0f32;
+    let mut j = UNIT_POS_X as usize;
+    while j < len {
+        sum += (f32::cast_from(x[start + j * step]) * scale - row_max).exp();
+        j += units;
+    }
+    row_max + cube_reduce(sum, shared, false).ln()
 }
 
 #[cube(launch_unchecked)]

@@ -23,14 +23,10 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use crate::empty;
-use crate::rows::cube_reduce;
+use crate::rows::{cube_log_sum_exp, cube_reduce};
 
 /// Units per cube, one cube per score row. A power of two (the reductions halve it).
 pub const UNITS: usize = 128;
-
-/// Below every real scaled score, so a row's running maximum starts there (finite: WGSL has
-/// no infinity literal).
-const LOWEST: f32 = -1.0e30;
 
 /// Index of element 0 of row (`batch`, `head`, `row`) of `x`: `[batch, heads, rows, ..]`.
 #[cube]
@@ -53,22 +49,7 @@ fn softmax_kernel<F: Float>(
     let keys = min(first as usize + CUBE_POS_X as usize + 1, kv_len);
     let (s_row, s_col) = (row_start(scores), scores.stride(3));
     let mut shared = SharedMemory::<f32>::new(UNITS);
-
-    let mut row_max = f32::new(LOWEST);
-    let mut j = UNIT_POS_X as usize;
-    while j < keys {
-        row_max = max(row_max, f32::cast_from(scores[s_row + j * s_col]) * scale);
-        j += UNITS;
-    }
-    let row_max = cube_reduce(row_max, &mut shared, true);
-
-    let mut sum = 0.0f32;
-    let mut j = UNIT_POS_X as usize;
-    while j < keys {
-        sum += (f32::cast_from(scores[s_row + j * s_col]) * scale - row_max).exp();
-        j += UNITS;
-    }
-    let row_lse = row_max + cube_reduce(sum, &mut shared, false).ln();
+    let row_lse = cube_log_sum_exp(scores, s_row, s_col, keys, scale, &mut shared);
 
     let (p_row, p_col) = (row_start(probs), probs.stride(3));
     let mut j = UNIT_POS_X as usize;

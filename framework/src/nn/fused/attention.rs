@@ -272,8 +272,8 @@ pub mod device {
     /// (`kernel::attention_matmul_chosen`), Burn's product otherwise.
     fn product<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
         #[cfg(any(feature = "wgpu", feature = "cuda"))]
-        if crate::nn::fused::kernel::attention_matmul_chosen::<B>() {
-            return crate::nn::fused::kernel::matmul(a, b);
+        if kernel::attention_matmul_chosen::<B>() {
+            return kernel::matmul(a, b);
         }
         a.matmul(b)
     }
@@ -395,7 +395,7 @@ pub mod device {
         query_passes: usize,
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let q_len = q.dims()[2];
-        let scale = (q.dims()[3] as f64).powf(-0.5);
+        let scale = scale(&q);
         let step = pass_rows(&q, &k, max_scores, query_passes);
         let delta = (grad_out.clone() * out).sum_dim(3);
         let (mut dk, mut dv) = (k.zeros_like(), v.zeros_like());
@@ -415,7 +415,7 @@ pub mod device {
                     raw_scores(&q, &k, r0, r1),
                     lse.clone().slice_dim(2, r0..r1),
                     dp,
-                    scale as f32,
+                    scale,
                     first,
                 );
                 dv = add_to_first_keys(dv, product(p.swap_dims(2, 3), dout));

@@ -331,7 +331,12 @@ pub use strata_kernels::adamw::AdamWStep;
 /// Whether AdamW updates each parameter with one kernel on the GPU backends: yes unless
 /// `STRATA_FUSED_ADAMW=0` (the tensor-op update, kept to compare).
 pub fn fused_adamw_enabled() -> bool {
-    std::env::var("STRATA_FUSED_ADAMW").map_or(true, |v| v != "0")
+    on_unless_zero("STRATA_FUSED_ADAMW")
+}
+
+/// A kernel switch of the environment: on unless `var` is `0`.
+fn on_unless_zero(var: &str) -> bool {
+    std::env::var(var).map_or(true, |v| v != "0")
 }
 
 struct AdamWOp<B: Backend>([Tensor<B, 1>; 4], AdamWStep);
@@ -361,13 +366,6 @@ pub fn adamw<B: Backend>(
     run_on_cube::<B, _>(AdamWOp(inputs, step)).expect("checked: a GPU backend")
 }
 
-/// Whether attention in matrix form computes its softmax and the softmax's gradient with one
-/// kernel each on the GPU backends (`strata_kernels::softmax`): yes unless
-/// `STRATA_SOFTMAX_KERNEL=0` (the tensor ops, kept to compare).
-pub fn softmax_kernel_enabled() -> bool {
-    std::env::var("STRATA_SOFTMAX_KERNEL").map_or(true, |v| v != "0")
-}
-
 /// How many passes of queries causal attention in matrix form takes where the score kernels
 /// run (`STRATA_ATTENTION_PASSES`, default 1): with `n` passes each reads only the keys up to its
 /// last query, so the products and score kernels cover about `(n + 1)/(2n)` of the n×n square,
@@ -380,9 +378,11 @@ pub fn causal_passes() -> usize {
         .unwrap_or(1)
 }
 
-/// Whether [`causal_softmax`] and [`causal_softmax_grad`] run on backend `B`.
+/// Whether attention in matrix form computes its softmax and the softmax's gradient with one
+/// kernel each ([`causal_softmax`], [`causal_softmax_grad`]) on backend `B`: a GPU backend, and
+/// `STRATA_SOFTMAX_KERNEL` is not `0` (the tensor ops, kept to compare).
 pub fn softmax_chosen<B: Backend>() -> bool {
-    softmax_kernel_enabled() && kernel_backend::<B>()
+    on_unless_zero("STRATA_SOFTMAX_KERNEL") && kernel_backend::<B>()
 }
 
 struct SoftmaxOp<B: Backend>(Tensor<B, 4>, f32, usize);
@@ -441,11 +441,11 @@ pub fn causal_softmax_grad<B: Backend>(
         .expect("called where `softmax_chosen` holds")
 }
 
-/// Whether RMSNorm and the SwiGLU gate run as one kernel each way on the GPU backends
-/// (`strata_kernels::rows`, `strata_kernels::swiglu`): yes unless
-/// `STRATA_ELEMENTWISE_KERNELS=0` (the tensor ops, kept to compare).
+/// Whether RMSNorm, the SwiGLU gate, the rotary embedding and the cross-entropy loss run as
+/// one kernel each way on backend `B` (`strata_kernels::{rows, swiglu, rope, cross_entropy}`):
+/// a GPU backend, and `STRATA_ELEMENTWISE_KERNELS` is not `0` (the tensor ops, kept to compare).
 pub fn elementwise_chosen<B: Backend>() -> bool {
-    std::env::var("STRATA_ELEMENTWISE_KERNELS").map_or(true, |v| v != "0") && kernel_backend::<B>()
+    on_unless_zero("STRATA_ELEMENTWISE_KERNELS") && kernel_backend::<B>()
 }
 
 struct RmsNormOp<B: Backend>(Tensor<B, 2>, Tensor<B, 1>, f32);
