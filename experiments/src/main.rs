@@ -84,7 +84,7 @@ fn main() {
     keep_freed_buffers();
     let cli = Cli::parse();
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    if let Err(err) = strata::nn::fused::kernel::matmul_kernel() {
+    if let Err(err) = strata::nn::fused::kernel::check_environment() {
         eprintln!("error: {err}");
         std::process::exit(2);
     }

@@ -11,6 +11,7 @@ mod elementwise;
 mod flash;
 mod fused;
 mod matmul;
+mod settings;
 mod softmax;
 mod training_step;
 #[cfg(feature = "wgpu")]

@@ -334,9 +334,36 @@ pub fn fused_adamw_enabled() -> bool {
     on_unless_zero("STRATA_FUSED_ADAMW")
 }
 
-/// A kernel switch of the environment: on unless `var` is `0`.
+/// The kernel switches of the environment, each on unless set to `0`.
+pub const SWITCH_VARS: [&str; 3] = [
+    "STRATA_FUSED_ADAMW",
+    "STRATA_SOFTMAX_KERNEL",
+    "STRATA_ELEMENTWISE_KERNELS",
+];
+
+/// A kernel switch of the environment: on unless `var` is `0`. (The CLI refuses any value but
+/// `0` and `1` at start: [`check_environment`].)
 fn on_unless_zero(var: &str) -> bool {
     std::env::var(var).map_or(true, |v| v != "0")
+}
+
+/// The kernel settings of the environment checked: `STRATA_MATMUL` names a kernel, each of
+/// [`SWITCH_VARS`] is `0` or `1`, `STRATA_ATTENTION_PASSES` is a whole number from 1. An error
+/// names the variable, its value and what it takes.
+pub fn check_environment() -> Result<(), String> {
+    matmul_kernel()?;
+    for var in SWITCH_VARS {
+        if let Ok(value) = std::env::var(var)
+            && value != "0"
+            && value != "1"
+        {
+            return Err(format!(
+                "{var}={value:?}: expected 0 (off) or 1 (on, the default)"
+            ));
+        }
+    }
+    attention_passes()?;
+    Ok(())
 }
 
 struct AdamWOp<B: Backend>([Tensor<B, 1>; 4], AdamWStep);
@@ -371,11 +398,24 @@ pub fn adamw<B: Backend>(
 /// last query, so the products and score kernels cover about `(n + 1)/(2n)` of the n×n square,
 /// at the price of more, smaller launches. Off by default until measured on a GPU.
 pub fn causal_passes() -> usize {
-    std::env::var("STRATA_ATTENTION_PASSES")
+    attention_passes().unwrap_or(1)
+}
+
+/// `STRATA_ATTENTION_PASSES` (1 when unset), or an error naming its value when it is not a
+/// whole number from 1 (the CLI reports it at start; [`causal_passes`] then takes 1).
+fn attention_passes() -> Result<usize, String> {
+    let Ok(value) = std::env::var("STRATA_ATTENTION_PASSES") else {
+        return Ok(1);
+    };
+    value
+        .parse::<usize>()
         .ok()
-        .and_then(|v| v.parse::<usize>().ok())
         .filter(|&n| n > 0)
-        .unwrap_or(1)
+        .ok_or_else(|| {
+            format!(
+                "STRATA_ATTENTION_PASSES={value:?}: expected a whole number of passes, 1 or more"
+            )
+        })
 }
 
 /// Whether attention in matrix form computes its softmax and the softmax's gradient with one
