@@ -18,7 +18,7 @@ use strata::train::optim::AdamW;
 use strata::train::{batch_tensors, recompute};
 
 use crate::backend::BackendArgs;
-use crate::dispatch;
+use crate::{dispatch, kernel_trace};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -37,6 +37,10 @@ pub struct Args {
     /// profile asks.
     #[arg(long)]
     profile: bool,
+    /// CUDA backend: record the GPU's kernels over the timed steps (CUPTI) and write their time
+    /// per step by kernel name to this CSV; the JSON line gets the GPU's busy time per step.
+    #[arg(long, value_name = "CSV")]
+    kernel_trace: Option<PathBuf>,
     /// Storage of the frozen base weights under --lora-rank: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     lora_base_dtype: String,
@@ -89,8 +93,12 @@ fn run_with<B: AutodiffBackend>(
         .flatten();
     // Under --profile, as many steps again after the timed ones, with the phases timed apart.
     let profiled = if args.profile { args.steps } else { 0 };
+    let mut kernels = None;
     for step in 0..args.warmup + args.steps + profiled {
         let profiling = step >= args.warmup + args.steps;
+        if step == args.warmup && args.kernel_trace.is_some() {
+            kernel_trace::start(&args.backend.label())?;
+        }
         let ids: Vec<u32> = (0..n)
             .map(|_| rng.random_range(0..config.model.vocab_size as u32))
             .collect();
@@ -143,6 +151,11 @@ fn run_with<B: AutodiffBackend>(
         }
         if step >= args.warmup {
             step_secs.push(secs);
+        }
+        if step + 1 == args.warmup + args.steps
+            && let Some(path) = &args.kernel_trace
+        {
+            kernels = Some(kernel_trace::finish(path, args.steps)?);
         }
     }
     let peak_device_mib = device_memory.and_then(|sampler| sampler.finish());
@@ -237,6 +250,11 @@ fn run_with<B: AutodiffBackend>(
             "first_step_secs": first_step_secs,
             "peak_device_mib": peak_device_mib,
             "profile": profile,
+            // --kernel-trace: the GPU's time per step in kernels and busy (kernels overlapping
+            // on two streams counted once), and kernel launches per step.
+            "kernel_ms_per_step": kernels.as_ref().map(|k| k.kernel_ms_per_step),
+            "gpu_busy_ms_per_step": kernels.as_ref().map(|k| k.busy_ms_per_step),
+            "launches_per_step": kernels.as_ref().map(|k| k.launches_per_step),
         })
     );
     Ok(())

@@ -12,6 +12,7 @@ mod export;
 mod finetune;
 mod generate;
 mod import;
+mod kernel_trace;
 mod memory;
 mod merge;
 mod report;

@@ -10,9 +10,11 @@
 //! - [`rows`]: RMSNorm forward and backward, a cube per row. [`swiglu`] and [`rope`]: the
 //!   SwiGLU gate and the rotary embedding, forward and backward, one element-wise kernel each.
 //! - [`cross_entropy`]: cross-entropy over the vocabulary and its gradient, a cube per row.
+//! - [`embedding`]: a token embedding's gradient, a cube per token row (atomic f32 adds).
 //! - [`softmax`]: the causal softmax of attention scores and its gradient, one pass each, for
 //!   attention computed as matrix products.
 //! - [`cublas`]: matrix products through cuBLAS on the CUDA backend.
+//! - [`trace`]: the kernels that ran on the GPU and when (CUPTI), for profiling a step.
 //!
 //! The kernels take and return Burn's GPU tensors ([`CubeTensor`]); the backend types below
 //! are the ones they run on. The crate is empty without its `wgpu` or `cuda` feature (`strata`'s
@@ -27,6 +29,8 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cublas;
 #[cfg(feature = "gpu")]
+pub mod embedding;
+#[cfg(feature = "gpu")]
 pub mod matmul;
 #[cfg(feature = "gpu")]
 pub mod rope;
@@ -37,6 +41,8 @@ pub mod softmax;
 pub mod strided;
 #[cfg(feature = "gpu")]
 pub mod swiglu;
+#[cfg(feature = "cuda")]
+pub mod trace;
 
 #[cfg(feature = "gpu")]
 pub use cubek;

@@ -10,8 +10,8 @@
 //! dx = r·g − x·r³·(g·x)/d      dγ = Σ_rows dy ∘ x·r
 //! ```
 //!
-//! The backward kernel writes `dy ∘ x·r` per row as f32 and the caller sums the rows (a
-//! reduction over rows is not a row kernel). Arithmetic is f32 whatever the tensors' type.
+//! The backward kernel writes `dy ∘ x·r` per row as f32 and [`column_sums`] adds the rows up
+//! (a reduction over rows is not a row kernel). Arithmetic is f32 whatever the tensors' type.
 
 use burn_backend::{DType, TensorMetadata};
 use burn_cubecl::CubeRuntime;
@@ -161,6 +161,63 @@ fn rms_norm_grad_kernel<F: Float>(
     }
 }
 
+/// Rows summed per launch of [`column_sums_kernel`] in its first pass.
+const ROWS_PER_CUBE: usize = 64;
+
+/// Each unit sums one column over `rows_per_cube` rows of `input` (consecutive units read
+/// consecutive columns: coalesced) and writes the sum to its row block's row of `output`.
+#[cube(launch_unchecked)]
+fn column_sums_kernel(input: &Tensor<f32>, output: &mut Tensor<f32>, rows_per_cube: u32) {
+    let column = CUBE_POS_X as usize * UNITS + UNIT_POS_X as usize;
+    let block = CUBE_POS_Y as usize;
+    let (rows, d) = (input.shape(0), input.shape(1));
+    if column < d {
+        let first = block * rows_per_cube as usize;
+        let last = min(first + rows_per_cube as usize, rows);
+        let mut sum = 0.0f32;
+        let mut row = first;
+        while row < last {
+            sum += input[row * input.stride(0) + column * input.stride(1)];
+            row += 1;
+        }
+        output[block * output.stride(0) + column * output.stride(1)] = sum;
+    }
+}
+
+/// The column sums (`[d]`, f32) of `x: [rows, d]` (f32), in two passes: blocks of
+/// `ROWS_PER_CUBE` rows, then their partial sums. (Burn's `sum_dim(0)` over the rows of a
+/// `[8192, 768]` tensor took 1 ms on an H100, 40 times what reading it costs.)
+pub fn column_sums<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
+    let [rows, d] = x.shape().dims::<2>();
+    assert_eq!(x.dtype, DType::F32, "column sums: f32 input");
+    let mut partial = x;
+    let mut remaining = rows;
+    loop {
+        // Row blocks along the grid's second axis (at most 65 535 cubes there).
+        let per_cube = ROWS_PER_CUBE.max(remaining.div_ceil(65_535));
+        let blocks = remaining.div_ceil(per_cube).max(1);
+        let sums = empty(&partial, vec![blocks, d], DType::F32);
+        let count = CubeCount::Static(d.div_ceil(UNITS) as u32, blocks as u32, 1);
+        // SAFETY: units past the last column do nothing; rows stop at the input's last row.
+        unsafe {
+            column_sums_kernel::launch_unchecked::<R>(
+                &partial.client.clone(),
+                count,
+                CubeDim::new_1d(UNITS as u32),
+                partial.into_tensor_arg(),
+                sums.clone().into_tensor_arg(),
+                per_cube as u32,
+            );
+        }
+        partial = sums;
+        remaining = blocks;
+        if remaining == 1 {
+            break;
+        }
+    }
+    burn_cubecl::ops::reshape(partial, burn_backend::Shape::from(vec![d]))
+}
+
 /// `[rows, d]` of `x`, checked against `gamma` (`[d]`, same type).
 fn norm_dims<R: CubeRuntime>(x: &CubeTensor<R>, gamma: &CubeTensor<R>) -> [usize; 2] {
     let dims = x.shape().dims::<2>();
@@ -201,8 +258,7 @@ pub fn rms_norm<R: CubeRuntime>(
     (y, inv_rms)
 }
 
-/// `dx` (as `x`) and the per-row terms of `dγ` (`[rows, d]`, f32; their column sums are `dγ`),
-/// from the forward pass's inputs and `r`, and `dy`.
+/// `dx` (as `x`) and `dγ` (`[d]`, f32), from the forward pass's inputs and `r`, and `dy`.
 pub fn rms_norm_grad<R: CubeRuntime>(
     x: CubeTensor<R>,
     gamma: CubeTensor<R>,
@@ -241,5 +297,5 @@ pub fn rms_norm_grad<R: CubeRuntime>(
             dtype.into(),
         );
     }
-    (grad_x, grad_gamma_rows)
+    (grad_x, column_sums(grad_gamma_rows))
 }

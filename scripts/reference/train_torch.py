@@ -10,7 +10,9 @@ of the first steps, so that the cosine schedule ends when the time is up.
 """
 
 import argparse
+import csv
 import json
+import os
 import resource
 import math
 import pathlib
@@ -183,6 +185,37 @@ def projection_gemms(m, rows, dtype, device):
     return {"gemm_dtype": str(dtype), "gemm_secs": total, "gemm_flops": flops, "gemms": gemms}
 
 
+def kernel_trace(prof, steps, path):
+    """GPU kernels of a torch.profiler run summed by name per step, written to `path` as CSV
+    (kernel, launches_per_step, ms_per_step, share_of_kernel_time); returns the kernel and busy
+    time per step (the union of the kernels' intervals) and the launches per step."""
+    runs = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("Memcpy")
+            and not e.name.startswith("Memset")]
+    by_name = {}
+    for name, start, end in runs:
+        launches, us = by_name.get(name, (0, 0.0))
+        by_name[name] = (launches + 1, us + end - start)
+    total = sum(us for _, us in by_name.values()) / 1e3 / steps
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["kernel", "launches_per_step", "ms_per_step", "share_of_kernel_time"])
+        for name, (launches, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1]):
+            out.writerow([name, f"{launches / steps:.1f}", f"{us / 1e3 / steps:.3f}", f"{us / 1e3 / steps / total:.4f}"])
+    os.replace(tmp, path)
+    busy, current = 0.0, None
+    for start, end in sorted((s, e) for _, s, e in runs):
+        if current and start <= current[1]:
+            current = (current[0], max(current[1], end))
+        else:
+            busy += current[1] - current[0] if current else 0.0
+            current = (start, end)
+    busy += current[1] - current[0] if current else 0.0
+    return {"kernel_ms_per_step": total, "gpu_busy_ms_per_step": busy / 1e3 / steps,
+            "launches_per_step": len(runs) / steps}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
@@ -199,6 +232,9 @@ def main():
     ap.add_argument("--naive-attention", action="store_true", help="materialise the n×n scores (no SDPA)")
     ap.add_argument("--profile", action="store_true",
                     help="with --bench: time forward, backward and optimizer apart, and the step's projection products alone")
+    ap.add_argument("--kernel-trace", metavar="CSV",
+                    help="with --bench on CUDA: the timed steps' GPU kernels summed by name (torch.profiler), as "
+                         "`strata bench-train --kernel-trace` writes them")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = tomllib.loads(pathlib.Path(args.config).read_text())
@@ -264,7 +300,11 @@ def main():
 
     if args.bench:
         times, phases = [], []
+        tracer = None
         for i in range(args.warmup + args.steps):
+            if args.kernel_trace and i == args.warmup:
+                tracer = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                tracer.__enter__()
             x = torch.randint(0, m["vocab_size"], (bsz, seq), device=device)
             start = time.perf_counter()
             step(x, x, 1e-4)  # .item() waits for the device
@@ -275,6 +315,9 @@ def main():
                 info["first_step_secs"] = elapsed
             if i >= args.warmup:
                 times.append(elapsed)
+        if tracer is not None:
+            tracer.__exit__(None, None, None)
+            info.update(kernel_trace(tracer, args.steps, args.kernel_trace))
         info.update(tokens_per_sec=bsz * seq * args.steps / sum(times), steps=args.steps,
                     median_step_secs=sorted(times)[len(times) // 2])
         if device.type == "cuda":

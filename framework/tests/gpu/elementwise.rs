@@ -140,8 +140,9 @@ fn check<B: AutodiffBackend>() {
             1e-5,
         );
     }
-    // Rows longer and shorter than a cube's 256 units.
-    for shape in [[2, 5, 300], [1, 3, 7]] {
+    // Rows longer and shorter than a cube's 256 units; more rows than dγ's first pass sums per
+    // block (64), so that its second pass runs.
+    for shape in [[2, 5, 300], [1, 3, 7], [3, 100, 40]] {
         let want = norm::<Autodiff<Cpu>>(shape, true);
         assert_close(&["y", "dx", "dγ"], &norm::<B>(shape, false), &want, 1e-5);
         let want = gate::<Autodiff<Cpu>>(shape, true);

@@ -380,7 +380,16 @@ pub mod device {
             outs.push(product(p, v.clone()).div(sum.clone()));
             lses.push((max + sum.log()).squeeze_dim::<3>(3));
         }
-        (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
+        (cat(outs), cat(lses))
+    }
+
+    /// The passes' parts joined along the query axis (one part is returned as it is: Burn's
+    /// `cat` copies even one tensor).
+    fn cat<B: Backend, const D: usize>(mut parts: Vec<Tensor<B, D>>) -> Tensor<B, D> {
+        if parts.len() == 1 {
+            return parts.pop().expect("one part");
+        }
+        Tensor::cat(parts, 2)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -397,33 +406,48 @@ pub mod device {
         let q_len = q.dims()[2];
         let scale = scale(&q);
         let step = pass_rows(&q, &k, max_scores, query_passes);
-        let delta = (grad_out.clone() * out).sum_dim(3);
-        let (mut dk, mut dv) = (k.zeros_like(), v.zeros_like());
         let mut dqs = Vec::new();
-        for r0 in (0..q_len).step_by(step) {
-            let r1 = (r0 + step).min(q_len);
-            let dout = grad_out.clone().slice_dim(2, r0..r1);
-            #[cfg(any(feature = "wgpu", feature = "cuda"))]
-            if kernel::softmax_chosen::<B>() {
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        if kernel::softmax_chosen::<B>() {
+            // The score kernel computes FlashAttention's rowsum(dO ∘ O) itself.
+            let _ = out;
+            // Each pass adds its share of dK and dV; the first pass's share starts the sums.
+            let (mut dk, mut dv) = (None, None);
+            let add = |sum: Option<Tensor<B, 4>>, part: Tensor<B, 4>, like: &Tensor<B, 4>| match sum
+            {
+                Some(sum) => add_to_first_keys(sum, part),
+                None if part.dims()[2] == like.dims()[2] => part,
+                None => add_to_first_keys(like.zeros_like(), part),
+            };
+            for r0 in (0..q_len).step_by(step) {
+                let r1 = (r0 + step).min(q_len);
+                let dout = grad_out.clone().slice_dim(2, r0..r1);
                 let (first, keys) = pass_keys(&q, &k, r0, r1);
-                let (k, v) = (
+                let (k_read, v_read) = (
                     k.clone().slice_dim(2, keys.clone()),
                     v.clone().slice_dim(2, keys),
                 );
-                let dp = product(dout.clone(), v.swap_dims(2, 3));
+                let dp = product(dout.clone(), v_read.swap_dims(2, 3));
                 let (p, ds) = kernel::causal_softmax_grad(
-                    raw_scores(&q, &k, r0, r1),
+                    raw_scores(&q, &k_read, r0, r1),
                     lse.clone().slice_dim(2, r0..r1),
                     dp,
                     scale,
                     first,
                 );
-                dv = add_to_first_keys(dv, product(p.swap_dims(2, 3), dout));
+                let dv_pass = product(p.swap_dims(2, 3), dout);
+                dv = Some(add(dv, dv_pass, &v));
                 let dk_pass = product(ds.clone().swap_dims(2, 3), q.clone().slice_dim(2, r0..r1));
-                dk = add_to_first_keys(dk, dk_pass);
-                dqs.push(product(ds, k));
-                continue;
+                dk = Some(add(dk, dk_pass, &k));
+                dqs.push(product(ds, k_read));
             }
+            return (cat(dqs), dk.expect("a pass"), dv.expect("a pass"));
+        }
+        let delta = (grad_out.clone() * out).sum_dim(3);
+        let (mut dk, mut dv) = (k.zeros_like(), v.zeros_like());
+        for r0 in (0..q_len).step_by(step) {
+            let r1 = (r0 + step).min(q_len);
+            let dout = grad_out.clone().slice_dim(2, r0..r1);
             let p =
                 (scores(&q, &k, r0, r1) - lse.clone().slice_dim(2, r0..r1).unsqueeze_dim(3)).exp();
             dv = dv + product(p.clone().swap_dims(2, 3), dout.clone());
@@ -432,7 +456,7 @@ pub mod device {
             dk = dk + product(ds.clone().swap_dims(2, 3), q.clone().slice_dim(2, r0..r1));
             dqs.push(product(ds, k.clone()));
         }
-        (Tensor::cat(dqs, 2), dk, dv)
+        (cat(dqs), dk, dv)
     }
 }
 

@@ -29,6 +29,9 @@ pub use strata_kernels::matmul::{CUBLAS, KERNELS as MATMUL_KERNELS};
 use strata_kernels::{BoolElement, CubeBackend, CubeRuntime, CubeTensor, FloatElement, IntElement};
 
 pub use strata_kernels::attention::Pattern;
+/// The GPU's kernel timeline (CUPTI) on the CUDA backend.
+#[cfg(feature = "cuda")]
+pub use strata_kernels::trace as kernel_trace;
 
 use super::same;
 use crate::nn::coord3d::Bms;
@@ -514,26 +517,26 @@ pub fn rms_norm<B: Backend>(
 struct RmsNormGradOp<B: Backend>([Tensor<B, 2>; 2], Tensor<B, 1>, Tensor<B, 1>);
 
 impl<B: Backend> CubeOp for RmsNormGradOp<B> {
-    type Output = (Tensor<B, 2>, Tensor<B, 2>);
+    type Output = (Tensor<B, 2>, Tensor<B, 1>);
     fn run<C: OnCube>(self) -> Self::Output {
         let RmsNormGradOp([x, grad_y], gamma, inv_rms) = self;
-        let (grad_x, grad_gamma_rows) = strata_kernels::rows::rms_norm_grad(
+        let (grad_x, grad_gamma) = strata_kernels::rows::rms_norm_grad(
             cube::<C, B, 2>(x),
             cube::<C, B, 1>(gamma),
             cube::<C, B, 1>(inv_rms),
             cube::<C, B, 2>(grad_y),
         );
-        (burn::<C, B, 2>(grad_x), burn::<C, B, 2>(grad_gamma_rows))
+        (burn::<C, B, 2>(grad_x), burn::<C, B, 1>(grad_gamma))
     }
 }
 
-/// `dx` and the per-row terms of `dγ` (f32 `[rows, d]`) of [`rms_norm`].
+/// `dx` and `dγ` (f32) of [`rms_norm`].
 pub fn rms_norm_grad<B: Backend>(
     x: Tensor<B, 2>,
     gamma: Tensor<B, 1>,
     inv_rms: Tensor<B, 1>,
     grad_y: Tensor<B, 2>,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
+) -> (Tensor<B, 2>, Tensor<B, 1>) {
     run_on_cube::<B, _>(RmsNormGradOp([x, grad_y], gamma, inv_rms))
         .expect("called where `elementwise_chosen` holds")
 }

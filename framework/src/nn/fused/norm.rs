@@ -246,14 +246,13 @@ mod gpu {
             ))
             .reshape(x.dims());
             let dtype = gamma.dtype();
-            let d = shape[2];
-            let (grad_x, grad_gamma_rows) = kernel::rms_norm_grad(x, gamma, inv_rms, grad_y);
+            let (grad_x, grad_gamma) = kernel::rms_norm_grad(x, gamma, inv_rms, grad_y);
             let [parent_x, parent_gamma] = ops.parents;
             if let Some(node) = parent_x {
                 grads.register::<B>(node.id, grad_x.reshape(shape).into_primitive().tensor());
             }
             if let Some(node) = parent_gamma {
-                let grad_gamma = grad_gamma_rows.sum_dim(0).reshape([d]).cast(dtype);
+                let grad_gamma = grad_gamma.cast(dtype);
                 grads.register::<B>(node.id, grad_gamma.into_primitive().tensor());
             }
         }
