@@ -636,7 +636,7 @@ impl<B: Backend> Llama<B> {
 
     /// The token embeddings `[batch, seq, d_model]`: the residual stream before block 0.
     pub fn embed_tokens(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.embed.forward(tokens)
+        crate::nn::fused::embedding::embed(self.embed.weight.val(), tokens)
     }
 
     /// Whether the residual stream between two blocks is one tensor, so that a block can be run

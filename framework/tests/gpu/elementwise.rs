@@ -1,10 +1,11 @@
-//! RMSNorm, the SwiGLU gate, the rotary embedding and the cross-entropy loss through their GPU
-//! kernels (`strata_kernels::{rows, swiglu, rope, cross_entropy}`, taken by `strata::nn::fused`
+//! RMSNorm, the SwiGLU gate, the rotary embedding, the cross-entropy loss and the embedding's
+//! gradient through their GPU kernels (`strata_kernels::{rows, swiglu, rope, cross_entropy,
+//! embedding}`, taken by `strata::nn::fused`
 //! on autodiff over a GPU backend) against Burn's composed tensor ops on the CPU: values and
 //! every gradient, f32.
 //!
 //! Tolerance 1e-5 of the largest entry: f32 sums in another order (the norm's row sums, the
-//! column sums of dγ); differences seen are ~1e-7.
+//! column sums of dγ, the embedding rows' atomic adds); differences seen are ~1e-7.
 
 use burn::backend::Autodiff;
 use burn::module::Param;
@@ -15,7 +16,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use strata::backend::Cpu;
 use strata::model::{cross_entropy, cross_entropy_masked};
-use strata::nn::fused::{norm::rms_norm, rope::rotate_trained, swiglu::swiglu};
+use strata::nn::fused::{embedding::embed, norm::rms_norm, rope::rotate_trained, swiglu::swiglu};
 
 use crate::common::{assert_close, random, values as host};
 
@@ -39,6 +40,30 @@ fn norm<B: AutodiffBackend>(shape: [usize; 3], composed: bool) -> Vec<Vec<f32>> 
         host(x.grad(&grads).expect("dx")),
         host(module.gamma.grad(&grads).expect("dγ")),
     ]
+}
+
+/// Output and dW of an embedding lookup of `[batch, seq]` tokens in a `vocab × d` table, each
+/// token used several times: through `strata`'s op, or Burn's `embedding` (`composed`).
+fn lookup<B: AutodiffBackend>(
+    vocab: usize,
+    d: usize,
+    [batch, seq]: [usize; 2],
+    composed: bool,
+) -> Vec<Vec<f32>> {
+    let weight = random::<B, 2>(7, [vocab, d]).require_grad();
+    let ids: Vec<i64> = (0..batch * seq)
+        .map(|i| ((i * 7 + i / 3) % vocab) as i64)
+        .collect();
+    let tokens =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &Default::default());
+    let w = random::<B, 3>(8, [batch, seq, d]);
+    let out = if composed {
+        burn::tensor::module::embedding(weight.clone(), tokens)
+    } else {
+        embed(weight.clone(), tokens)
+    };
+    let grads = (out.clone() * w).sum().backward();
+    vec![host(out), host(weight.grad(&grads).expect("dW"))]
 }
 
 /// Output, d_gate and d_up of the gate.
@@ -136,6 +161,16 @@ fn check<B: AutodiffBackend>() {
         assert_close(
             &["out", "dx"],
             &rotation::<B>(shape, table_batch, false),
+            &want,
+            1e-5,
+        );
+    }
+    // Rows longer and shorter than a cube's 256 units, tokens repeated up to 25 times.
+    for (vocab, d, tokens) in [(37, 300, [4, 60]), (5, 7, [2, 3])] {
+        let want = lookup::<Autodiff<Cpu>>(vocab, d, tokens, true);
+        assert_close(
+            &["out", "dW"],
+            &lookup::<B>(vocab, d, tokens, false),
             &want,
             1e-5,
         );

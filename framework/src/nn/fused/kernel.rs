@@ -485,7 +485,8 @@ pub fn causal_softmax_grad<B: Backend>(
 }
 
 /// Whether RMSNorm, the SwiGLU gate, the rotary embedding and the cross-entropy loss run as
-/// one kernel each way on backend `B` (`strata_kernels::{rows, swiglu, rope, cross_entropy}`):
+/// one kernel each way, and the embedding's gradient as one kernel, on backend `B`
+/// (`strata_kernels::{rows, swiglu, rope, cross_entropy, embedding}`):
 /// a GPU backend, and `STRATA_ELEMENTWISE_KERNELS` is not `0` (the tensor ops, kept to compare).
 pub fn elementwise_chosen<B: Backend>() -> bool {
     on_unless_zero("STRATA_ELEMENTWISE_KERNELS") && kernel_backend::<B>()
@@ -605,6 +606,37 @@ pub fn rope<B: Backend>(
 
 fn cube_int<C: OnCube, B: Backend>(t: Tensor<B, 1, Int>) -> CubeTensor<C::Runtime> {
     same::<_, Tensor<C, 1, Int>>(t).into_primitive()
+}
+
+struct EmbeddingGradOp<B: Backend>(Tensor<B, 1, Int>, Tensor<B, 2>, usize);
+
+impl<B: Backend> CubeOp for EmbeddingGradOp<B> {
+    type Output = Option<Tensor<B, 2>>;
+    fn run<C: OnCube>(self) -> Self::Output {
+        let EmbeddingGradOp(tokens, grad, vocab) = self;
+        let grad = cube::<C, B, 2>(grad);
+        strata_kernels::embedding::supported(&grad).then(|| {
+            burn::<C, B, 2>(strata_kernels::embedding::embedding_grad(
+                cube_int::<C, B>(tokens),
+                grad,
+                vocab,
+            ))
+        })
+    }
+}
+
+/// The gradient (`[vocab, d]`, f32) of an embedding looked up at `tokens` (`[rows]`) from the
+/// rows' gradients `[rows, d]`: `None` where the kernels do not run (not a GPU backend without
+/// fusion, `STRATA_ELEMENTWISE_KERNELS=0`, or no atomic f32 add on the device).
+pub fn embedding_grad<B: Backend>(
+    tokens: Tensor<B, 1, Int>,
+    grad: Tensor<B, 2>,
+    vocab: usize,
+) -> Option<Tensor<B, 2>> {
+    if !elementwise_chosen::<B>() {
+        return None;
+    }
+    run_on_cube::<B, _>(EmbeddingGradOp(tokens, grad, vocab)).flatten()
 }
 
 struct CrossEntropyOp<B: Backend>(Tensor<B, 2>, Tensor<B, 1, Int>);

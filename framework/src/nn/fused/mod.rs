@@ -1,6 +1,7 @@
 //! Ops with their own backward pass, for training: causal attention ([`attention`]), rotary
 //! embeddings ([`rope`]), RMSNorm ([`norm`]), the SwiGLU gate ([`swiglu`]), the cross-entropy
-//! loss ([`loss`]) and the linear layers' product ([`linear`]).
+//! loss ([`loss`]), the linear layers' product ([`linear`]) and, on the GPU backends, the token
+//! embedding's gradient ([`embedding`]).
 //!
 //! Burn 0.21's autodiff records every tensor op a layer is made of, keeps what each one's
 //! backward needs and replays them one by one; on the CPU backends each of those is a pass over
@@ -24,6 +25,7 @@
 //! over the activations (or, for attention, the n×n scores) reading and writing all of it.
 
 pub mod attention;
+pub mod embedding;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod kernel;
 pub mod linear;
