@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 
 use burn_backend::{DType, Shape, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::{empty_device_dtype, zeros_client};
+use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, zeros_client};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cubecl::prelude::*;
@@ -145,11 +145,36 @@ fn long(value: usize) -> i64 {
 
 /// `lhs · rhs` for `lhs: [..., m, k]` and `rhs: [..., k, n]` with the same leading (batch) sizes
 /// (either may be a transposed or sliced view), into a new `[..., m, n]` tensor of their type
-/// (laid out as CubeCL lays out new tensors, rows possibly padded), accumulated in f32 (no TF32 for f32 operands). An error when the types or sizes
-/// are not ones cuBLAS takes here, or the library is missing or fails.
+/// (contiguous: reshaping it needs no copy, see `crate::empty`), accumulated in f32 (no TF32
+/// for f32 operands). An error when the types or sizes are not ones cuBLAS takes here, or the
+/// library is missing or fails.
 pub fn matmul(
     lhs: CubeTensor<CudaRuntime>,
     rhs: CubeTensor<CudaRuntime>,
+) -> Result<CubeTensor<CudaRuntime>, String> {
+    product(lhs, rhs, false)
+}
+
+/// [`matmul`] of rank-4 `[b, h, m, k] · [b, h, k, n]` into a `[b, h, m, n]` view of a
+/// `[b, m, h, n]` tensor: attention's `P·V` written with the heads beside each other, as the
+/// output projection reads them (swapping the axes back is then free, not a copy).
+pub fn matmul_heads_last(
+    lhs: CubeTensor<CudaRuntime>,
+    rhs: CubeTensor<CudaRuntime>,
+) -> Result<CubeTensor<CudaRuntime>, String> {
+    if lhs.shape().num_dims() != 4 {
+        return Err(format!(
+            "cuBLAS: heads-last product of rank {}",
+            lhs.shape().num_dims()
+        ));
+    }
+    product(lhs, rhs, true)
+}
+
+fn product(
+    lhs: CubeTensor<CudaRuntime>,
+    rhs: CubeTensor<CudaRuntime>,
+    heads_last: bool,
 ) -> Result<CubeTensor<CudaRuntime>, String> {
     let (a, b) = (lhs.shape().to_vec(), rhs.shape().to_vec());
     let rank = a.len();
@@ -170,17 +195,24 @@ pub fn matmul(
     let (rhs, rhs_layout) = readable(rhs);
     let mut shape = a.clone();
     shape[rank - 1] = n;
-    let out = empty_device_dtype(
+    if heads_last {
+        shape.swap(1, 2);
+    }
+    let out = empty_device_contiguous_dtype(
         lhs.client.clone(),
         lhs.device.clone(),
         Shape::from(shape),
         dtype,
     );
+    let mut out = out;
+    if heads_last {
+        // A view: axes 1 and 2 swapped in the metadata only.
+        out.meta.swap(1, 2);
+    }
     let strides = [&lhs, &rhs, &out].map(|t| t.meta.strides()[..rank - 2].to_vec());
     let (outer, count, batch_stride) =
         batches(&a[..rank - 2], [&strides[0], &strides[1], &strides[2]]);
 
-    // The output's rows may be padded (CubeCL pitches rows to an alignment).
     let out_layout = layout(&out)
         .filter(|layout| !layout.transposed)
         .ok_or_else(|| format!("cuBLAS: output strides {:?}", out.meta.strides()))?;
@@ -498,15 +530,22 @@ impl Handoff {
     }
 }
 
-/// [`matmul`] for tensors of any CubeCL runtime: an error unless it is CUDA's.
+/// [`matmul`] (or, with `heads_last`, [`matmul_heads_last`]) for tensors of any CubeCL
+/// runtime: an error unless it is CUDA's.
 pub fn matmul_on<R: burn_cubecl::CubeRuntime>(
     lhs: CubeTensor<R>,
     rhs: CubeTensor<R>,
+    heads_last: bool,
 ) -> Result<CubeTensor<R>, String> {
     let (Some(lhs), Some(rhs)) = (as_cuda(lhs), as_cuda(rhs)) else {
         return Err("cuBLAS runs on the CUDA backend only".into());
     };
-    let out: Box<dyn Any> = Box::new(matmul(lhs, rhs)?);
+    let out = if heads_last {
+        matmul_heads_last(lhs, rhs)?
+    } else {
+        matmul(lhs, rhs)?
+    };
+    let out: Box<dyn Any> = Box::new(out);
     Ok(*out.downcast().expect("R is CudaRuntime"))
 }
 

@@ -61,7 +61,11 @@ pub fn embedding_grad<R: CubeRuntime>(
     vocab: usize,
 ) -> CubeTensor<R> {
     let [rows, d] = grad.shape().dims::<2>();
-    assert_eq!(tokens.shape().dims::<1>(), [rows], "embedding grad: a token per row");
+    assert_eq!(
+        tokens.shape().dims::<1>(),
+        [rows],
+        "embedding grad: a token per row"
+    );
     assert_eq!(tokens.dtype, DType::I32, "embedding grad: i32 tokens");
     let sums = burn_cubecl::ops::numeric::zeros_client(
         grad.client.clone(),

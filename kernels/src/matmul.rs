@@ -119,7 +119,7 @@ pub fn matmul_named<R: CubeRuntime>(
 ) -> Result<CubeTensor<R>, String> {
     if name == CUBLAS {
         #[cfg(feature = "cuda")]
-        return crate::cublas::matmul_on(lhs, rhs);
+        return crate::cublas::matmul_on(lhs, rhs, false);
         #[cfg(not(feature = "cuda"))]
         return Err("cuBLAS runs on the CUDA backend only".into());
     }

@@ -20,6 +20,8 @@ use crate::{cubes, empty};
 
 const UNITS: usize = 256;
 
+/// A unit per pair `(j, j + half)`: it reads both values once and writes both outputs (a unit
+/// per element read each value twice and did the index arithmetic twice).
 #[cube(launch_unchecked)]
 fn rope_kernel<F: Float>(
     x: &Tensor<F>,
@@ -30,30 +32,38 @@ fn rope_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let i = ABSOLUTE_POS;
-    if i < out.len() {
+    if i < out.len() / 2 {
         let (seq, heads, d) = (x.shape(1), x.shape(2), x.shape(3));
         let half = d / 2;
-        let j = i % d;
-        let head = (i / d) % heads;
-        let t = (i / (d * heads)) % seq;
-        let b = i / (d * heads * seq);
+        let j = i % half;
+        let row_index = i / half;
+        let head = row_index % heads;
+        let t = (row_index / heads) % seq;
+        let b = row_index / (heads * seq);
         let row = b * x.stride(0) + t * x.stride(1) + head * x.stride(2);
         let table_b = select(cos.shape(0) > 1, b, 0);
         let table = table_b * cos.stride(0) + t * cos.stride(1);
-        let first = j < half;
-        let partner = select(first, j + half, j - half);
-        let (value, other) = (
+        let (x1, x2) = (
             f32::cast_from(x[row + j * x.stride(3)]),
-            f32::cast_from(x[row + partner * x.stride(3)]),
+            f32::cast_from(x[row + (j + half) * x.stride(3)]),
         );
-        let c = f32::cast_from(cos[table + j * cos.stride(3)]);
-        // Forward reads the sine at `j`, backward at the partner; the sign is minus on the
-        // first half forward and on the second half backward.
-        let sine_at = select(back == 1, partner, j);
-        let s = f32::cast_from(sin[table + sine_at * sin.stride(3)]);
-        let sign = select(first == (back == 1), 1.0f32, -1.0f32);
-        let o = b * out.stride(0) + t * out.stride(1) + head * out.stride(2) + j * out.stride(3);
-        out[o] = F::cast_from(value * c + sign * other * s);
+        let (c1, c2) = (
+            f32::cast_from(cos[table + j * cos.stride(3)]),
+            f32::cast_from(cos[table + (j + half) * cos.stride(3)]),
+        );
+        let (s1, s2) = (
+            f32::cast_from(sin[table + j * sin.stride(3)]),
+            f32::cast_from(sin[table + (j + half) * sin.stride(3)]),
+        );
+        let o = b * out.stride(0) + t * out.stride(1) + head * out.stride(2);
+        let (first, second) = (o + j * out.stride(3), o + (j + half) * out.stride(3));
+        if back == 1 {
+            out[first] = F::cast_from(x1 * c1 + x2 * s2);
+            out[second] = F::cast_from(x2 * c2 - x1 * s1);
+        } else {
+            out[first] = F::cast_from(x1 * c1 - x2 * s1);
+            out[second] = F::cast_from(x2 * c2 + x1 * s2);
+        }
     }
 }
 
@@ -74,9 +84,9 @@ pub fn rope<R: CubeRuntime>(
     }
     assert!(d % 2 == 0, "rope: head_dim {d} must be even");
     let out = empty(&x, x.shape().to_vec(), x.dtype);
-    let (count, dim) = cubes(&x, x.shape().num_elements().div_ceil(UNITS), UNITS);
+    let (count, dim) = cubes(&x, (x.shape().num_elements() / 2).div_ceil(UNITS), UNITS);
     let (client, dtype) = (x.client.clone(), x.dtype);
-    // SAFETY: units past the last element do nothing; indices follow the checked shapes.
+    // SAFETY: units past the last pair do nothing; indices follow the checked shapes.
     unsafe {
         rope_kernel::launch_unchecked::<R>(
             &client,

@@ -576,7 +576,7 @@ impl<B: Backend> Llama<B> {
         mut cache: Option<&mut Vec<Option<LayerKvCache<B>>>>,
         mut trace: Option<&mut Vec<SublayerTrace>>,
     ) -> Tensor<B, 3> {
-        let mut stream = self.stream(self.embed.forward(tokens));
+        let mut stream = self.stream(self.embed_tokens(tokens));
         // The keys and values of the current sharing group's first layer (`kv_share`).
         let mut shared: Option<LayerKvCache<B>> = None;
         for (i, block) in self.blocks.iter().enumerate() {

@@ -275,11 +275,24 @@ fn cublas_takes_any_shape<B: Backend>(tol: f32) {
         let out =
             matmul_with(scores.clone(), v.clone(), CUBLAS).unwrap_or_else(|e| panic!("p·v: {e}"));
         let want = naive_batched(
-            &values(scores),
+            &values(scores.clone()),
             &values(v.clone()),
             batch * heads,
             [m, seq, d],
         );
-        assert_close(&[&format!("p·v {m} rows")], &[values(out)], &[want], tol);
+        assert_close(
+            &[&format!("p·v {m} rows")],
+            &[values(out)],
+            &[want.clone()],
+            tol,
+        );
+        // The same into a view of a [batch, rows, heads, d] tensor (attention's output layout).
+        let out = strata::nn::fused::kernel::matmul_heads_last(scores, v.clone());
+        assert_close(
+            &[&format!("p·v heads last {m} rows")],
+            &[values(out)],
+            &[want],
+            tol,
+        );
     }
 }

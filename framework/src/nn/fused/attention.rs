@@ -278,6 +278,16 @@ pub mod device {
         a.matmul(b)
     }
 
+    /// [`product`] into a layout with heads and positions swapped where cuBLAS runs it
+    /// (`kernel::matmul_heads_last`): the `[b, h, n, d]` result is a view of `[b, n, h, d]`.
+    fn product_heads_last<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        if kernel::attention_matmul_chosen::<B>() {
+            return kernel::matmul_heads_last(a, b);
+        }
+        a.matmul(b)
+    }
+
     /// Query rows per pass: as many as `max_scores` allows; and, where the score kernels run,
     /// at most a `query_passes`-th of the queries, so that each pass reads only the keys up to
     /// its last query ([`pass_keys`]) and most of the masked part of the n×n square is never
@@ -369,7 +379,7 @@ pub mod device {
                 let (first, keys) = pass_keys(&q, &k, r0, r1);
                 let k = k.clone().slice_dim(2, keys.clone());
                 let (p, lse) = kernel::causal_softmax(raw_scores(&q, &k, r0, r1), scale(&q), first);
-                outs.push(product(p, v.clone().slice_dim(2, keys)));
+                outs.push(product_heads_last(p, v.clone().slice_dim(2, keys)));
                 lses.push(lse);
                 continue;
             }
@@ -435,7 +445,7 @@ pub mod device {
                     scale,
                     first,
                 );
-                let dv_pass = product(p.swap_dims(2, 3), dout);
+                let dv_pass = product_heads_last(p.swap_dims(2, 3), dout);
                 dv = Some(add(dv, dv_pass, &v));
                 let dk_pass = product(ds.clone().swap_dims(2, 3), q.clone().slice_dim(2, r0..r1));
                 dk = Some(add(dk, dk_pass, &k));

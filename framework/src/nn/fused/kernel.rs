@@ -329,6 +329,33 @@ pub fn matmul_with<B: Backend, const D: usize>(
     run_on_cube::<B, _>(NamedProduct(a, b, name)).unwrap_or_else(|| Err("not a GPU backend".into()))
 }
 
+#[cfg(feature = "cuda")]
+struct HeadsLastProduct<B: Backend>(Tensor<B, 4>, Tensor<B, 4>);
+
+#[cfg(feature = "cuda")]
+impl<B: Backend> CubeOp for HeadsLastProduct<B> {
+    type Output = Result<Tensor<B, 4>, String>;
+    fn run<C: OnCube>(self) -> Self::Output {
+        let HeadsLastProduct(a, b) = self;
+        strata_kernels::cublas::matmul_on(cube::<C, B, 4>(a), cube::<C, B, 4>(b), true)
+            .map(burn::<C, B, 4>)
+    }
+}
+
+/// `a·b` of `[b, h, m, k] · [b, h, k, n]` as a `[b, h, m, n]` view of a `[b, m, h, n]` tensor
+/// through cuBLAS, where [`attention_matmul_chosen`] holds: attention's outputs (and `dV`)
+/// come out with the heads beside each other, so that the output projection (and the value
+/// projection's backward) read them without a copy. Elsewhere [`matmul`].
+pub fn matmul_heads_last<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    #[cfg(feature = "cuda")]
+    if attention_matmul_chosen::<B>()
+        && let Some(Ok(product)) = run_on_cube::<B, _>(HeadsLastProduct(a.clone(), b.clone()))
+    {
+        return product;
+    }
+    matmul(a, b)
+}
+
 pub use strata_kernels::adamw::AdamWStep;
 
 /// Whether AdamW updates each parameter with one kernel on the GPU backends: yes unless
