@@ -199,7 +199,7 @@ def kernel_trace(prof, steps, path):
     total = sum(us for _, us in by_name.values()) / 1e3 / steps
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
-        out = csv.writer(f)
+        out = csv.writer(f, lineterminator="\n")
         out.writerow(["kernel", "launches_per_step", "ms_per_step", "share_of_kernel_time"])
         for name, (launches, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1]):
             out.writerow([name, f"{launches / steps:.1f}", f"{us / 1e3 / steps:.3f}", f"{us / 1e3 / steps / total:.4f}"])
