@@ -283,7 +283,7 @@ fn cublas_takes_any_shape<B: Backend>(tol: f32) {
         assert_close(
             &[&format!("p·v {m} rows")],
             &[values(out)],
-            &[want.clone()],
+            std::slice::from_ref(&want),
             tol,
         );
         // The same into a view of a [batch, rows, heads, d] tensor (attention's output layout).
