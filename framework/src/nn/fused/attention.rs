@@ -280,8 +280,8 @@ pub mod device {
 
     /// [`product`] into a layout with heads and positions swapped where cuBLAS runs it
     /// (`kernel::matmul_heads_last`): the `[b, h, n, d]` result is a view of `[b, n, h, d]`.
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
     fn product_heads_last<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
-        #[cfg(any(feature = "wgpu", feature = "cuda"))]
         if kernel::attention_matmul_chosen::<B>() {
             return kernel::matmul_heads_last(a, b);
         }
