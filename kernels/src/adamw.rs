@@ -12,9 +12,8 @@
 //! p = p·(1 − lr·decay) − lr · (m / (1 − β1^t)) / (√(v / (1 − β2^t)) + ε)
 //! ```
 
-use burn_backend::{DType, Shape, TensorMetadata};
+use burn_backend::{DType, TensorMetadata};
 use burn_cubecl::CubeRuntime;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
@@ -90,14 +89,8 @@ pub fn adamw<R: CubeRuntime>(
         }
     }
     let dtype: DType = param.dtype;
-    let new = || {
-        empty_device_dtype(
-            param.client.clone(),
-            param.device.clone(),
-            Shape::from(param.shape().to_vec()),
-            dtype,
-        )
-    };
+    // Contiguous like the inputs (the kernel indexes every tensor by its linear position).
+    let new = || crate::empty(&param, param.shape().to_vec(), dtype);
     let (new_param, new_m, new_v) = (new(), new(), new());
     let cubes = (len as u32).div_ceil(CUBE_SIZE).clamp(1, MAX_CUBES);
     let client = param.client.clone();

@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 
 use burn_backend::{DType, Shape, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, zeros_client};
+use burn_cubecl::ops::numeric::zeros_client;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cubecl::prelude::*;
@@ -198,13 +198,7 @@ fn product(
     if heads_last {
         shape.swap(1, 2);
     }
-    let out = empty_device_contiguous_dtype(
-        lhs.client.clone(),
-        lhs.device.clone(),
-        Shape::from(shape),
-        dtype,
-    );
-    let mut out = out;
+    let mut out = crate::empty(&lhs, shape, dtype);
     if heads_last {
         // A view: axes 1 and 2 swapped in the metadata only.
         out.meta.swap(1, 2);
