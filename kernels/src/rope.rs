@@ -9,7 +9,9 @@
 //! ```
 //!
 //! `x` is `[batch, seq, heads, head_dim]` (any strides), the tables `[batch or 1, seq, 1,
-//! head_dim]` of `x`'s type; the output is a new tensor of `x`'s shape. Arithmetic is f32.
+//! head_dim]` of any float type (f32 tables turn bf16 activations under mixed precision, as
+//! autocast's promotion to f32 does); the output is a new tensor of `x`'s shape and type.
+//! Arithmetic is f32.
 
 use burn_backend::TensorMetadata;
 use burn_cubecl::CubeRuntime;
@@ -23,13 +25,13 @@ const UNITS: usize = 256;
 /// A unit per pair `(j, j + half)`: it reads both values once and writes both outputs (a unit
 /// per element read each value twice and did the index arithmetic twice).
 #[cube(launch_unchecked)]
-fn rope_kernel<F: Float>(
+fn rope_kernel<F: Float, T: Float>(
     x: &Tensor<F>,
-    cos: &Tensor<F>,
-    sin: &Tensor<F>,
+    cos: &Tensor<T>,
+    sin: &Tensor<T>,
     out: &mut Tensor<F>,
     back: u32,
-    #[define(F)] _dtype: StorageType,
+    #[define(F, T)] _dtypes: [StorageType; 2],
 ) {
     let i = ABSOLUTE_POS;
     if i < out.len() / 2 {
@@ -78,14 +80,15 @@ pub fn rope<R: CubeRuntime>(
     for table in [&cos, &sin] {
         let [tb, ts, th, td] = table.shape().dims::<4>();
         assert!(
-            (tb == 1 || tb == b) && ts == seq && th == 1 && td == d && table.dtype == x.dtype,
-            "rope: tables must be [batch or 1, seq, 1, head_dim] of x's type"
+            (tb == 1 || tb == b) && ts == seq && th == 1 && td == d,
+            "rope: tables must be [batch or 1, seq, 1, head_dim]"
         );
     }
+    assert_eq!(cos.dtype, sin.dtype, "rope: cos and sin tables of one type");
     assert!(d % 2 == 0, "rope: head_dim {d} must be even");
     let out = empty(&x, x.shape().to_vec(), x.dtype);
     let (count, dim) = cubes(&x, (x.shape().num_elements() / 2).div_ceil(UNITS), UNITS);
-    let (client, dtype) = (x.client.clone(), x.dtype);
+    let (client, dtypes) = (x.client.clone(), [x.dtype.into(), cos.dtype.into()]);
     // SAFETY: units past the last pair do nothing; indices follow the checked shapes.
     unsafe {
         rope_kernel::launch_unchecked::<R>(
@@ -97,7 +100,7 @@ pub fn rope<R: CubeRuntime>(
             sin.into_tensor_arg(),
             out.clone().into_tensor_arg(),
             u32::from(back),
-            dtype.into(),
+            dtypes,
         );
     }
     out

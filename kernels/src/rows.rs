@@ -12,6 +12,9 @@
 //!
 //! The backward kernel writes `dy ∘ x·r` per row as f32 and [`column_sums`] adds the rows up
 //! (a reduction over rows is not a row kernel). Arithmetic is f32 whatever the tensors' type.
+//! `y` (and so `dy`) may have another type than `x` and `γ`: under mixed precision the norm
+//! reads the f32 residual stream and writes the bf16 input of the next product, which saves a
+//! cast each way.
 
 use burn_backend::{DType, TensorMetadata};
 use burn_cubecl::CubeRuntime;
@@ -84,13 +87,13 @@ pub fn cube_log_sum_exp<F: Float>(
 }
 
 #[cube(launch_unchecked)]
-fn rms_norm_kernel<F: Float>(
+fn rms_norm_kernel<F: Float, Y: Float>(
     x: &Tensor<F>,
     gamma: &Tensor<F>,
-    y: &mut Tensor<F>,
+    y: &mut Tensor<Y>,
     inv_rms: &mut Tensor<f32>,
     epsilon: f32,
-    #[define(F)] _dtype: StorageType,
+    #[define(F, Y)] _dtypes: [StorageType; 2],
 ) {
     let row = CUBE_POS;
     // The same for every unit of the cube, so the barriers inside are reached by all.
@@ -112,7 +115,7 @@ fn rms_norm_kernel<F: Float>(
         let mut c = UNIT_POS_X as usize;
         while c < d {
             let value = f32::cast_from(x[x_row + c * x_col]) * r;
-            y[y_row + c * y_col] = F::cast_from(value * f32::cast_from(gamma[c * gamma.stride(0)]));
+            y[y_row + c * y_col] = Y::cast_from(value * f32::cast_from(gamma[c * gamma.stride(0)]));
             c += UNITS;
         }
         if UNIT_POS_X == 0 {
@@ -122,14 +125,14 @@ fn rms_norm_kernel<F: Float>(
 }
 
 #[cube(launch_unchecked)]
-fn rms_norm_grad_kernel<F: Float>(
+fn rms_norm_grad_kernel<F: Float, Y: Float>(
     x: &Tensor<F>,
     gamma: &Tensor<F>,
     inv_rms: &Tensor<f32>,
-    grad_y: &Tensor<F>,
+    grad_y: &Tensor<Y>,
     grad_x: &mut Tensor<F>,
     grad_gamma_rows: &mut Tensor<f32>,
-    #[define(F)] _dtype: StorageType,
+    #[define(F, Y)] _dtypes: [StorageType; 2],
 ) {
     let row = CUBE_POS;
     if row < x.shape(0) {
@@ -230,17 +233,19 @@ fn norm_dims<R: CubeRuntime>(x: &CubeTensor<R>, gamma: &CubeTensor<R>) -> [usize
     dims
 }
 
-/// `y` (as `x`) and each row's `r = 1/√(mean(x²) + ε)` (`[rows]`, f32) for `x: [rows, d]`.
+/// `y` (`[rows, d]` of type `y_dtype`) and each row's `r = 1/√(mean(x²) + ε)` (`[rows]`,
+/// f32) for `x: [rows, d]`.
 pub fn rms_norm<R: CubeRuntime>(
     x: CubeTensor<R>,
     gamma: CubeTensor<R>,
     epsilon: f32,
+    y_dtype: DType,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let [rows, d] = norm_dims(&x, &gamma);
-    let y = empty(&x, vec![rows, d], x.dtype);
+    let y = empty(&x, vec![rows, d], y_dtype);
     let inv_rms = empty(&x, vec![rows], DType::F32);
     let (count, dim) = cubes(&x, rows, UNITS);
-    let (client, dtype) = (x.client.clone(), x.dtype);
+    let (client, dtypes) = (x.client.clone(), [x.dtype.into(), y_dtype.into()]);
     // SAFETY: cubes past the last row do nothing, and every column index is below `d`.
     unsafe {
         rms_norm_kernel::launch_unchecked::<R>(
@@ -252,13 +257,14 @@ pub fn rms_norm<R: CubeRuntime>(
             y.clone().into_tensor_arg(),
             inv_rms.clone().into_tensor_arg(),
             epsilon,
-            dtype.into(),
+            dtypes,
         );
     }
     (y, inv_rms)
 }
 
-/// `dx` (as `x`) and `dγ` (`[d]`, f32), from the forward pass's inputs and `r`, and `dy`.
+/// `dx` (as `x`) and `dγ` (`[d]`, f32), from the forward pass's inputs and `r`, and `dy`
+/// (of `y`'s type).
 pub fn rms_norm_grad<R: CubeRuntime>(
     x: CubeTensor<R>,
     gamma: CubeTensor<R>,
@@ -271,7 +277,6 @@ pub fn rms_norm_grad<R: CubeRuntime>(
         [rows, d],
         "rms norm: dy must match x"
     );
-    assert_eq!(grad_y.dtype, x.dtype, "rms norm: dy must have x's type");
     assert_eq!(
         inv_rms.shape().dims::<1>(),
         [rows],
@@ -281,7 +286,7 @@ pub fn rms_norm_grad<R: CubeRuntime>(
     let grad_x = empty(&x, vec![rows, d], x.dtype);
     let grad_gamma_rows = empty(&x, vec![rows, d], DType::F32);
     let (count, dim) = cubes(&x, rows, UNITS);
-    let (client, dtype) = (x.client.clone(), x.dtype);
+    let (client, dtypes) = (x.client.clone(), [x.dtype.into(), grad_y.dtype.into()]);
     // SAFETY: as in `rms_norm`; `grad_y` and `inv_rms` were checked to match `x`.
     unsafe {
         rms_norm_grad_kernel::launch_unchecked::<R>(
@@ -294,7 +299,7 @@ pub fn rms_norm_grad<R: CubeRuntime>(
             grad_y.into_tensor_arg(),
             grad_x.clone().into_tensor_arg(),
             grad_gamma_rows.clone().into_tensor_arg(),
-            dtype.into(),
+            dtypes,
         );
     }
     (grad_x, column_sums(grad_gamma_rows))

@@ -14,7 +14,7 @@ use crate::nn::attnres::{DepthAttention, DepthStream};
 use crate::nn::cast_to;
 use crate::nn::coord3d::{Bms, Coords, default_sections};
 use crate::nn::fused::loss::cross_entropy_trained;
-use crate::nn::fused::norm::rms_norm;
+use crate::nn::fused::norm::rms_norm_as;
 use crate::nn::fused::swiglu::swiglu;
 use crate::nn::lora::{BaseDType, LoraConfig, LoraLinear};
 use crate::nn::rope::{Phases, Rope};
@@ -616,7 +616,7 @@ impl<B: Backend> Llama<B> {
     ) -> LayerKvCache<B> {
         let (attn, mlp) = (2 * i, 2 * i + 1);
         let h = stream.input(attn);
-        let x = self.to_compute(rms_norm(&block.attn_norm, h.clone()));
+        let x = self.norm_to_compute(&block.attn_norm, h.clone());
         let (out, attended) = block.attn.forward(x, phases, kv);
         let out = cast_to(out, h.dtype());
         if let Some(trace) = trace.as_deref_mut() {
@@ -625,7 +625,7 @@ impl<B: Backend> Llama<B> {
         stream.push(attn, out);
 
         let h = stream.input(mlp);
-        let x = self.to_compute(rms_norm(&block.mlp_norm, h.clone()));
+        let x = self.norm_to_compute(&block.mlp_norm, h.clone());
         let out = cast_to(block.mlp.forward(x), h.dtype());
         if let Some(trace) = trace {
             trace.push(self.trace(stream, block.mlp_res.as_ref(), &h, &out));
@@ -669,11 +669,13 @@ impl<B: Backend> Llama<B> {
         stream.output()
     }
 
-    /// Final norm and LM head: logits `[batch, seq, vocab]` from the last hidden state.
+    /// Final norm and LM head: logits `[batch, seq, vocab]` from the last hidden state, in the
+    /// compute type under mixed precision (as autocast's LM head gives them): the losses read
+    /// them in f32 arithmetic ([`cross_entropy`]), so the widest activation of the step is
+    /// never widened in memory.
     pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        let stream_dtype = h.dtype();
-        let x = self.to_compute(rms_norm(&self.norm, h));
-        let logits = match &self.lm_head {
+        let x = self.norm_to_compute(&self.norm, h);
+        match &self.lm_head {
             Some(head) => head.forward(x),
             None => {
                 // As rows (see `LoraLinear::forward`): one product for the embedding's gradient.
@@ -683,9 +685,7 @@ impl<B: Backend> Llama<B> {
                 let logits = crate::nn::fused::linear::matmul_rows(rows, weight.transpose());
                 logits.reshape([batch as i64, seq as i64, -1])
             }
-        };
-        // The softmax and the loss read the logits in the stream's type, as autocast does.
-        cast_to(logits, stream_dtype)
+        }
     }
 
     /// Computes the sub-layers and the LM head in `dtype` (mixed precision; `None`: in the
@@ -696,12 +696,10 @@ impl<B: Backend> Llama<B> {
         self
     }
 
-    /// A sub-layer's (or the LM head's) input in the compute type.
-    fn to_compute<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        match self.compute_dtype {
-            Some(dtype) => cast_to(x, dtype.into()),
-            None => x,
-        }
+    /// A sub-layer's (or the LM head's) input: the stream `h` normed, in the compute type.
+    fn norm_to_compute(&self, norm: &RmsNorm<B>, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        let dtype = self.compute_dtype.map_or(h.dtype(), Into::into);
+        rms_norm_as(norm, h, dtype)
     }
 
     fn stream(&self, embedding: Tensor<B, 3>) -> Stream<'_, B> {
@@ -841,7 +839,8 @@ fn rms<B: Backend>(x: &Tensor<B, 3>) -> f32 {
 }
 
 /// Mean of −log softmax(logits)[target] over the positions where `mask` is 1 (`[batch, seq]`,
-/// 0 or 1); 0 when no position counts.
+/// 0 or 1); 0 when no position counts. In f32 whatever the logits' type (a GPU kernel reads
+/// narrower logits as they are; elsewhere they are widened first).
 pub fn cross_entropy_masked<B: Backend>(
     logits: Tensor<B, 3>,
     targets: Tensor<B, 2, Int>,
@@ -866,7 +865,8 @@ pub fn cross_entropy_masked<B: Backend>(
     (picked * mask).sum().neg() / counted
 }
 
-/// Mean of −log softmax(logits)[target] over all positions.
+/// Mean of −log softmax(logits)[target] over all positions, in f32 (as
+/// [`cross_entropy_masked`]).
 pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [batch, seq, vocab] = logits.dims();
     let rows = batch * seq;

@@ -38,17 +38,14 @@ pub struct Phases<B: Backend> {
 impl<B: Backend> Phases<B> {
     /// Rotates `x: [batch, seq, heads, head_dim]`.
     pub fn rotate(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        // Mixed precision: the tables meet the activations in their (compute) type, through
-        // the tensor ops; the fused op takes tables and activations of one type.
+        // Mixed precision: the GPU kernel turns bf16 activations by the f32 tables in f32 (as
+        // autocast's promotion does); elsewhere the tables meet the activations in their
+        // (compute) type, through the tensor ops.
         let dtype = x.dtype();
-        let x = if self.cos.dtype() == dtype {
-            let (cos, sin) = (self.cos.clone(), self.sin.clone());
-            match super::fused::rope::rotate_trained(x, cos, sin) {
-                Ok(out) => return out,
-                Err((x, _, _)) => x,
-            }
-        } else {
-            x
+        let (cos, sin) = (self.cos.clone(), self.sin.clone());
+        let x = match super::fused::rope::rotate_trained(x, cos, sin) {
+            Ok(out) => return out,
+            Err((x, _, _)) => x,
         };
         let rotate_half = cast_to(self.rotate_half.clone(), dtype);
         let rotated = x.clone().matmul(rotate_half.unsqueeze::<4>());

@@ -11,6 +11,7 @@
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
+use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
@@ -202,7 +203,9 @@ fn weighted_nll<B: Backend>(
     weights: Tensor<B, 2>,
 ) -> Tensor<B, 1> {
     let [rows, len, vocab] = logits.dims();
-    let log_probs = burn::tensor::activation::log_softmax(logits.reshape([rows * len, vocab]), 1);
+    // In f32, as `cross_entropy`: mixed precision leaves the logits in the compute type.
+    let logits = crate::nn::cast_to(logits.reshape([rows * len, vocab]), DType::F32);
+    let log_probs = burn::tensor::activation::log_softmax(logits, 1);
     let picked = log_probs
         .gather(1, targets.reshape([rows * len, 1]))
         .reshape([rows * len]);

@@ -6,6 +6,14 @@
 //!
 //! Tolerance 1e-5 of the largest entry: f32 sums in another order (the norm's row sums, the
 //! column sums of dγ, the embedding rows' atomic adds); differences seen are ~1e-7.
+//!
+//! Mixed precision (`mixed`): the kernels that take two types (the norm writing a narrower
+//! type than its f32 input, the rotation of narrow activations by f32 tables, the loss of
+//! narrow logits) against the same kernels in f32 on the same device, rounded where the mixed
+//! path rounds. The arithmetic is the same f32 in both, so the results should agree exactly
+//! (they do on Mesa's f16); results in f32 (the loss, dx and dγ of the norm) are held to
+//! 1e-5, results in the narrow type to 1e-2, one bf16 step (2^-8 of a value) should a compiler
+//! contract the two kernels' f32 products differently and one value round the other way.
 
 use burn::backend::Autodiff;
 use burn::module::Param;
@@ -13,10 +21,11 @@ use burn::nn::RmsNormConfig;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use strata::backend::Cpu;
 use strata::model::{cross_entropy, cross_entropy_masked};
-use strata::nn::fused::{embedding::embed, norm::rms_norm, rope::rotate_trained, swiglu::swiglu};
+use strata::nn::fused::norm::{rms_norm, rms_norm_as};
+use strata::nn::fused::{embedding::embed, rope::rotate_trained, swiglu::swiglu};
 
 use crate::common::{assert_close, random, values as host};
 
@@ -190,14 +199,102 @@ fn check<B: AutodiffBackend>() {
     }
 }
 
+/// RMSNorm of an f32 `x` given in `half` (`mixed`) or in f32 then rounded to `half`: output,
+/// dx and dγ, the gradient arriving in `half` either way.
+fn norm_mixed<B: AutodiffBackend>(half: DType, mixed: bool) -> Vec<Vec<f32>> {
+    let shape = [3, 100, 300];
+    let x = random::<B, 3>(1, shape).mul_scalar(3.0).require_grad();
+    let w = random::<B, 3>(2, shape);
+    let mut module = RmsNormConfig::new(shape[2])
+        .with_epsilon(1e-5)
+        .init::<B>(&Default::default());
+    module.gamma = Param::from_tensor(random::<B, 1>(3, [shape[2]]).add_scalar(0.5));
+    let y = if mixed {
+        rms_norm_as(&module, x.clone(), half)
+    } else {
+        rms_norm(&module, x.clone()).cast(half)
+    };
+    assert_eq!(y.dtype(), half);
+    let grads = (y.clone().cast(DType::F32) * w).sum().backward();
+    vec![
+        host(y),
+        host(x.grad(&grads).expect("dx")),
+        host(module.gamma.grad(&grads).expect("dγ")),
+    ]
+}
+
+/// The rotation of `half` activations by f32 tables (`mixed`), or of the activations widened
+/// to f32 and rounded back: output and dx (of the f32 values the activations were cast from).
+fn rotation_mixed<B: AutodiffBackend>(half: DType, mixed: bool) -> Vec<Vec<f32>> {
+    let [b, seq, heads, d] = [2, 4, 3, 64];
+    let x = random::<B, 4>(7, [b, seq, heads, d]).require_grad();
+    let narrow = x.clone().cast(half);
+    let cos = random::<B, 4>(8, [1, seq, 1, d]);
+    let sin = random::<B, 4>(9, [1, seq, 1, d]);
+    let w = random::<B, 4>(10, [b, seq, heads, d]);
+    let out = if mixed {
+        rotate_trained(narrow, cos, sin).expect("the kernel runs on this backend")
+    } else {
+        let wide = narrow.cast(DType::F32);
+        rotate_trained(wide, cos, sin).expect("the kernel").cast(half)
+    };
+    assert_eq!(out.dtype(), half);
+    let grads = (out.clone().cast(DType::F32) * w).sum().backward();
+    vec![host(out), host(x.grad(&grads).expect("dx"))]
+}
+
+/// The loss of `half` logits (`mixed`: read as they are), or of those logits widened to f32:
+/// loss and d_logits (of the f32 values the logits were cast from).
+fn loss_mixed<B: AutodiffBackend>(half: DType, mixed: bool) -> Vec<Vec<f32>> {
+    let [batch, seq, vocab] = [2, 3, 300];
+    let logits = random::<B, 3>(11, [batch, seq, vocab])
+        .mul_scalar(10.0)
+        .require_grad();
+    let ids: Vec<i64> = (0..batch * seq)
+        .map(|i| (i * 7919 % vocab) as i64)
+        .collect();
+    let targets =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &Default::default());
+    let narrow = logits.clone().cast(half);
+    let value = if mixed {
+        cross_entropy(narrow, targets)
+    } else {
+        cross_entropy(narrow.cast(DType::F32), targets)
+    };
+    assert_eq!(value.dtype(), DType::F32, "the loss is f32 whatever the logits' type");
+    let grads = value.clone().mul_scalar(3.0).backward();
+    vec![host(value), host(logits.grad(&grads).expect("d_logits"))]
+}
+
+/// The mixed-precision paths in `half` against the f32 kernels on the same backend.
+fn check_mixed<B: AutodiffBackend>(half: DType) {
+    let [got, want] = [true, false].map(|mixed| norm_mixed::<B>(half, mixed));
+    assert_close(&["y"], &got[..1], &want[..1], 1e-2);
+    assert_close(&["dx", "dγ"], &got[1..], &want[1..], 1e-5);
+    let [got, want] = [true, false].map(|mixed| rotation_mixed::<B>(half, mixed));
+    assert_close(&["out", "dx"], &got, &want, 1e-2);
+    let [got, want] = [true, false].map(|mixed| loss_mixed::<B>(half, mixed));
+    assert_close(&["loss"], &got[..1], &want[..1], 1e-5);
+    assert_close(&["d_logits"], &got[1..], &want[1..], 1e-2);
+}
+
 #[cfg(feature = "wgpu")]
 #[test]
 fn norm_gate_rope_and_loss_kernels_on_wgpu_match_the_cpu() {
-    check::<Autodiff<strata::backend::Wgpu>>();
+    type B = Autodiff<strata::backend::Wgpu>;
+    check::<B>();
+    // Mixed precision on wgpu is f16 (bf16 is refused there), where the device has it.
+    if <B as burn::tensor::backend::Backend>::supports_dtype(&Default::default(), DType::F16) {
+        check_mixed::<B>(DType::F16);
+    } else {
+        eprintln!("this Vulkan device has no f16: mixed-precision kernels not checked");
+    }
 }
 
 #[cfg(feature = "cuda")]
 #[test]
 fn norm_gate_rope_and_loss_kernels_on_cuda_match_the_cpu() {
     check::<Autodiff<strata::backend::Cuda<f32>>>();
+    check_mixed::<Autodiff<strata::backend::Cuda<f32>>>(DType::BF16);
+    check_mixed::<Autodiff<strata::backend::Cuda<f32>>>(DType::F16);
 }

@@ -21,7 +21,7 @@ use std::any::TypeId;
 use std::sync::Mutex;
 
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
+use burn::tensor::{DType, TensorPrimitive};
 use strata_kernels::attention::{self as flash, MAX_HEAD_DIM};
 use strata_kernels::matmul as cube_matmul;
 
@@ -520,26 +520,27 @@ pub fn elementwise_chosen<B: Backend>() -> bool {
     on_unless_zero("STRATA_ELEMENTWISE_KERNELS") && kernel_backend::<B>()
 }
 
-struct RmsNormOp<B: Backend>(Tensor<B, 2>, Tensor<B, 1>, f32);
+struct RmsNormOp<B: Backend>(Tensor<B, 2>, Tensor<B, 1>, f32, DType);
 
 impl<B: Backend> CubeOp for RmsNormOp<B> {
     type Output = (Tensor<B, 2>, Tensor<B, 1>);
     fn run<C: OnCube>(self) -> Self::Output {
-        let RmsNormOp(x, gamma, epsilon) = self;
-        let (y, inv_rms) =
-            strata_kernels::rows::rms_norm(cube::<C, B, 2>(x), cube::<C, B, 1>(gamma), epsilon);
+        let RmsNormOp(x, gamma, epsilon, y_dtype) = self;
+        let (x, gamma) = (cube::<C, B, 2>(x), cube::<C, B, 1>(gamma));
+        let (y, inv_rms) = strata_kernels::rows::rms_norm(x, gamma, epsilon, y_dtype);
         (burn::<C, B, 2>(y), burn::<C, B, 1>(inv_rms))
     }
 }
 
-/// RMSNorm of the rows of `x: [rows, d]` and each row's `1/rms` (f32); call only where
-/// [`elementwise_chosen`] holds, with `gamma` of `x`'s type.
+/// RMSNorm of the rows of `x: [rows, d]`, in `y_dtype`, and each row's `1/rms` (f32); call
+/// only where [`elementwise_chosen`] holds, with `gamma` of `x`'s type.
 pub fn rms_norm<B: Backend>(
     x: Tensor<B, 2>,
     gamma: Tensor<B, 1>,
     epsilon: f32,
+    y_dtype: DType,
 ) -> (Tensor<B, 2>, Tensor<B, 1>) {
-    run_on_cube::<B, _>(RmsNormOp(x, gamma, epsilon))
+    run_on_cube::<B, _>(RmsNormOp(x, gamma, epsilon, y_dtype))
         .expect("called where `elementwise_chosen` holds")
 }
 
@@ -559,7 +560,7 @@ impl<B: Backend> CubeOp for RmsNormGradOp<B> {
     }
 }
 
-/// `dx` and `dγ` (f32) of [`rms_norm`].
+/// `dx` (`x`'s type) and `dγ` (f32) of [`rms_norm`], from `dy` of the output's type.
 pub fn rms_norm_grad<B: Backend>(
     x: Tensor<B, 2>,
     gamma: Tensor<B, 1>,

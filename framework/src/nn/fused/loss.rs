@@ -27,9 +27,11 @@ use super::{
 pub type LossInputs<B> = (Tensor<B, 2>, Tensor<B, 1, Int>, Option<Tensor<B, 1>>);
 
 /// Mean of −log softmax(logits)[target] over the rows (those where `mask` is 1, if given; 0
-/// when none is), through this op when `B` is autodiff over a CPU backend in f32, or through
-/// the GPU kernels when it is autodiff over a GPU backend they run on; `Err` gives the inputs
-/// back otherwise.
+/// when none is), an f32 loss whatever the logits' type: through the GPU kernels when `B` is
+/// autodiff over a GPU backend they run on (they read the logits in their type, in f32
+/// arithmetic, and give their gradient in it), else through this op when `B` is autodiff over
+/// a CPU backend (on the logits widened to f32); `Err` gives the inputs back otherwise (f32
+/// logits).
 pub fn cross_entropy_trained<B: Backend>(
     (logits, targets, mask): LossInputs<B>,
 ) -> Result<Tensor<B, 1>, LossInputs<B>> {
@@ -40,9 +42,9 @@ pub fn cross_entropy_trained<B: Backend>(
             Ok(Err(inputs)) => inputs,
             Err(gpu::LossOp(logits, targets, mask)) => (logits, targets, mask),
         };
-    if logits.dtype() != DType::F32 {
-        return Err((logits, targets, mask));
-    }
+    // Widening is exact, and the cast's backward rounds the f32 gradient back, so this is the
+    // arithmetic of the kernels above.
+    let logits = crate::nn::cast_to(logits, DType::F32);
     run_on_autodiff(LossOp(logits, targets, mask), Inner::Host).map_err(|op| (op.0, op.1, op.2))
 }
 
@@ -240,7 +242,6 @@ mod gpu {
         mask: Option<Tensor<I, 1>>,
     ) -> Tensor<Autodiff<I>, 1> {
         let [rows, _] = logits.dims();
-        let dtype = logits.dtype();
         let device = logits.device();
         // Each row's weight: 1/rows, or its mask over the number of rows counted.
         let weights = match mask {
@@ -259,7 +260,6 @@ mod gpu {
         let (losses, lse) = kernel::cross_entropy(z.clone(), targets.clone());
         let loss = (losses * weights.clone())
             .sum()
-            .cast(dtype)
             .into_primitive()
             .tensor();
         let loss = match LossKernelBackward

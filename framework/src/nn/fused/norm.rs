@@ -25,14 +25,27 @@ use super::{
 /// `norm.forward(x)`, through this op when `B` is autodiff over a CPU backend in f32, or
 /// through the GPU kernels when it is autodiff over a GPU backend they run on.
 pub fn rms_norm<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let dtype = x.dtype();
+    rms_norm_as(norm, x, dtype)
+}
+
+/// [`rms_norm`] given in `dtype`: under mixed precision the f32 residual stream normed into
+/// the compute type. The GPU kernels write (and read the gradient in) `dtype` directly; the
+/// other paths norm in `x`'s type and cast.
+pub fn rms_norm_as<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>, dtype: DType) -> Tensor<B, 3> {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     let x = match run_on_autodiff(
-        gpu::RmsNormOp(x, norm.gamma.val(), norm.epsilon),
+        gpu::RmsNormOp(x, norm.gamma.val(), norm.epsilon, dtype),
         Inner::Any,
     ) {
         Ok(Ok(y)) => return y,
         Ok(Err(x)) | Err(gpu::RmsNormOp(x, ..)) => x,
     };
+    crate::nn::cast_to(rms_norm_in_input_type(norm, x), dtype)
+}
+
+/// [`rms_norm`] off the GPU kernels: the host op for f32, Burn's module otherwise.
+fn rms_norm_in_input_type<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     if x.dtype() != DType::F32 {
         return norm.forward(x);
     }
@@ -209,23 +222,29 @@ mod gpu {
     use burn::backend::autodiff::grads::Gradients;
     use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
     use burn::prelude::*;
-    use burn::tensor::TensorPrimitive;
     use burn::tensor::ops::FloatTensor;
+    use burn::tensor::{DType, TensorPrimitive};
 
     use super::super::{AutodiffOp, kernel, same};
 
-    pub(super) struct RmsNormOp<B: Backend>(pub Tensor<B, 3>, pub Tensor<B, 1>, pub f64);
+    /// x, γ, ε and the output's type.
+    pub(super) struct RmsNormOp<B: Backend>(
+        pub Tensor<B, 3>,
+        pub Tensor<B, 1>,
+        pub f64,
+        pub DType,
+    );
 
     impl<B: Backend> AutodiffOp<B> for RmsNormOp<B> {
         /// `Err(x)` where the kernels do not run: another backend, or `γ` of another type.
         type Output = Result<Tensor<B, 3>, Tensor<B, 3>>;
 
         fn run<I: Backend>(self) -> Self::Output {
-            let RmsNormOp(x, gamma, epsilon) = self;
+            let RmsNormOp(x, gamma, epsilon, y_dtype) = self;
             if !kernel::elementwise_chosen::<I>() || x.dtype() != gamma.dtype() {
                 return Err(x);
             }
-            Ok(same(forward::<I>(same(x), same(gamma), epsilon as f32)))
+            Ok(same(forward::<I>(same(x), same(gamma), epsilon as f32, y_dtype)))
         }
     }
 
@@ -262,13 +281,14 @@ mod gpu {
         x: Tensor<Autodiff<I>, 3>,
         gamma: Tensor<Autodiff<I>, 1>,
         epsilon: f32,
+        y_dtype: DType,
     ) -> Tensor<Autodiff<I>, 3> {
         let shape = x.dims();
         let (x, gamma) = (x.into_primitive().tensor(), gamma.into_primitive().tensor());
         let rows = Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(x.primitive.clone()))
             .reshape([shape[0] * shape[1], shape[2]]);
         let g = Tensor::<I, 1>::from_primitive(TensorPrimitive::Float(gamma.primitive.clone()));
-        let (y, inv_rms) = kernel::rms_norm(rows.clone(), g.clone(), epsilon);
+        let (y, inv_rms) = kernel::rms_norm(rows.clone(), g.clone(), epsilon, y_dtype);
         let y = y.reshape(shape).into_primitive().tensor();
         let y = match RmsNormKernelBackward
             .prepare::<NoCheckpointing>([x.node.clone(), gamma.node.clone()])

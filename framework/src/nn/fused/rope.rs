@@ -19,8 +19,9 @@ use super::{AutodiffOp, HostValues, Inner, from_host, on_host, run_on_autodiff, 
 type Rotation<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
 
 /// `x: [batch, seq, heads, head_dim]` rotated by `cos`, `sin: [batch or 1, seq, 1, head_dim]`
-/// in the rotate-half layout, through this op when `B` is autodiff over a CPU backend or a GPU
-/// backend the kernel runs on; `Err` gives the inputs back otherwise.
+/// in the rotate-half layout, through this op when `B` is autodiff over a CPU backend (tables
+/// of `x`'s type) or a GPU backend the kernel runs on (tables of any float type; the output
+/// keeps `x`'s); `Err` gives the inputs back otherwise.
 pub fn rotate_trained<B: Backend>(
     x: Tensor<B, 4>,
     cos: Tensor<B, 4>,
@@ -38,7 +39,9 @@ impl<B: Backend> AutodiffOp<B> for RopeOp<B> {
     type Output = Result<Tensor<B, 4>, Rotation<B>>;
 
     fn run<I: Backend>(self) -> Self::Output {
-        if !on_host::<I>() && !gpu_kernel::<I>() {
+        // The host loops take tables of the activations' type; the kernel any.
+        let host = on_host::<I>() && self.0.dtype() == self.1.dtype();
+        if !host && !gpu_kernel::<I>() {
             return Err((self.0, self.1, self.2));
         }
         let (x, cos, sin): Rotation<Autodiff<I>> = (same(self.0), same(self.1), same(self.2));
