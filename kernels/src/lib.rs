@@ -70,6 +70,27 @@ pub(crate) fn empty<R: CubeRuntime>(
     )
 }
 
+/// The widest vector (elements per load and store, at most the device's load width: 8 bf16 or
+/// 4 f32 values in 16 bytes on CUDA) that every tensor in `tensors` can be read in along its
+/// last axis: unit stride there and every other stride and that axis's size multiples of it. A
+/// unit reading one 2-byte value at a time leaves the memory system far below its bandwidth
+/// (entry 9 of `benches/results/gpu_notes.md`).
+#[cfg(feature = "gpu")]
+pub(crate) fn vector_size<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
+    tensors
+        .iter()
+        .map(|t| {
+            cubecl::tensor_vector_size_parallel(
+                t.client.io_optimized_vector_sizes(t.dtype.size()),
+                t.meta.shape(),
+                t.meta.strides(),
+                t.meta.num_dims() - 1,
+            )
+        })
+        .min()
+        .unwrap_or(1)
+}
+
 /// The launch of `count` cubes of `units` units each on `like`'s client, spread over the grid's
 /// axes where one axis cannot hold them; kernels find theirs as `CUBE_POS` and skip positions
 /// past `count`.

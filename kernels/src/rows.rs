@@ -21,7 +21,7 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use crate::{cubes, empty};
+use crate::{cubes, empty, vector_size};
 
 /// Units per cube, one cube per row. A power of two (the reductions halve it).
 pub const UNITS: usize = 256;
@@ -56,41 +56,66 @@ pub fn cube_reduce(value: f32, shared: &mut SharedMemory<f32>, #[comptime] take_
 
 /// Below every real value a row's maximum is taken of, so a running maximum starts there
 /// (finite: WGSL has no infinity literal).
-const LOWEST: f32 = -1.0e30;
+pub(crate) const LOWEST: f32 = -1.0e30;
 
-/// `ln Σ exp(scale·x[start + j·step])` over `j < len`, each unit of the cube taking every
-/// cube-size-th `j`, returned to all of them (every unit must call it, as [`cube_reduce`]).
-#[cube]
-pub fn cube_log_sum_exp<F: Float>(
-    x: &Tensor<F>,
-    start: usize,
-    step: usize,
-    len: usize,
-    scale: f32,
-    shared: &mut SharedMemory<f32>,
-) -> f32 {
-    let units = CUBE_DIM_X as usize;
-    let mut row_max = f32::new(LOWEST);
-    let mut j = UNIT_POS_X as usize;
-    while j < len {
-        row_max = max(row_max, f32::cast_from(x[start + j * step]) * scale);
-        j += units;
-    }
-    let row_max = cube_reduce(row_max, shared, true);
-    let mut sum = 0.0f32;
-    let mut j = UNIT_POS_X as usize;
-    while j < len {
-        sum += (f32::cast_from(x[start + j * step]) * scale - row_max).exp();
-        j += units;
-    }
-    row_max + cube_reduce(sum, shared, false).ln()
+/// A unit's share of a row's log-sum-exp, read in one pass: the largest value it has seen and
+/// the sum of `e^(z − max)` over its values (rescaled whenever the maximum rises).
+#[derive(CubeType)]
+pub struct RunningLogSumExp {
+    max: f32,
+    sum: f32,
 }
 
+#[cube]
+impl RunningLogSumExp {
+    #[allow(clippy::new_without_default)] // `new` expands inside kernels; `Default` would not
+    pub fn new() -> RunningLogSumExp {
+        RunningLogSumExp {
+            max: f32::new(LOWEST),
+            sum: 0.0f32,
+        }
+    }
+
+    /// Takes in the lanes of `z` (lanes at [`LOWEST`] add nothing).
+    pub fn add<N: Size>(&mut self, z: Vector<f32, N>) {
+        let mut vector_max = f32::new(LOWEST);
+        #[unroll]
+        for k in 0..z.vector_size() {
+            vector_max = max(vector_max, z[k]);
+        }
+        let new_max = max(self.max, vector_max);
+        let exps = (z - Vector::<f32, N>::new(new_max)).exp();
+        self.sum = self.sum * (self.max - new_max).exp() + lane_sum(exps);
+        self.max = new_max;
+    }
+
+    /// `ln Σ e^z` over every unit's values, returned to all of them (every unit must call it,
+    /// as [`cube_reduce`]).
+    pub fn cube_total(&self, shared: &mut SharedMemory<f32>) -> f32 {
+        let row_max = cube_reduce(self.max, shared, true);
+        row_max + cube_reduce(self.sum * (self.max - row_max).exp(), shared, false).ln()
+    }
+}
+
+/// The sum of a vector's lanes.
+#[cube]
+pub(crate) fn lane_sum<N: Size>(v: Vector<f32, N>) -> f32 {
+    let mut sum = 0.0f32;
+    #[unroll]
+    for k in 0..v.vector_size() {
+        sum += v[k];
+    }
+    sum
+}
+
+/// A cube per row, each unit taking every `UNITS`-th vector of `N` columns. Offsets are in
+/// elements; with `N > 1` columns have unit stride and rows a multiple of `N`, so an offset
+/// over `N` is the vector's index.
 #[cube(launch_unchecked)]
-fn rms_norm_kernel<F: Float, Y: Float>(
-    x: &Tensor<F>,
-    gamma: &Tensor<F>,
-    y: &mut Tensor<Y>,
+fn rms_norm_kernel<F: Float, Y: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    gamma: &Tensor<Vector<F, N>>,
+    y: &mut Tensor<Vector<Y, N>>,
     inv_rms: &mut Tensor<f32>,
     epsilon: f32,
     #[define(F, Y)] _dtypes: [StorageType; 2],
@@ -98,24 +123,28 @@ fn rms_norm_kernel<F: Float, Y: Float>(
     let row = CUBE_POS;
     // The same for every unit of the cube, so the barriers inside are reached by all.
     if row < x.shape(0) {
+        let width = x.vector_size();
         let d = x.shape(1);
-        let (x_row, x_col) = (row * x.stride(0), x.stride(1));
+        let (x_row, x_col) = (row * x.stride(0), x.stride(1) * width);
         let mut shared = SharedMemory::<f32>::new(UNITS);
         let mut squares = 0.0f32;
         let mut c = UNIT_POS_X as usize;
-        while c < d {
-            let value = f32::cast_from(x[x_row + c * x_col]);
-            squares += value * value;
+        while c < d / width {
+            let value = Vector::<f32, N>::cast_from(x[(x_row + c * x_col) / width]);
+            squares += lane_sum(value * value);
             c += UNITS;
         }
         let r = (cube_reduce(squares, &mut shared, false) / d as f32 + epsilon)
             .sqrt()
             .recip();
-        let (y_row, y_col) = (row * y.stride(0), y.stride(1));
+        let (y_row, y_col) = (row * y.stride(0), y.stride(1) * width);
+        let g_col = gamma.stride(0) * width;
         let mut c = UNIT_POS_X as usize;
-        while c < d {
-            let value = f32::cast_from(x[x_row + c * x_col]) * r;
-            y[y_row + c * y_col] = Y::cast_from(value * f32::cast_from(gamma[c * gamma.stride(0)]));
+        while c < d / width {
+            let value = Vector::<f32, N>::cast_from(x[(x_row + c * x_col) / width])
+                * Vector::<f32, N>::new(r);
+            let g = Vector::<f32, N>::cast_from(gamma[c * g_col / width]);
+            y[(y_row + c * y_col) / width] = Vector::<Y, N>::cast_from(value * g);
             c += UNITS;
         }
         if UNIT_POS_X == 0 {
@@ -125,40 +154,46 @@ fn rms_norm_kernel<F: Float, Y: Float>(
 }
 
 #[cube(launch_unchecked)]
-fn rms_norm_grad_kernel<F: Float, Y: Float>(
-    x: &Tensor<F>,
-    gamma: &Tensor<F>,
+fn rms_norm_grad_kernel<F: Float, Y: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    gamma: &Tensor<Vector<F, N>>,
     inv_rms: &Tensor<f32>,
-    grad_y: &Tensor<Y>,
-    grad_x: &mut Tensor<F>,
-    grad_gamma_rows: &mut Tensor<f32>,
+    grad_y: &Tensor<Vector<Y, N>>,
+    grad_x: &mut Tensor<Vector<F, N>>,
+    grad_gamma_rows: &mut Tensor<Vector<f32, N>>,
     #[define(F, Y)] _dtypes: [StorageType; 2],
 ) {
     let row = CUBE_POS;
     if row < x.shape(0) {
+        let width = x.vector_size();
         let d = x.shape(1);
-        let (x_row, x_col) = (row * x.stride(0), x.stride(1));
-        let (g_row, g_col) = (row * grad_y.stride(0), grad_y.stride(1));
+        let (x_row, x_col) = (row * x.stride(0), x.stride(1) * width);
+        let (g_row, g_col) = (row * grad_y.stride(0), grad_y.stride(1) * width);
+        let gamma_col = gamma.stride(0) * width;
         let r = inv_rms[row * inv_rms.stride(0)];
         let mut shared = SharedMemory::<f32>::new(UNITS);
         let mut gx = 0.0f32;
         let mut c = UNIT_POS_X as usize;
-        while c < d {
-            let g = f32::cast_from(grad_y[g_row + c * g_col])
-                * f32::cast_from(gamma[c * gamma.stride(0)]);
-            gx += g * f32::cast_from(x[x_row + c * x_col]);
+        while c < d / width {
+            let g = Vector::<f32, N>::cast_from(grad_y[(g_row + c * g_col) / width])
+                * Vector::<f32, N>::cast_from(gamma[c * gamma_col / width]);
+            gx += lane_sum(g * Vector::<f32, N>::cast_from(x[(x_row + c * x_col) / width]));
             c += UNITS;
         }
         let coefficient = r * r * r * cube_reduce(gx, &mut shared, false) / d as f32;
-        let (dx_row, dx_col) = (row * grad_x.stride(0), grad_x.stride(1));
-        let (dg_row, dg_col) = (row * grad_gamma_rows.stride(0), grad_gamma_rows.stride(1));
+        let (r, coefficient) = (Vector::<f32, N>::new(r), Vector::<f32, N>::new(coefficient));
+        let (dx_row, dx_col) = (row * grad_x.stride(0), grad_x.stride(1) * width);
+        let (dg_row, dg_col) = (
+            row * grad_gamma_rows.stride(0),
+            grad_gamma_rows.stride(1) * width,
+        );
         let mut c = UNIT_POS_X as usize;
-        while c < d {
-            let dy = f32::cast_from(grad_y[g_row + c * g_col]);
-            let value = f32::cast_from(x[x_row + c * x_col]);
-            let g = dy * f32::cast_from(gamma[c * gamma.stride(0)]);
-            grad_x[dx_row + c * dx_col] = F::cast_from(r * g - value * coefficient);
-            grad_gamma_rows[dg_row + c * dg_col] = dy * value * r;
+        while c < d / width {
+            let dy = Vector::<f32, N>::cast_from(grad_y[(g_row + c * g_col) / width]);
+            let value = Vector::<f32, N>::cast_from(x[(x_row + c * x_col) / width]);
+            let g = dy * Vector::<f32, N>::cast_from(gamma[c * gamma_col / width]);
+            grad_x[(dx_row + c * dx_col) / width] = Vector::<F, N>::cast_from(r * g - value * coefficient);
+            grad_gamma_rows[(dg_row + c * dg_col) / width] = dy * value * r;
             c += UNITS;
         }
     }
@@ -245,13 +280,16 @@ pub fn rms_norm<R: CubeRuntime>(
     let y = empty(&x, vec![rows, d], y_dtype);
     let inv_rms = empty(&x, vec![rows], DType::F32);
     let (count, dim) = cubes(&x, rows, UNITS);
+    let width = vector_size(&[&x, &gamma, &y]);
     let (client, dtypes) = (x.client.clone(), [x.dtype.into(), y_dtype.into()]);
-    // SAFETY: cubes past the last row do nothing, and every column index is below `d`.
+    // SAFETY: cubes past the last row do nothing, and every column index is below `d`;
+    // `width` divides `d` and the row strides.
     unsafe {
         rms_norm_kernel::launch_unchecked::<R>(
             &client,
             count,
             dim,
+            width,
             x.into_tensor_arg(),
             gamma.into_tensor_arg(),
             y.clone().into_tensor_arg(),
@@ -286,6 +324,7 @@ pub fn rms_norm_grad<R: CubeRuntime>(
     let grad_x = empty(&x, vec![rows, d], x.dtype);
     let grad_gamma_rows = empty(&x, vec![rows, d], DType::F32);
     let (count, dim) = cubes(&x, rows, UNITS);
+    let width = vector_size(&[&x, &gamma, &grad_y, &grad_x, &grad_gamma_rows]);
     let (client, dtypes) = (x.client.clone(), [x.dtype.into(), grad_y.dtype.into()]);
     // SAFETY: as in `rms_norm`; `grad_y` and `inv_rms` were checked to match `x`.
     unsafe {
@@ -293,6 +332,7 @@ pub fn rms_norm_grad<R: CubeRuntime>(
             &client,
             count,
             dim,
+            width,
             x.into_tensor_arg(),
             gamma.into_tensor_arg(),
             inv_rms.into_tensor_arg(),

@@ -4,8 +4,9 @@
 //!
 //! Written as tensor ops, the softmax between the two products is eight launches over the n×n
 //! scores (scale, mask, max, subtract, exp, sum, divide, log) and its gradient about as many;
-//! each reads and writes the whole score matrix. Here each is one pass: a cube per score row,
-//! its units striding along the row (consecutive units read consecutive scores).
+//! each reads and writes the whole score matrix. Here each is one kernel: a cube per score
+//! row, its units striding along the row in vectors of up to 16 bytes (consecutive units read
+//! consecutive vectors).
 //!
 //! - [`causal_softmax`]: from the raw products `S = Q Kᵀ` (row `r` is the query at position
 //!   `first + r`, which reads keys `0..=first + r`), the probabilities
@@ -22,44 +23,77 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use crate::empty;
-use crate::rows::{cube_log_sum_exp, cube_reduce};
+use crate::rows::{LOWEST, RunningLogSumExp, cube_reduce, lane_sum};
+use crate::{empty, vector_size};
 
 /// Units per cube, one cube per score row. A power of two (the reductions halve it).
 pub const UNITS: usize = 128;
 
 /// Index of element 0 of row (`batch`, `head`, `row`) of `x`: `[batch, heads, rows, ..]`.
 #[cube]
-fn row_start<F: Float>(x: &Tensor<F>) -> usize {
+fn row_start<T: CubePrimitive>(x: &Tensor<T>) -> usize {
     CUBE_POS_Z as usize * x.stride(0)
         + CUBE_POS_Y as usize * x.stride(1)
         + CUBE_POS_X as usize * x.stride(2)
 }
 
+/// Vector `c` of a score row (`row` its first element's offset, `column` the offset between
+/// consecutive vectors), scaled, in f32, with the lanes at or past `keys` (masked, causal) set
+/// below every real score so that their exponentials vanish.
+#[cube]
+fn scaled_scores<F: Float, N: Size>(
+    scores: &Tensor<Vector<F, N>>,
+    row: usize,
+    column: usize,
+    c: usize,
+    scale: f32,
+    keys: usize,
+) -> Vector<f32, N> {
+    let width = scores.vector_size();
+    let mut z = Vector::<f32, N>::cast_from(scores[(row + c * column) / width])
+        * Vector::<f32, N>::new(scale);
+    #[unroll]
+    for k in 0..width {
+        if c * width + k >= keys {
+            z[k] = LOWEST;
+        }
+    }
+    z
+}
+
+/// A cube per score row, each unit taking every `UNITS`-th vector of `N` scores. The row's
+/// log-sum-exp in one pass ([`RunningLogSumExp`]), then
+/// the probabilities in another. Offsets are in elements; with `N > 1` the key axis has unit
+/// stride and the others multiples of `N`.
 #[cube(launch_unchecked)]
-fn softmax_kernel<F: Float>(
-    scores: &Tensor<F>,
-    probs: &mut Tensor<F>,
+fn softmax_kernel<F: Float, N: Size>(
+    scores: &Tensor<Vector<F, N>>,
+    probs: &mut Tensor<Vector<F, N>>,
     lse: &mut Tensor<f32>,
     scale: f32,
     first: u32,
     #[define(F)] _dtype: StorageType,
 ) {
+    let width = scores.vector_size();
     let kv_len = scores.shape(3);
     let keys = min(first as usize + CUBE_POS_X as usize + 1, kv_len);
-    let (s_row, s_col) = (row_start(scores), scores.stride(3));
+    let (s_row, s_col) = (row_start(scores), scores.stride(3) * width);
     let mut shared = SharedMemory::<f32>::new(UNITS);
-    let row_lse = cube_log_sum_exp(scores, s_row, s_col, keys, scale, &mut shared);
+    let mut running = RunningLogSumExp::new();
+    let mut c = UNIT_POS_X as usize;
+    while c * width < keys {
+        running.add(scaled_scores(scores, s_row, s_col, c, scale, keys));
+        c += UNITS;
+    }
+    let row_lse = running.cube_total(&mut shared);
 
-    let (p_row, p_col) = (row_start(probs), probs.stride(3));
-    let mut j = UNIT_POS_X as usize;
-    while j < kv_len {
-        let mut p = 0.0f32;
-        if j < keys {
-            p = (f32::cast_from(scores[s_row + j * s_col]) * scale - row_lse).exp();
-        }
-        probs[p_row + j * p_col] = F::cast_from(p);
-        j += UNITS;
+    let (p_row, p_col) = (row_start(probs), probs.stride(3) * width);
+    let lse_vector = Vector::<f32, N>::new(row_lse);
+    let mut c = UNIT_POS_X as usize;
+    while c < kv_len / width {
+        let z = scaled_scores(scores, s_row, s_col, c, scale, keys);
+        probs[(p_row + c * p_col) / width] = Vector::<F, N>::cast_from((z - lse_vector).exp());
+        c += UNITS;
     }
     if UNIT_POS_X == 0 {
         lse[row_start(lse)] = row_lse;
@@ -68,45 +102,45 @@ fn softmax_kernel<F: Float>(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn softmax_grad_kernel<F: Float>(
-    scores: &Tensor<F>,
-    grad_probs: &Tensor<F>,
+fn softmax_grad_kernel<F: Float, N: Size>(
+    scores: &Tensor<Vector<F, N>>,
+    grad_probs: &Tensor<Vector<F, N>>,
     lse: &Tensor<f32>,
-    probs: &mut Tensor<F>,
-    grad_scores: &mut Tensor<F>,
+    probs: &mut Tensor<Vector<F, N>>,
+    grad_scores: &mut Tensor<Vector<F, N>>,
     scale: f32,
     first: u32,
     #[define(F)] _dtype: StorageType,
 ) {
+    let width = scores.vector_size();
     let kv_len = scores.shape(3);
     let keys = min(first as usize + CUBE_POS_X as usize + 1, kv_len);
-    let (s_row, s_col) = (row_start(scores), scores.stride(3));
-    let (g_row, g_col) = (row_start(grad_probs), grad_probs.stride(3));
-    let row_lse = lse[row_start(lse)];
+    let (s_row, s_col) = (row_start(scores), scores.stride(3) * width);
+    let (g_row, g_col) = (row_start(grad_probs), grad_probs.stride(3) * width);
+    let lse_vector = Vector::<f32, N>::new(lse[row_start(lse)]);
     let mut shared = SharedMemory::<f32>::new(UNITS);
 
     let mut dot = 0.0f32;
-    let mut j = UNIT_POS_X as usize;
-    while j < keys {
-        let p = (f32::cast_from(scores[s_row + j * s_col]) * scale - row_lse).exp();
-        dot += p * f32::cast_from(grad_probs[g_row + j * g_col]);
-        j += UNITS;
+    let mut c = UNIT_POS_X as usize;
+    while c * width < keys {
+        let p = (scaled_scores(scores, s_row, s_col, c, scale, keys) - lse_vector).exp();
+        dot += lane_sum(p * Vector::<f32, N>::cast_from(grad_probs[(g_row + c * g_col) / width]));
+        c += UNITS;
     }
-    let delta = cube_reduce(dot, &mut shared, false);
+    let delta = Vector::<f32, N>::new(cube_reduce(dot, &mut shared, false));
 
-    let (p_row, p_col) = (row_start(probs), probs.stride(3));
-    let (d_row, d_col) = (row_start(grad_scores), grad_scores.stride(3));
-    let mut j = UNIT_POS_X as usize;
-    while j < kv_len {
-        let mut p = 0.0f32;
-        let mut ds = 0.0f32;
-        if j < keys {
-            p = (f32::cast_from(scores[s_row + j * s_col]) * scale - row_lse).exp();
-            ds = p * (f32::cast_from(grad_probs[g_row + j * g_col]) - delta) * scale;
-        }
-        probs[p_row + j * p_col] = F::cast_from(p);
-        grad_scores[d_row + j * d_col] = F::cast_from(ds);
-        j += UNITS;
+    let (p_row, p_col) = (row_start(probs), probs.stride(3) * width);
+    let (d_row, d_col) = (row_start(grad_scores), grad_scores.stride(3) * width);
+    let scale_vector = Vector::<f32, N>::new(scale);
+    let mut c = UNIT_POS_X as usize;
+    while c < kv_len / width {
+        // Masked lanes: p = 0, so their dS is 0 too.
+        let p = (scaled_scores(scores, s_row, s_col, c, scale, keys) - lse_vector).exp();
+        let dp = Vector::<f32, N>::cast_from(grad_probs[(g_row + c * g_col) / width]);
+        probs[(p_row + c * p_col) / width] = Vector::<F, N>::cast_from(p);
+        grad_scores[(d_row + c * d_col) / width] =
+            Vector::<F, N>::cast_from(p * (dp - delta) * scale_vector);
+        c += UNITS;
     }
 }
 
@@ -143,14 +177,16 @@ pub fn causal_softmax<R: CubeRuntime>(
     let dims = score_dims(&scores, first);
     let probs = empty(&scores, dims.to_vec(), scores.dtype);
     let lse = empty(&scores, dims[..3].to_vec(), DType::F32);
+    let width = vector_size(&[&scores, &probs]);
     let (client, dtype) = (scores.client.clone(), scores.dtype);
     // SAFETY: the grid has one cube per row of `scores`, and every column index is checked
-    // against the row length.
+    // against the row length, which `width` divides.
     unsafe {
         softmax_kernel::launch_unchecked::<R>(
             &client,
             grid(dims),
             CubeDim::new_1d(UNITS as u32),
+            width,
             scores.into_tensor_arg(),
             probs.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
@@ -189,6 +225,7 @@ pub fn causal_softmax_grad<R: CubeRuntime>(
     );
     let probs = empty(&scores, dims.to_vec(), scores.dtype);
     let grad_scores = empty(&scores, dims.to_vec(), scores.dtype);
+    let width = vector_size(&[&scores, &grad_probs, &probs, &grad_scores]);
     let (client, dtype) = (scores.client.clone(), scores.dtype);
     // SAFETY: as in `causal_softmax`; `grad_probs` and `lse` were checked to match `scores`.
     unsafe {
@@ -196,6 +233,7 @@ pub fn causal_softmax_grad<R: CubeRuntime>(
             &client,
             grid(dims),
             CubeDim::new_1d(UNITS as u32),
+            width,
             scores.into_tensor_arg(),
             grad_probs.into_tensor_arg(),
             lse.into_tensor_arg(),

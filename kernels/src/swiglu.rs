@@ -7,55 +7,62 @@
 //! du = dout · g·σ          dg = dout · u · σ·(1 + g·(1 − σ))
 //! ```
 //!
-//! Tensors are flat and contiguous (`[n]`); arithmetic is f32 whatever their type.
+//! Tensors are flat and contiguous (`[n]`), read and written in vectors of up to 16 bytes;
+//! arithmetic is f32 whatever their type.
 
 use burn_backend::{Shape, TensorMetadata};
 use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use crate::{cubes, empty};
+use crate::{cubes, empty, vector_size};
 
 const UNITS: usize = 256;
 
 #[cube]
-fn sigmoid(g: f32) -> f32 {
-    (1.0f32 + (-g).exp()).recip()
+fn sigmoid<N: Size>(g: Vector<f32, N>) -> Vector<f32, N> {
+    let one = Vector::<f32, N>::new(1.0f32);
+    one / (one + (-g).exp())
 }
 
+/// A unit per vector of `N` elements (`vectors` of them).
 #[cube(launch_unchecked)]
-fn swiglu_kernel<F: Float>(
-    gate: &Tensor<F>,
-    up: &Tensor<F>,
-    out: &mut Tensor<F>,
+fn swiglu_kernel<F: Float, N: Size>(
+    gate: &Tensor<Vector<F, N>>,
+    up: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
+    vectors: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let i = ABSOLUTE_POS;
-    if i < out.len() {
-        let g = f32::cast_from(gate[i]);
-        out[i] = F::cast_from(g * sigmoid(g) * f32::cast_from(up[i]));
+    if i < vectors {
+        let g = Vector::<f32, N>::cast_from(gate[i]);
+        let u = Vector::<f32, N>::cast_from(up[i]);
+        out[i] = Vector::<F, N>::cast_from(g * sigmoid(g) * u);
     }
 }
 
 #[cube(launch_unchecked)]
-fn swiglu_grad_kernel<F: Float>(
-    gate: &Tensor<F>,
-    up: &Tensor<F>,
-    grad_out: &Tensor<F>,
-    grad_gate: &mut Tensor<F>,
-    grad_up: &mut Tensor<F>,
+fn swiglu_grad_kernel<F: Float, N: Size>(
+    gate: &Tensor<Vector<F, N>>,
+    up: &Tensor<Vector<F, N>>,
+    grad_out: &Tensor<Vector<F, N>>,
+    grad_gate: &mut Tensor<Vector<F, N>>,
+    grad_up: &mut Tensor<Vector<F, N>>,
+    vectors: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let i = ABSOLUTE_POS;
-    if i < grad_up.len() {
+    if i < vectors {
         let (g, u, dout) = (
-            f32::cast_from(gate[i]),
-            f32::cast_from(up[i]),
-            f32::cast_from(grad_out[i]),
+            Vector::<f32, N>::cast_from(gate[i]),
+            Vector::<f32, N>::cast_from(up[i]),
+            Vector::<f32, N>::cast_from(grad_out[i]),
         );
+        let one = Vector::<f32, N>::new(1.0f32);
         let s = sigmoid(g);
-        grad_up[i] = F::cast_from(dout * g * s);
-        grad_gate[i] = F::cast_from(dout * u * s * (1.0f32 + g * (1.0f32 - s)));
+        grad_up[i] = Vector::<F, N>::cast_from(dout * g * s);
+        grad_gate[i] = Vector::<F, N>::cast_from(dout * u * s * (one + g * (one - s)));
     }
 }
 
@@ -80,17 +87,21 @@ fn flat_len<R: CubeRuntime>(gate: &CubeTensor<R>, others: &[&CubeTensor<R>]) -> 
 pub fn swiglu<R: CubeRuntime>(gate: CubeTensor<R>, up: CubeTensor<R>) -> CubeTensor<R> {
     let n = flat_len(&gate, &[&up]);
     let out = empty_like(&gate);
-    let (count, dim) = cubes(&gate, n.div_ceil(UNITS), UNITS);
+    let width = vector_size(&[&gate, &up, &out]);
+    let vectors = n / width;
+    let (count, dim) = cubes(&gate, vectors.div_ceil(UNITS), UNITS);
     let (client, dtype) = (gate.client.clone(), gate.dtype);
-    // SAFETY: every unit past the last element does nothing.
+    // SAFETY: every unit past the last vector does nothing; `width` divides `n`.
     unsafe {
         swiglu_kernel::launch_unchecked::<R>(
             &client,
             count,
             dim,
+            width,
             gate.into_tensor_arg(),
             up.into_tensor_arg(),
             out.clone().into_tensor_arg(),
+            vectors,
             dtype.into(),
         );
     }
@@ -105,19 +116,23 @@ pub fn swiglu_grad<R: CubeRuntime>(
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let n = flat_len(&gate, &[&up, &grad_out]);
     let (grad_gate, grad_up) = (empty_like(&gate), empty_like(&gate));
-    let (count, dim) = cubes(&gate, n.div_ceil(UNITS), UNITS);
+    let width = vector_size(&[&gate, &up, &grad_out, &grad_gate, &grad_up]);
+    let vectors = n / width;
+    let (count, dim) = cubes(&gate, vectors.div_ceil(UNITS), UNITS);
     let (client, dtype) = (gate.client.clone(), gate.dtype);
-    // SAFETY: every unit past the last element does nothing.
+    // SAFETY: every unit past the last vector does nothing; `width` divides `n`.
     unsafe {
         swiglu_grad_kernel::launch_unchecked::<R>(
             &client,
             count,
             dim,
+            width,
             gate.into_tensor_arg(),
             up.into_tensor_arg(),
             grad_out.into_tensor_arg(),
             grad_gate.clone().into_tensor_arg(),
             grad_up.clone().into_tensor_arg(),
+            vectors,
             dtype.into(),
         );
     }
