@@ -61,7 +61,9 @@ fn cross_entropy_kernel<F: Float, N: Size>(
         let mut running = RunningLogSumExp::new();
         let mut c = UNIT_POS_X as usize;
         while c < vocab / width {
-            running.add(Vector::<f32, N>::cast_from(logits[(z_row + c * z_col) / width]));
+            running.add(Vector::<f32, N>::cast_from(
+                logits[(z_row + c * z_col) / width],
+            ));
             c += UNITS;
         }
         let row_lse = running.cube_total(&mut shared);

@@ -192,7 +192,8 @@ fn rms_norm_grad_kernel<F: Float, Y: Float, N: Size>(
             let dy = Vector::<f32, N>::cast_from(grad_y[(g_row + c * g_col) / width]);
             let value = Vector::<f32, N>::cast_from(x[(x_row + c * x_col) / width]);
             let g = dy * Vector::<f32, N>::cast_from(gamma[c * gamma_col / width]);
-            grad_x[(dx_row + c * dx_col) / width] = Vector::<F, N>::cast_from(r * g - value * coefficient);
+            grad_x[(dx_row + c * dx_col) / width] =
+                Vector::<F, N>::cast_from(r * g - value * coefficient);
             grad_gamma_rows[(dg_row + c * dg_col) / width] = dy * value * r;
             c += UNITS;
         }

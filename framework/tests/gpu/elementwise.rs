@@ -17,7 +17,7 @@
 
 use burn::backend::Autodiff;
 use burn::module::Param;
-use burn::nn::RmsNormConfig;
+use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::AutodiffBackend;
@@ -29,15 +29,21 @@ use strata::nn::fused::{embedding::embed, rope::rotate_trained, swiglu::swiglu};
 
 use crate::common::{assert_close, random, values as host};
 
-/// Output, dx and dγ of RMSNorm over the last axis of `shape`: through `strata`'s op, or
-/// Burn's module (`composed`).
-fn norm<B: AutodiffBackend>(shape: [usize; 3], composed: bool) -> Vec<Vec<f32>> {
+/// RMSNorm's input `x` (tracked), a weighting `w` of its output for the loss, and the norm.
+fn norm_inputs<B: AutodiffBackend>(shape: [usize; 3]) -> (Tensor<B, 3>, Tensor<B, 3>, RmsNorm<B>) {
     let x = random::<B, 3>(1, shape).mul_scalar(3.0).require_grad();
     let w = random::<B, 3>(2, shape);
     let mut module = RmsNormConfig::new(shape[2])
         .with_epsilon(1e-5)
         .init::<B>(&Default::default());
     module.gamma = Param::from_tensor(random::<B, 1>(3, [shape[2]]).add_scalar(0.5));
+    (x, w, module)
+}
+
+/// Output, dx and dγ of RMSNorm over the last axis of `shape`: through `strata`'s op, or
+/// Burn's module (`composed`).
+fn norm<B: AutodiffBackend>(shape: [usize; 3], composed: bool) -> Vec<Vec<f32>> {
+    let (x, w, module) = norm_inputs::<B>(shape);
     let y = if composed {
         module.forward(x.clone())
     } else {
@@ -202,13 +208,7 @@ fn check<B: AutodiffBackend>() {
 /// RMSNorm of an f32 `x` given in `half` (`mixed`) or in f32 then rounded to `half`: output,
 /// dx and dγ, the gradient arriving in `half` either way.
 fn norm_mixed<B: AutodiffBackend>(half: DType, mixed: bool) -> Vec<Vec<f32>> {
-    let shape = [3, 100, 300];
-    let x = random::<B, 3>(1, shape).mul_scalar(3.0).require_grad();
-    let w = random::<B, 3>(2, shape);
-    let mut module = RmsNormConfig::new(shape[2])
-        .with_epsilon(1e-5)
-        .init::<B>(&Default::default());
-    module.gamma = Param::from_tensor(random::<B, 1>(3, [shape[2]]).add_scalar(0.5));
+    let (x, w, module) = norm_inputs::<B>([3, 100, 300]);
     let y = if mixed {
         rms_norm_as(&module, x.clone(), half)
     } else {
@@ -236,7 +236,9 @@ fn rotation_mixed<B: AutodiffBackend>(half: DType, mixed: bool) -> Vec<Vec<f32>>
         rotate_trained(narrow, cos, sin).expect("the kernel runs on this backend")
     } else {
         let wide = narrow.cast(DType::F32);
-        rotate_trained(wide, cos, sin).expect("the kernel").cast(half)
+        rotate_trained(wide, cos, sin)
+            .expect("the kernel")
+            .cast(half)
     };
     assert_eq!(out.dtype(), half);
     let grads = (out.clone().cast(DType::F32) * w).sum().backward();
@@ -261,7 +263,11 @@ fn loss_mixed<B: AutodiffBackend>(half: DType, mixed: bool) -> Vec<Vec<f32>> {
     } else {
         cross_entropy(narrow.cast(DType::F32), targets)
     };
-    assert_eq!(value.dtype(), DType::F32, "the loss is f32 whatever the logits' type");
+    assert_eq!(
+        value.dtype(),
+        DType::F32,
+        "the loss is f32 whatever the logits' type"
+    );
     let grads = value.clone().mul_scalar(3.0).backward();
     vec![host(value), host(logits.grad(&grads).expect("d_logits"))]
 }

@@ -53,7 +53,11 @@ fn run(model: &Llama<B>) -> (Vec<f32>, Vec<(String, f64)>) {
     let logits = model.forward(ids_tensor(&IDS, [1, IDS.len()], &device));
     // In the compute type, as autocast gives them; the loss reads them in f32.
     let compute = model.compute_dtype.map_or(DType::F32, Into::into);
-    assert_eq!(logits.dtype(), compute, "logits come back in the compute type");
+    assert_eq!(
+        logits.dtype(),
+        compute,
+        "logits come back in the compute type"
+    );
     let logits = logits.cast(DType::F32);
     let values = logits
         .clone()

@@ -258,10 +258,7 @@ mod gpu {
         let node = logits.node.clone();
         let z = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(logits.primitive));
         let (losses, lse) = kernel::cross_entropy(z.clone(), targets.clone());
-        let loss = (losses * weights.clone())
-            .sum()
-            .into_primitive()
-            .tensor();
+        let loss = (losses * weights.clone()).sum().into_primitive().tensor();
         let loss = match LossKernelBackward
             .prepare::<NoCheckpointing>([node])
             .compute_bound()

@@ -228,12 +228,7 @@ mod gpu {
     use super::super::{AutodiffOp, kernel, same};
 
     /// x, γ, ε and the output's type.
-    pub(super) struct RmsNormOp<B: Backend>(
-        pub Tensor<B, 3>,
-        pub Tensor<B, 1>,
-        pub f64,
-        pub DType,
-    );
+    pub(super) struct RmsNormOp<B: Backend>(pub Tensor<B, 3>, pub Tensor<B, 1>, pub f64, pub DType);
 
     impl<B: Backend> AutodiffOp<B> for RmsNormOp<B> {
         /// `Err(x)` where the kernels do not run: another backend, or `γ` of another type.
@@ -244,7 +239,12 @@ mod gpu {
             if !kernel::elementwise_chosen::<I>() || x.dtype() != gamma.dtype() {
                 return Err(x);
             }
-            Ok(same(forward::<I>(same(x), same(gamma), epsilon as f32, y_dtype)))
+            Ok(same(forward::<I>(
+                same(x),
+                same(gamma),
+                epsilon as f32,
+                y_dtype,
+            )))
         }
     }
 
