@@ -22,7 +22,8 @@ const UNITS: usize = 256;
 #[cube]
 fn sigmoid<N: Size>(g: Vector<f32, N>) -> Vector<f32, N> {
     let one = Vector::<f32, N>::new(1.0f32);
-    one / (one + (-g).exp())
+    // `e^(0 − g)`: CubeCL's CUDA code has no unary minus for vector types.
+    one / (one + (Vector::<f32, N>::new(0.0f32) - g).exp())
 }
 
 /// A unit per vector of `N` elements (`vectors` of them).
