@@ -11,8 +11,11 @@
 //!   SwiGLU gate and the rotary embedding, forward and backward, one element-wise kernel each.
 //! - [`cross_entropy`]: cross-entropy over the vocabulary and its gradient, a cube per row.
 //! - [`embedding`]: a token embedding's gradient, a cube per token row (atomic f32 adds).
-//! - [`softmax`]: the causal softmax of attention scores and its gradient, one pass each, for
-//!   attention computed as matrix products.
+//! - [`softmax`]: the causal softmax of attention scores and its gradient, one kernel each,
+//!   for attention computed as matrix products.
+//!
+//! The element-wise and row kernels read and write vectors of up to 16 bytes where strides and
+//! lengths allow (`vector_size`).
 //! - [`cublas`]: matrix products through cuBLAS on the CUDA backend.
 //! - [`trace`]: the kernels that ran on the GPU and when (CUPTI), for profiling a step.
 //!

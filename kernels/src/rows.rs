@@ -76,7 +76,8 @@ impl RunningLogSumExp {
         }
     }
 
-    /// Takes in the lanes of `z` (lanes at [`LOWEST`] add nothing).
+    /// Takes in the lanes of `z`. Lanes at `LOWEST` (masked) add nothing once a real value
+    /// has been seen, in `z` or before; a vector of masked lanes only would each add 1.
     pub fn add<N: Size>(&mut self, z: Vector<f32, N>) {
         let mut vector_max = f32::new(LOWEST);
         #[unroll]
