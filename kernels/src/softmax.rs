@@ -91,8 +91,12 @@ fn softmax_kernel<F: Float, N: Size>(
     let lse_vector = Vector::<f32, N>::new(row_lse);
     let mut c = UNIT_POS_X as usize;
     while c < kv_len / width {
-        let z = scaled_scores(scores, s_row, s_col, c, scale, keys);
-        probs[(p_row + c * p_col) / width] = Vector::<F, N>::cast_from((z - lse_vector).exp());
+        // Vectors wholly past the query's position are zeros, written without reading them.
+        let mut p = Vector::<f32, N>::new(0.0f32);
+        if c * width < keys {
+            p = (scaled_scores(scores, s_row, s_col, c, scale, keys) - lse_vector).exp();
+        }
+        probs[(p_row + c * p_col) / width] = Vector::<F, N>::cast_from(p);
         c += UNITS;
     }
     if UNIT_POS_X == 0 {
@@ -134,12 +138,18 @@ fn softmax_grad_kernel<F: Float, N: Size>(
     let scale_vector = Vector::<f32, N>::new(scale);
     let mut c = UNIT_POS_X as usize;
     while c < kv_len / width {
-        // Masked lanes: p = 0, so their dS is 0 too.
-        let p = (scaled_scores(scores, s_row, s_col, c, scale, keys) - lse_vector).exp();
-        let dp = Vector::<f32, N>::cast_from(grad_probs[(g_row + c * g_col) / width]);
+        // Masked lanes: p = 0, so their dS is 0 too; vectors wholly past the query's position
+        // are written as zeros without reading the scores or dP there (half the square, from
+        // memory: the pass above read only the keys up to the query's position).
+        let mut p = Vector::<f32, N>::new(0.0f32);
+        let mut ds = Vector::<f32, N>::new(0.0f32);
+        if c * width < keys {
+            p = (scaled_scores(scores, s_row, s_col, c, scale, keys) - lse_vector).exp();
+            let dp = Vector::<f32, N>::cast_from(grad_probs[(g_row + c * g_col) / width]);
+            ds = p * (dp - delta) * scale_vector;
+        }
         probs[(p_row + c * p_col) / width] = Vector::<F, N>::cast_from(p);
-        grad_scores[(d_row + c * d_col) / width] =
-            Vector::<F, N>::cast_from(p * (dp - delta) * scale_vector);
+        grad_scores[(d_row + c * d_col) / width] = Vector::<F, N>::cast_from(ds);
         c += UNITS;
     }
 }
