@@ -475,47 +475,50 @@ pub mod device {
 /// with heads and positions swapped) copy out as they lie in memory.
 pub mod host {
     use super::*;
-    use crate::nn::fused::{HostValues, Strided, dot, exp, from_host, matmul, softmax, with_simd};
+    use crate::nn::fused::{HostValues, Strided, dot, exp, from_host, matmul, softmax};
 
     /// Query rows per block. Each block's scores are one small matrix product against the keys
     /// up to its last row, so the causal half of the score matrix is mostly skipped while the
     /// products stay large enough for the matrix-multiply kernels.
     const QUERY_BLOCK: usize = 32;
 
-    /// Rows of scores (`keys` wide) to probabilities in place: row `i` attends to its first
-    /// `seen + i` keys and gets zeros after them; its log-sum-exp goes to `lse[i]`.
-    #[inline(always)]
-    fn softmax_rows((scores, keys, seen, lse): (&mut [f32], usize, usize, &mut [f32])) {
-        for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
-            let (seen, future) = row.split_at_mut(seen + i);
-            lse[i] = softmax(seen);
-            future.fill(0.0);
-        }
-    }
-
-    /// [`softmax_rows`] again from the saved log-sum-exp: `exp(score − lse)`.
-    #[inline(always)]
-    fn probabilities_rows((scores, keys, seen, lse): (&mut [f32], usize, usize, &[f32])) {
-        for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
-            let (seen, future) = row.split_at_mut(seen + i);
-            for x in seen.iter_mut() {
-                *x = exp(*x - lse[i]);
+    simd_kernel! {
+        /// Rows of scores (`keys` wide) to probabilities in place: row `i` attends to its first
+        /// `seen + i` keys and gets zeros after them; its log-sum-exp goes to `lse[i]`.
+        fn softmax_rows((scores, keys, seen, lse): (&mut [f32], usize, usize, &mut [f32])) {
+            for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
+                let (seen, future) = row.split_at_mut(seen + i);
+                lse[i] = softmax(seen);
+                future.fill(0.0);
             }
-            future.fill(0.0);
         }
     }
 
-    /// `dS = P ∘ (dP − D)·s` in place of dP, row `i` with `D = delta[i]`.
-    #[inline(always)]
-    fn score_gradients((dp, p, delta, scale): (&mut [f32], &[f32], &[f32], f32)) {
-        let keys = p.len() / delta.len();
-        for ((dp, p), &delta) in dp
-            .chunks_exact_mut(keys)
-            .zip(p.chunks_exact(keys))
-            .zip(delta)
-        {
-            for (ds, &p) in dp.iter_mut().zip(p) {
-                *ds = p * (*ds - delta) * scale;
+    simd_kernel! {
+        /// [`softmax_rows`] again from the saved log-sum-exp: `exp(score − lse)`.
+        fn probabilities_rows((scores, keys, seen, lse): (&mut [f32], usize, usize, &[f32])) {
+            for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
+                let (seen, future) = row.split_at_mut(seen + i);
+                for x in seen.iter_mut() {
+                    *x = exp(*x - lse[i]);
+                }
+                future.fill(0.0);
+            }
+        }
+    }
+
+    simd_kernel! {
+        /// `dS = P ∘ (dP − D)·s` in place of dP, row `i` with `D = delta[i]`.
+        fn score_gradients((dp, p, delta, scale): (&mut [f32], &[f32], &[f32], f32)) {
+            let keys = p.len() / delta.len();
+            for ((dp, p), &delta) in dp
+                .chunks_exact_mut(keys)
+                .zip(p.chunks_exact(keys))
+                .zip(delta)
+            {
+                for (ds, &p) in dp.iter_mut().zip(p) {
+                    *ds = p * (*ds - delta) * scale;
+                }
             }
         }
     }
@@ -607,10 +610,7 @@ pub mod host {
                         scale,
                         false,
                     );
-                    with_simd(
-                        softmax_rows,
-                        (&mut *p, keys, start + r0 + 1, &mut lse[r0..]),
-                    );
+                    softmax_rows((&mut *p, keys, start + r0 + 1, &mut lse[r0..]));
                     matmul(
                         [rows, d, keys],
                         &mut out[r0 * d..],
@@ -694,10 +694,7 @@ pub mod host {
                             scale,
                             false,
                         );
-                        with_simd(
-                            probabilities_rows,
-                            (&mut *p, keys, start + r0 + 1, &lse[r0..]),
-                        );
+                        probabilities_rows((&mut *p, keys, start + r0 + 1, &lse[r0..]));
                         // dV += Pᵀ dO
                         matmul(
                             [keys, d, rows],
@@ -723,7 +720,7 @@ pub mod host {
                         let delta: Vec<f32> = (r0..r0 + rows)
                             .map(|i| dot(head.row(dout, q_len, i), head.row(out, q_len, i)))
                             .collect();
-                        with_simd(score_gradients, (&mut *ds, &*p, &delta[..], scale));
+                        score_gradients((&mut *ds, &*p, &delta[..], scale));
                         // dQ = dS K,  dK += dSᵀ Q
                         matmul(
                             [rows, d, keys],

@@ -27,7 +27,7 @@ use burn_flex::FlexTensor;
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 use super::kernel;
-use super::{AutodiffOp, Inner, Strided, from_host, matmul, run_on_autodiff, same};
+use super::{AutodiffOp, Inner, Strided, from_host, matmul_new, run_on_autodiff, same};
 use crate::backend::Flex;
 
 /// `x·W` for `x: [rows, d_in]` and `W: [d_in, d_out]`, through this op when `B` is autodiff
@@ -92,8 +92,7 @@ fn values(t: &FlexTensor) -> &[f32] {
 
 /// The `[m, n]` product of `a` (`[m, k]`) and `b` (`[k, n]`) as a Flex tensor, on every core.
 fn product(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Tensor<Flex, 2> {
-    let mut out = vec![0.0f32; m * n];
-    matmul([m, n, k], &mut out, n, false, a, b, 1.0, true);
+    let out = matmul_new([m, n, k], a, b, true);
     from_host::<Flex, 2>(out, [m, n], &Default::default())
 }
 

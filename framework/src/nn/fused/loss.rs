@@ -20,7 +20,6 @@ use rayon::prelude::*;
 
 use super::{
     AutodiffOp, CHUNK, HostValues, Inner, from_host, host_vec, run_on_autodiff, same, softmax,
-    with_simd,
 };
 
 /// Logits `[rows, vocab]`, target ids `[rows]` and an optional 0/1 mask `[rows]`.
@@ -134,7 +133,7 @@ fn cross_entropy_autodiff<I: Backend>(
         .par_chunks_mut(rows_per_task * vocab)
         .zip(weights.par_chunks(rows_per_task))
         .zip(targets.par_chunks(rows_per_task))
-        .map(|((rows, weights), targets)| with_simd(softmax_nll, (rows, weights, targets)))
+        .map(|((rows, weights), targets)| softmax_nll((rows, weights, targets)))
         .sum();
     let loss = from_host::<I, 1>(vec![loss as f32], [1], &device)
         .into_primitive()
@@ -158,17 +157,18 @@ fn cross_entropy_autodiff<I: Backend>(
     Tensor::from_primitive(TensorPrimitive::Float(loss))
 }
 
-/// Turns each row of logits into its softmax in place and returns `Σ w·(lse − z[target])`.
-#[inline(always)]
-fn softmax_nll((rows, weights, targets): (&mut [f32], &[f32], &[i64])) -> f64 {
-    let vocab = rows.len() / weights.len();
-    let mut loss = 0.0f64;
-    for ((row, &w), &t) in rows.chunks_exact_mut(vocab).zip(weights).zip(targets) {
-        let target_logit = row[t as usize];
-        let log_sum_exp = softmax(row);
-        loss += w as f64 * (log_sum_exp - target_logit) as f64;
+simd_kernel! {
+    /// Turns each row of logits into its softmax in place and returns `Σ w·(lse − z[target])`.
+    fn softmax_nll((rows, weights, targets): (&mut [f32], &[f32], &[i64])) -> f64 {
+        let vocab = rows.len() / weights.len();
+        let mut loss = 0.0f64;
+        for ((row, &w), &t) in rows.chunks_exact_mut(vocab).zip(weights).zip(targets) {
+            let target_logit = row[t as usize];
+            let log_sum_exp = softmax(row);
+            loss += w as f64 * (log_sum_exp - target_logit) as f64;
+        }
+        loss
     }
-    loss
 }
 
 /// The same op through the kernels of `strata_kernels::cross_entropy`, saving the logits, the

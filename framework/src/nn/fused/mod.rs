@@ -24,6 +24,45 @@
 //! (`strata_kernels`, called through [`kernel`]) instead of a launch per tensor op, each pass
 //! over the activations (or, for attention, the n×n scores) reading and writing all of it.
 
+/// Defines `fn $name(args) -> ret` whose body is compiled three times — for AVX-512, for AVX2
+/// with FMA, and for the default x86-64 target (SSE2) — and runs the widest copy the CPU has,
+/// checked at run time. The elementwise loops of these ops (exponentials above all) are
+/// arithmetic-bound, so the vector width is their speed. The body is a nested
+/// `#[inline(always)]` function that each copy calls directly; passed as a value through a
+/// generic `FnOnce` instead, it was inlined into the call shim and then called from the wide
+/// copies, compiled for SSE2 (as the norm and attention loops were). The copies differ only in
+/// width: the arithmetic is written out (Rust forms no fused multiply-adds; sums run in eight
+/// fixed lanes), so all three give the same bits.
+macro_rules! simd_kernel {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($args:tt: $ty:ty) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        $vis fn $name(args: $ty) $(-> $ret)? {
+            #[inline(always)]
+            fn kernel($args: $ty) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn widest(args: $ty) $(-> $ret)? {
+                    kernel(args)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide(args: $ty) $(-> $ret)? {
+                    kernel(args)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU was just checked for AVX-512F, which implies AVX2 and FMA.
+                    return unsafe { widest(args) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU was just checked for both features.
+                    return unsafe { wide(args) };
+                }
+            }
+            kernel(args)
+        }
+    };
+}
+
 pub mod attention;
 pub mod embedding;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
@@ -161,11 +200,13 @@ pub(crate) fn from_host<B: Backend, const D: usize>(
 /// unlike the libm call.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
+    // 1.5·2^23: adding it rounds to a whole number, which then sits in the low mantissa bits.
+    // (A float-to-int `as` cast saturates in Rust and compiled one lane at a time, which made
+    // it most of the cost of a vector of exponentials.)
+    const SHIFT: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    // floor(t) from a truncating conversion: `f32::floor` is a libm call on baseline x86-64.
-    let t = x * std::f32::consts::LOG2_E + 0.5;
-    let n = t as i32 as f32;
-    let n = if n > t { n - 1.0 } else { n };
+    let shifted = x * std::f32::consts::LOG2_E + SHIFT;
+    let n = shifted - SHIFT; // round(x / ln 2), in [-126, 127]
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let poly = 1.987_569_1e-4;
     let poly = poly * r + 1.398_2e-3;
@@ -173,7 +214,9 @@ pub(crate) fn exp(x: f32) -> f32 {
     let poly = poly * r + 4.166_579_6e-2;
     let poly = poly * r + 1.666_666_5e-1;
     let poly = poly * r + 0.5;
-    let two_n = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // 2^n from n's bits: `shifted` and SHIFT share an exponent, so their bit patterns differ by n.
+    let biased = shifted.to_bits().wrapping_sub(SHIFT.to_bits()).wrapping_add(127);
+    let two_n = f32::from_bits(biased << 23);
     (poly * r * r + r + 1.0) * two_n
 }
 
@@ -223,19 +266,72 @@ pub(crate) fn matmul(
     parallel: bool,
 ) {
     Strided::rows(dst, dst_stride).check(m, n);
+    // SAFETY: `dst` holds every element the product writes (checked just above) and is
+    // borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm_into(
+            dst.as_mut_ptr(),
+            [m, n, k],
+            dst_stride,
+            accumulate,
+            a,
+            b,
+            alpha,
+            parallel,
+        )
+    }
+}
+
+/// `a[m×k] · b[k×n] · alpha` as a new row-major `[m, n]` vector, on every core when `parallel`.
+/// The product writes each element once: a zeroed buffer would cost a pass of its own (the
+/// zeroing was a tenth of a CPU training step's memory traffic).
+pub(crate) fn matmul_new(
+    [m, n, k]: [usize; 3],
+    a: Strided,
+    b: Strided,
+    parallel: bool,
+) -> Vec<f32> {
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: the buffer holds m·n elements; without `accumulate` gemm never reads the
+    // destination and writes every element of it (zeros when k = 0), so all m·n are
+    // initialised before the length is set. No reference to the uninitialised memory exists.
+    unsafe {
+        gemm_into(out.as_mut_ptr(), [m, n, k], n, false, a, b, 1.0, parallel);
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// The gemm call behind [`matmul`] and [`matmul_new`], after checking that both inputs hold
+/// the elements the product reads.
+///
+/// # Safety
+/// `dst` must be valid for writes (and reads, when `accumulate`) of the `m×n` matrix with rows
+/// `dst_stride` apart, and must not overlap either input.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into(
+    dst: *mut f32,
+    [m, n, k]: [usize; 3],
+    dst_stride: usize,
+    accumulate: bool,
+    a: Strided,
+    b: Strided,
+    alpha: f32,
+    parallel: bool,
+) {
     a.check(m, k);
     b.check(k, n);
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: the three checks above keep every element the product reads or writes inside
-    // its slice, and `dst` is borrowed mutably, so it aliases neither input.
+    // SAFETY: the two checks above keep every element the product reads inside its slice;
+    // the caller vouches for `dst`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             dst_stride as isize,
             accumulate,
@@ -300,24 +396,6 @@ pub(crate) fn softmax(row: &mut [f32]) -> f32 {
     let sum = sum(row);
     row.iter_mut().for_each(|x| *x /= sum);
     max + sum.ln()
-}
-
-/// `kernel(args)` compiled for AVX2 and FMA where the CPU has them (the default x86-64 target
-/// assumes SSE2 only). `kernel` must be a function marked `#[inline(always)]`, not a closure:
-/// such a function is compiled into the wide copy below, while a closure's body is compiled
-/// once, for the default target, and only called from it.
-#[inline(always)]
-pub(crate) fn with_simd<A, R>(kernel: impl FnOnce(A) -> R, args: A) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn wide<A, R>(kernel: impl FnOnce(A) -> R, args: A) -> R {
-            kernel(args)
-        }
-        // SAFETY: the CPU was just checked for both features.
-        return unsafe { wide(kernel, args) };
-    }
-    kernel(args)
 }
 
 /// Elements per task of the elementwise loops: large enough that a task costs more than

@@ -18,9 +18,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{
-    AutodiffOp, CHUNK, HostValues, Inner, dot, from_host, run_on_autodiff, same, with_simd,
-};
+use super::{AutodiffOp, CHUNK, HostValues, Inner, dot, from_host, run_on_autodiff, same};
 
 /// `norm.forward(x)`, through this op when `B` is autodiff over a CPU backend in f32, or
 /// through the GPU kernels when it is autodiff over a GPU backend they run on.
@@ -99,7 +97,7 @@ impl<B: Backend> Backward<B, 2> for RmsNormBackward {
             .zip(dy.par_chunks(rows_per_task * d))
             .zip(x.par_chunks(rows_per_task * d))
             .zip(inv_rms.par_chunks(rows_per_task))
-            .map(|(((dx, dy), x), r)| with_simd(norm_backward, (dx, dy, x, r, &gamma[..])))
+            .map(|(((dx, dy), x), r)| norm_backward((dx, dy, x, r, &gamma[..])))
             .reduce(
                 || vec![0.0f32; d],
                 |mut a, b| {
@@ -140,7 +138,7 @@ fn rms_norm_autodiff<I: Backend>(
     y.par_chunks_mut(rows_per_task * d)
         .zip(inv_rms.par_chunks_mut(rows_per_task))
         .zip(xs.par_chunks(rows_per_task * d))
-        .for_each(|((y, r), x)| with_simd(norm_forward, (y, r, x, &gs[..], epsilon as f32)));
+        .for_each(|((y, r), x)| norm_forward((y, r, x, &gs[..], epsilon as f32)));
     let y = from_host::<I, 3>(y, shape, &device)
         .into_primitive()
         .tensor();
@@ -163,14 +161,15 @@ fn rms_norm_autodiff<I: Backend>(
     Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
-#[inline(always)]
-fn norm_forward((y, inv_rms, x, gamma, epsilon): (&mut [f32], &mut [f32], &[f32], &[f32], f32)) {
-    let d = gamma.len();
-    for ((y, r), x) in y.chunks_exact_mut(d).zip(inv_rms).zip(x.chunks_exact(d)) {
-        let mean_square = dot(x, x) / d as f32;
-        *r = 1.0 / (mean_square + epsilon).sqrt();
-        for ((y, &x), &g) in y.iter_mut().zip(x).zip(gamma) {
-            *y = x * *r * g;
+simd_kernel! {
+    fn norm_forward((y, inv_rms, x, gamma, epsilon): (&mut [f32], &mut [f32], &[f32], &[f32], f32)) {
+        let d = gamma.len();
+        for ((y, r), x) in y.chunks_exact_mut(d).zip(inv_rms).zip(x.chunks_exact(d)) {
+            let mean_square = dot(x, x) / d as f32;
+            *r = 1.0 / (mean_square + epsilon).sqrt();
+            for ((y, &x), &g) in y.iter_mut().zip(x).zip(gamma) {
+                *y = x * *r * g;
+            }
         }
     }
 }
@@ -178,26 +177,27 @@ fn norm_forward((y, inv_rms, x, gamma, epsilon): (&mut [f32], &mut [f32], &[f32]
 /// `dx` (written), then `dy`, `x`, each row's `r`, and `γ`.
 type BackwardRows<'a> = (&'a mut [f32], &'a [f32], &'a [f32], &'a [f32], &'a [f32]);
 
-/// Writes `dx` for the rows given and returns their part of `dγ`.
-#[inline(always)]
-fn norm_backward((dx, dy, x, inv_rms, gamma): BackwardRows) -> Vec<f32> {
-    let d = gamma.len();
-    let mut d_gamma = vec![0.0f32; d];
-    for (((dx, dy), x), &r) in dx
-        .chunks_exact_mut(d)
-        .zip(dy.chunks_exact(d))
-        .zip(x.chunks_exact(d))
-        .zip(inv_rms)
-    {
-        let gx = dot3(dy, gamma, x);
-        let c = r * r * r * gx / d as f32;
-        for ((((dx, &dy), &x), &g), dg) in dx.iter_mut().zip(dy).zip(x).zip(gamma).zip(&mut d_gamma)
+simd_kernel! {
+    /// Writes `dx` for the rows given and returns their part of `dγ`.
+    fn norm_backward((dx, dy, x, inv_rms, gamma): BackwardRows) -> Vec<f32> {
+        let d = gamma.len();
+        let mut d_gamma = vec![0.0f32; d];
+        for (((dx, dy), x), &r) in dx
+            .chunks_exact_mut(d)
+            .zip(dy.chunks_exact(d))
+            .zip(x.chunks_exact(d))
+            .zip(inv_rms)
         {
-            *dx = r * dy * g - x * c;
-            *dg += dy * x * r;
+            let gx = dot3(dy, gamma, x);
+            let c = r * r * r * gx / d as f32;
+            for ((((dx, &dy), &x), &g), dg) in dx.iter_mut().zip(dy).zip(x).zip(gamma).zip(&mut d_gamma)
+            {
+                *dx = r * dy * g - x * c;
+                *dg += dy * x * r;
+            }
         }
+        d_gamma
     }
-    d_gamma
 }
 
 /// `Σ a·b·c` in eight lanes.

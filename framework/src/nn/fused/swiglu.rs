@@ -18,9 +18,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::{DType, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{
-    AutodiffOp, CHUNK, HostValues, Inner, exp, from_host, run_on_autodiff, same, with_simd,
-};
+use super::{AutodiffOp, CHUNK, HostValues, Inner, exp, from_host, run_on_autodiff, same};
 
 /// `silu(gate) · up`, through this op when `B` is autodiff over a CPU backend in f32, or
 /// through the GPU kernels when it is autodiff over a GPU backend they run on.
@@ -68,7 +66,7 @@ impl<B: Backend> Backward<B, 2> for SwigluBackward {
             .zip(d_up.par_chunks_mut(CHUNK))
             .zip(grad.par_chunks(CHUNK))
             .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-            .for_each(|(((dg, du), dout), (g, u))| with_simd(gate_backward, (dg, du, dout, g, u)));
+            .for_each(|(((dg, du), dout), (g, u))| gate_backward((dg, du, dout, g, u)));
         let [parent_gate, parent_up] = ops.parents;
         for (parent, grad) in [(parent_gate, d_gate), (parent_up, d_up)] {
             if let Some(node) = parent {
@@ -94,7 +92,7 @@ fn swiglu_autodiff<I: Backend>(
     let mut out = vec![0.0f32; g.len()];
     out.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-        .for_each(|(out, (g, u))| with_simd(gate_forward, (out, g, u)));
+        .for_each(|(out, (g, u))| gate_forward((out, g, u)));
     let out = from_host::<I, 3>(out, shape, &device)
         .into_primitive()
         .tensor();
@@ -109,10 +107,11 @@ fn swiglu_autodiff<I: Backend>(
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-#[inline(always)]
-fn gate_forward((out, gate, up): (&mut [f32], &[f32], &[f32])) {
-    for ((out, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *out = g / (1.0 + exp(-g)) * u;
+simd_kernel! {
+    fn gate_forward((out, gate, up): (&mut [f32], &[f32], &[f32])) {
+        for ((out, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *out = g / (1.0 + exp(-g)) * u;
+        }
     }
 }
 
@@ -125,12 +124,13 @@ type BackwardChunk<'a> = (
     &'a [f32],
 );
 
-#[inline(always)]
-fn gate_backward((d_gate, d_up, d_out, gate, up): BackwardChunk) {
-    for ((((dg, du), &dout), &g), &u) in d_gate.iter_mut().zip(d_up).zip(d_out).zip(gate).zip(up) {
-        let sigmoid = 1.0 / (1.0 + exp(-g));
-        *du = dout * g * sigmoid;
-        *dg = dout * u * sigmoid * (1.0 + g * (1.0 - sigmoid));
+simd_kernel! {
+    fn gate_backward((d_gate, d_up, d_out, gate, up): BackwardChunk) {
+        for ((((dg, du), &dout), &g), &u) in d_gate.iter_mut().zip(d_up).zip(d_out).zip(gate).zip(up) {
+            let sigmoid = 1.0 / (1.0 + exp(-g));
+            *du = dout * g * sigmoid;
+            *dg = dout * u * sigmoid * (1.0 + g * (1.0 - sigmoid));
+        }
     }
 }
 
