@@ -388,10 +388,25 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// The largest value in eight lanes, so that it vectorises (a single running maximum is taken
+/// in order: `f32::max` has to keep NaN's ordering rules).
+#[inline(always)]
+pub(crate) fn max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(v);
+        }
+    }
+    lanes.iter().fold(tail, |m, &x| m.max(x))
+}
+
 /// A row of scores turned into its softmax in place; returns the row's log-sum-exp.
 #[inline(always)]
 pub(crate) fn softmax(row: &mut [f32]) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let max = max(row);
     row.iter_mut().for_each(|x| *x = exp(*x - max));
     let sum = sum(row);
     row.iter_mut().for_each(|x| *x /= sum);
