@@ -5,10 +5,13 @@
 # and version returns at once.
 #     scripts/check/llama_cpp.sh [PREFIX]     (default: target/llama-cpp)
 # Then: PREFIX/venv/bin/python with LLAMA_CPP_LIB_PATH=PREFIX/build/bin, tools in PREFIX/build/bin.
+# Built for AVX2 rather than -march=native: on CPUs with AMX (Sapphire Rapids), a native build
+# takes llama.cpp's AMX matrix product for the Q8_0 and Q4 files, which crashed (SIGSEGV in
+# ggml_backend_amx_mul_mat) on this checker's tiny model.
 set -euo pipefail
 version=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}   # vendors llama.cpp 0c1e570
 prefix=$(realpath -m "${1:-target/llama-cpp}")
-stamp="$prefix/.built-$version"
+stamp="$prefix/.built-$version-avx2"
 mkdir -p "$prefix"
 if [ ! -f "$stamp" ]; then
     python3 -m venv "$prefix/venv"
@@ -19,7 +22,8 @@ if [ ! -f "$stamp" ]; then
     src="$prefix/llama_cpp_python-$version/vendor/llama.cpp"
     export PATH="$prefix/venv/bin:$PATH"
     cmake -S "$src" -B "$prefix/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
+        -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+        -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF \
         -DLLAMA_USE_PREBUILT_UI=OFF >"$prefix/configure.log"
     cmake --build "$prefix/build" -j "$(nproc)" --target llama llama-tokenize llama-quantize \
