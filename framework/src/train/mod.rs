@@ -684,10 +684,16 @@ pub fn train<B: AutodiffBackend>(
         let validate_now =
             state.step.is_multiple_of(tc.eval_interval) || state.step == tc.max_steps;
         let val_report = if validate_now {
-            // Through the training model, not `model.valid()`: on the CPU backends the fused ops
+            // Through the autodiff model, not `model.valid()`: on the CPU backends the fused ops
             // run only under autodiff, and the inner backend's composed ops made each validation
-            // about four times a training step's forward. Nothing is differentiated.
-            let report = eval::evaluate(&model, &val_batches, val_split.bytes_per_token());
+            // about four times a training step's forward. Untracked (`no_grad`, which shares the
+            // weights), so that no graph is recorded: a tracked forward's graph stays alive until
+            // the next backward, and raised the default run's peak host memory tenfold.
+            let report = eval::evaluate(
+                &model.clone().no_grad(),
+                &val_batches,
+                val_split.bytes_per_token(),
+            );
             on_event(Event::Validated {
                 step: state.step,
                 report: report.clone(),
