@@ -215,7 +215,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     let poly = poly * r + 1.666_666_5e-1;
     let poly = poly * r + 0.5;
     // 2^n from n's bits: `shifted` and SHIFT share an exponent, so their bit patterns differ by n.
-    let biased = shifted.to_bits().wrapping_sub(SHIFT.to_bits()).wrapping_add(127);
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(SHIFT.to_bits())
+        .wrapping_add(127);
     let two_n = f32::from_bits(biased << 23);
     (poly * r * r + r + 1.0) * two_n
 }
@@ -394,7 +397,10 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub(crate) fn max(values: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let chunks = values.chunks_exact(8);
-    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     for chunk in chunks {
         for (lane, &v) in lanes.iter_mut().zip(chunk) {
             *lane = lane.max(v);
