@@ -13,11 +13,11 @@
 //! - [`embedding`]: a token embedding's gradient, a cube per token row (atomic f32 adds).
 //! - [`softmax`]: the causal softmax of attention scores and its gradient, one kernel each,
 //!   for attention computed as matrix products.
+//! - [`cublas`]: matrix products through cuBLAS on the CUDA backend.
+//! - [`trace`]: the kernels that ran on the GPU and when (CUPTI), for profiling a step.
 //!
 //! The element-wise and row kernels read and write vectors of up to 16 bytes where strides and
 //! lengths allow (`vector_size`).
-//! - [`cublas`]: matrix products through cuBLAS on the CUDA backend.
-//! - [`trace`]: the kernels that ran on the GPU and when (CUPTI), for profiling a step.
 //!
 //! The kernels take and return Burn's GPU tensors ([`CubeTensor`]); the backend types below
 //! are the ones they run on. The crate is empty without its `wgpu` or `cuda` feature (`strata`'s

@@ -161,8 +161,11 @@ fn rms_norm_autodiff<I: Backend>(
     Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
+/// `y` and each row's `r` (written), then `x`, `γ` and ε.
+type ForwardRows<'a> = (&'a mut [f32], &'a mut [f32], &'a [f32], &'a [f32], f32);
+
 simd_kernel! {
-    fn norm_forward((y, inv_rms, x, gamma, epsilon): (&mut [f32], &mut [f32], &[f32], &[f32], f32)) {
+    fn norm_forward((y, inv_rms, x, gamma, epsilon): ForwardRows) {
         let d = gamma.len();
         for ((y, r), x) in y.chunks_exact_mut(d).zip(inv_rms).zip(x.chunks_exact(d)) {
             let mean_square = dot(x, x) / d as f32;
@@ -190,8 +193,8 @@ simd_kernel! {
         {
             let gx = dot3(dy, gamma, x);
             let c = r * r * r * gx / d as f32;
-            for ((((dx, &dy), &x), &g), dg) in dx.iter_mut().zip(dy).zip(x).zip(gamma).zip(&mut d_gamma)
-            {
+            let elements = dx.iter_mut().zip(dy).zip(x).zip(gamma).zip(&mut d_gamma);
+            for ((((dx, &dy), &x), &g), dg) in elements {
                 *dx = r * dy * g - x * c;
                 *dg += dy * x * r;
             }

@@ -126,7 +126,8 @@ type BackwardChunk<'a> = (
 
 simd_kernel! {
     fn gate_backward((d_gate, d_up, d_out, gate, up): BackwardChunk) {
-        for ((((dg, du), &dout), &g), &u) in d_gate.iter_mut().zip(d_up).zip(d_out).zip(gate).zip(up) {
+        let elements = d_gate.iter_mut().zip(d_up).zip(d_out).zip(gate).zip(up);
+        for ((((dg, du), &dout), &g), &u) in elements {
             let sigmoid = 1.0 / (1.0 + exp(-g));
             *du = dout * g * sigmoid;
             *dg = dout * u * sigmoid * (1.0 + g * (1.0 - sigmoid));
