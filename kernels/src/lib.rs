@@ -4,6 +4,8 @@
 //! - [`attention`]: flash attention, forward and backward, causal, with an optional block
 //!   multi-scale (BMS) pattern that skips whole key tiles: the trainable attention of the
 //!   `dense` and `coord3d` attention kinds on the GPU backends.
+//! - [`flash_mma`]: causal flash attention on the tensor cores (CUDA, f16 and bf16), forward
+//!   and backward: the trainable attention of the `dense` kind where its shapes fit.
 //! - [`adamw`]: one AdamW update of a parameter in one launch.
 //! - [`matmul`]: matrix products through one named kernel of CubeCL's matmul library, for the
 //!   linear layers on the GPU backends.
@@ -33,6 +35,8 @@ pub mod cross_entropy;
 pub mod cublas;
 #[cfg(feature = "gpu")]
 pub mod embedding;
+#[cfg(feature = "cuda")]
+pub mod flash_mma;
 #[cfg(feature = "gpu")]
 pub mod matmul;
 #[cfg(feature = "gpu")]

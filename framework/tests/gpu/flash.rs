@@ -52,7 +52,18 @@ fn reference(
         Tensor<Autodiff<Cpu>, 4>,
     ) -> Tensor<Autodiff<Cpu>, 4>,
 ) -> Vec<Vec<f32>> {
-    let [q, k, v, w] = inputs::<Autodiff<Cpu>>(shape, seed);
+    reference_of(inputs::<Autodiff<Cpu>>(shape, seed), attend)
+}
+
+/// [`reference`] of given inputs `[q, k, v, w]`.
+fn reference_of(
+    [q, k, v, w]: [Tensor<Autodiff<Cpu>, 4>; 4],
+    attend: impl Fn(
+        Tensor<Autodiff<Cpu>, 4>,
+        Tensor<Autodiff<Cpu>, 4>,
+        Tensor<Autodiff<Cpu>, 4>,
+    ) -> Tensor<Autodiff<Cpu>, 4>,
+) -> Vec<Vec<f32>> {
     let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
     let out = attend(q.clone(), k.clone(), v.clone());
     let grads = (out.clone() * w).sum().backward();
@@ -156,6 +167,61 @@ fn flash_kernels_on_wgpu_match_the_cpu() {
     causal_cases::<Wgpu>([8, 16]);
     bms_cases::<Wgpu>([8, 16]);
     bms_trained::<Autodiff<Wgpu>>(16);
+}
+
+/// The tensor-core kernels (`strata_kernels::flash_mma`) in bf16 against the f32 reference
+/// of the same inputs rounded to bf16, at head sizes 32 and 64, two to four blocks of 64.
+///
+/// Tolerance 2e-2 of the largest entry: the outputs and gradients are rounded to bf16 (a step
+/// of 2⁻⁸ relative), and, as in FlashAttention's half-precision kernels, so are the
+/// probabilities and the score gradients before their products; a wrong mask, tile or scale
+/// is off by tens of percent.
+#[cfg(feature = "cuda")]
+#[test]
+fn tensor_core_flash_on_cuda_matches_the_cpu() {
+    use burn::tensor::{DType, TensorData, bf16};
+    use strata::backend::Cuda;
+
+    let device = Default::default();
+    for (seed, shape) in [
+        (41, [2, 3, 128, 128, 64]),
+        (51, [1, 2, 192, 192, 32]),
+        (61, [1, 1, 256, 256, 64]),
+    ] {
+        let rounded = inputs::<Cpu>(shape, seed).map(|x| {
+            let dims = x.dims();
+            let v: Vec<f32> = values(x)
+                .into_iter()
+                .map(|v| bf16::from_f32(v).to_f32())
+                .collect();
+            TensorData::new(v, dims)
+        });
+        let [q, k, v, w] = rounded
+            .clone()
+            .map(|d| Tensor::<Cuda, 4>::from_data(d, &device).cast(DType::BF16));
+        // SAFETY: the other tests read this variable at most; the kernels it turns on apply
+        // to bf16 inputs only, which no other test gives attention.
+        unsafe { std::env::set_var("STRATA_MMA_ATTENTION", "1") };
+        assert!(
+            kernel::mma_chosen(&q, &k),
+            "the tensor-core kernels must run for {shape:?}"
+        );
+        let (out, lse) = kernel::mma_forward(q.clone(), k.clone(), v.clone());
+        let [dq, dk, dv] = kernel::mma_backward([q, k, v], out.clone(), lse.clone(), w);
+        let got = vec![values(out), values(lse), values(dq), values(dk), values(dv)];
+        let want = reference_of(
+            rounded.map(|d| Tensor::<Autodiff<Cpu>, 4>::from_data(d, &Default::default())),
+            |q, k, v| dense_causal_in_passes(q, k, v, usize::MAX),
+        );
+        for (name, (a, b)) in NAMES.iter().zip(got.iter().zip(&want)) {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            println!("{shape:?} {name}: max |Δ| / scale = {:.2e}", err / scale);
+        }
+        assert_close(&NAMES, &got, &want, 2e-2);
+    }
+    // SAFETY: as above.
+    unsafe { std::env::remove_var("STRATA_MMA_ATTENTION") };
 }
 
 /// The head sizes models use (64 for GPT-2 and TinyLlama shapes, 128 at most).

@@ -207,6 +207,10 @@ pub fn causal_forward<B: Backend>(
     if host_loops(&q) {
         return host::forward(q, k, v);
     }
+    #[cfg(feature = "cuda")]
+    if kernel::mma_chosen(&q, &k) {
+        return kernel::mma_forward(q, k, v);
+    }
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     if kernel::chosen::<B>(q.dims(), k.dims(), Pattern::Causal) {
         return kernel::forward(q, k, v, Pattern::Causal);
@@ -231,6 +235,11 @@ pub fn causal_backward<B: Backend>(
 ) -> Qkv<B> {
     if host_loops(&q) {
         return host::backward(q, k, v, out, lse, grad_out);
+    }
+    #[cfg(feature = "cuda")]
+    if kernel::mma_chosen(&q, &k) {
+        let [dq, dk, dv] = kernel::mma_backward([q, k, v], out, lse, grad_out);
+        return (dq, dk, dv);
     }
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     if kernel::chosen::<B>(q.dims(), k.dims(), Pattern::Causal) {

@@ -9,6 +9,9 @@
 //!   ops take one launch and one pass over memory each.
 //! - Matrix products through a named kernel or cuBLAS ([`matmul`]), AdamW ([`adamw`]).
 //! - Flash attention ([`forward`], [`backward`]), which keeps no n×n scores.
+//! - Flash attention on the tensor cores ([`mma_forward`], [`mma_backward`]; CUDA, f16 and
+//!   bf16, opt-in with `STRATA_MMA_ATTENTION=1`), for training's causal attention where its
+//!   shapes fit ([`mma_chosen`]).
 //!
 //! The flash kernels are opt-in: `STRATA_FLASH_KERNEL=1` in the environment turns them on. Measured on an
 //! H200 (benches/results/flash_attention_gpu.csv) they keep no n×n scores (peak device memory
@@ -173,6 +176,73 @@ impl<B: Backend> CubeOp for Backward<B> {
         );
         [dq, dk, dv].map(burn::<C, B, 4>)
     }
+}
+
+/// Whether causal attention of `q` over `k` (`[batch, heads, len, head_dim]`) runs on the
+/// tensor-core flash kernels: `STRATA_MMA_ATTENTION=1` (opt-in until they are measured on a
+/// GPU: `benches/results/gpu_notes.md`, entry 10) and
+/// `strata_kernels::flash_mma::applies` (CUDA, f16 or bf16, one length for both, a multiple of
+/// 64, head size a multiple of 16 up to 64).
+#[cfg(feature = "cuda")]
+pub fn mma_chosen<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>) -> bool {
+    struct Applies([usize; 4], [usize; 4], DType);
+    impl CubeOp for Applies {
+        type Output = bool;
+        fn run<C: OnCube>(self) -> bool {
+            strata_kernels::flash_mma::applies::<C::Runtime>(self.0, self.1, self.2)
+        }
+    }
+    std::env::var("STRATA_MMA_ATTENTION").is_ok_and(|v| v == "1")
+        && run_on_cube::<B, _>(Applies(q.dims(), k.dims(), q.dtype())).unwrap_or(false)
+}
+
+/// Causal attention's output and row log-sum-exp (f32) through the tensor-core kernels; call
+/// only where [`mma_chosen`] holds.
+#[cfg(feature = "cuda")]
+pub fn mma_forward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    struct Op<B: Backend>(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+    impl<B: Backend> CubeOp for Op<B> {
+        type Output = (Tensor<B, 4>, Tensor<B, 3>);
+        fn run<C: OnCube>(self) -> Self::Output {
+            let (out, lse) = strata_kernels::flash_mma::forward(
+                cube::<C, B, 4>(self.0),
+                cube::<C, B, 4>(self.1),
+                cube::<C, B, 4>(self.2),
+            );
+            (burn::<C, B, 4>(out), burn::<C, B, 3>(lse))
+        }
+    }
+    run_on_cube::<B, _>(Op(q, k, v)).expect("called where `mma_chosen` holds")
+}
+
+/// Gradients of q, k and v through the tensor-core kernels; call only where [`mma_chosen`]
+/// holds.
+#[cfg(feature = "cuda")]
+pub fn mma_backward<B: Backend>(
+    qkv: [Tensor<B, 4>; 3],
+    out: Tensor<B, 4>,
+    lse: Tensor<B, 3>,
+    grad_out: Tensor<B, 4>,
+) -> [Tensor<B, 4>; 3] {
+    struct Op<B: Backend>([Tensor<B, 4>; 3], Tensor<B, 4>, Tensor<B, 3>, Tensor<B, 4>);
+    impl<B: Backend> CubeOp for Op<B> {
+        type Output = [Tensor<B, 4>; 3];
+        fn run<C: OnCube>(self) -> Self::Output {
+            let Op(qkv, out, lse, grad_out) = self;
+            strata_kernels::flash_mma::backward(
+                qkv.map(cube::<C, B, 4>),
+                cube::<C, B, 4>(out),
+                cube::<C, B, 3>(lse),
+                cube::<C, B, 4>(grad_out),
+            )
+            .map(burn::<C, B, 4>)
+        }
+    }
+    run_on_cube::<B, _>(Op(qkv, out, lse, grad_out)).expect("called where `mma_chosen` holds")
 }
 
 /// Output and row log-sum-exp (f32); call only where [`applies`] holds.
@@ -364,11 +434,13 @@ pub fn fused_adamw_enabled() -> bool {
     on_unless_zero("STRATA_FUSED_ADAMW")
 }
 
-/// The kernel switches of the environment, each on unless set to `0`.
-pub const SWITCH_VARS: [&str; 3] = [
+/// The kernel switches of the environment, each `0` (off) or `1` (on); all but
+/// `STRATA_MMA_ATTENTION` are on unless set to `0`, which is off unless set to `1`.
+pub const SWITCH_VARS: [&str; 4] = [
     "STRATA_FUSED_ADAMW",
     "STRATA_SOFTMAX_KERNEL",
     "STRATA_ELEMENTWISE_KERNELS",
+    "STRATA_MMA_ATTENTION",
 ];
 
 /// A kernel switch of the environment: on unless `var` is `0`. (The CLI refuses any value but
