@@ -15,6 +15,8 @@ def strata_variant(r):
         variant += "+adamw-tensor-ops"
     if r.get("softmax_kernel") is False:
         variant += "+softmax-tensor-ops"
+    if r.get("mma_attention"):
+        variant += "+mma-attention"
     if r.get("attention_passes") not in (None, 1):
         variant += f"+attention-passes={r['attention_passes']}"
     if r.get("elementwise_kernels") is False:

@@ -207,6 +207,12 @@ fn run_with<B: AutodiffBackend>(
     #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
     let (matmul_kernel, [fused_adamw, softmax_kernel, elementwise_kernels]) =
         (None::<&str>, [None::<bool>; 3]);
+    // Training's causal attention through the tensor-core flash kernels where they apply
+    // (`STRATA_MMA_ATTENTION=1`, CUDA only).
+    #[cfg(feature = "cuda")]
+    let mma_attention = Some(strata::nn::fused::kernel::mma_enabled());
+    #[cfg(not(feature = "cuda"))]
+    let mma_attention: Option<bool> = None;
     #[cfg(feature = "cuda")]
     let cublas_wait = (matmul_kernel == Some(strata::nn::fused::kernel::CUBLAS))
         .then(strata::nn::fused::kernel::cublas_wait);
@@ -230,6 +236,7 @@ fn run_with<B: AutodiffBackend>(
             "softmax_kernel": softmax_kernel,
             "elementwise_kernels": elementwise_kernels,
             "attention_passes": attention_passes,
+            "mma_attention": mma_attention,
             // How cuBLAS products are ordered against CubeCL's stream (`STRATA_CUBLAS_WAIT`).
             "cublas_wait": cublas_wait,
             "params": config.model.num_params(),

@@ -185,6 +185,16 @@ impl<B: Backend> CubeOp for Backward<B> {
 /// 64, head size a multiple of 16 up to 64).
 #[cfg(feature = "cuda")]
 pub fn mma_chosen<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>) -> bool {
+    mma_enabled() && mma_applies(q, k)
+}
+
+/// Whether the environment turns the tensor-core flash kernels on (`STRATA_MMA_ATTENTION=1`).
+pub fn mma_enabled() -> bool {
+    std::env::var("STRATA_MMA_ATTENTION").is_ok_and(|v| v == "1")
+}
+
+#[cfg(feature = "cuda")]
+fn mma_applies<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>) -> bool {
     struct Applies([usize; 4], [usize; 4], DType);
     impl CubeOp for Applies {
         type Output = bool;
@@ -192,8 +202,7 @@ pub fn mma_chosen<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>) -> bool {
             strata_kernels::flash_mma::applies::<C::Runtime>(self.0, self.1, self.2)
         }
     }
-    std::env::var("STRATA_MMA_ATTENTION").is_ok_and(|v| v == "1")
-        && run_on_cube::<B, _>(Applies(q.dims(), k.dims(), q.dtype())).unwrap_or(false)
+    run_on_cube::<B, _>(Applies(q.dims(), k.dims(), q.dtype())).unwrap_or(false)
 }
 
 /// Causal attention's output and row log-sum-exp (f32) through the tensor-core kernels; call
