@@ -182,7 +182,7 @@ impl<B: Backend> CubeOp for Backward<B> {
 /// tensor-core flash kernels: `STRATA_MMA_ATTENTION=1` (opt-in until they are measured on a
 /// GPU: `benches/results/gpu_notes.md`, entry 10) and
 /// `strata_kernels::flash_mma::applies` (CUDA, f16 or bf16, one length for both, a multiple of
-/// 64, head size a multiple of 16 up to 64).
+/// 64, head size 32 or 64).
 #[cfg(feature = "cuda")]
 pub fn mma_chosen<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>) -> bool {
     mma_enabled() && mma_applies(q, k)
